@@ -1,0 +1,144 @@
+"""params.yaml loading, `--set` overrides and the on-disk layout of a run.
+
+Overrides are `dotted.key=value` strings (value parsed as YAML) or a dict of the same.
+A key whose first part is `stage@i` (e.g. `filter@2.threshold`) applies to iteration i
+of that stage only; `Params.stage(name, i)` returns the stage's slice with it applied.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+STAGES = ("prepare", "sample", "reward", "advantage", "filter", "learn", "evaluate")
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ParamsError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _set_dotted(tree: dict, key: str, value: Any, known: Mapping | None) -> None:
+    parts = key.split(".")
+    node = tree
+    ref = known
+    for i, part in enumerate(parts[:-1]):
+        if ref is not None:
+            if not isinstance(ref, Mapping) or part not in ref:
+                raise ParamsError(f"unknown parameter {'.'.join(parts[: i + 1])!r} in override {key!r}")
+            ref = ref[part]
+        node = node.setdefault(part, {})
+    if ref is not None and (not isinstance(ref, Mapping) or parts[-1] not in ref):
+        raise ParamsError(f"unknown parameter {key!r}; see params.yaml for the names")
+    node[parts[-1]] = value
+
+
+@dataclass
+class Params:
+    """All parameters of a run: the YAML tree plus per-iteration stage overrides."""
+
+    tree: dict
+    scoped: dict  # {"filter@2": {"threshold": 0.2}}
+
+    @classmethod
+    def load(cls, path: str | Path = "params.yaml", overrides: Iterable[str] | Mapping | None = None) -> "Params":
+        path = Path(path)
+        if not path.exists():
+            raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
+        tree = yaml.safe_load(path.read_text()) or {}
+        return cls(tree, {}).with_overrides(overrides)
+
+    def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":
+        tree, scoped = copy.deepcopy(self.tree), copy.deepcopy(self.scoped)
+        if overrides is None:
+            return Params(tree, scoped)
+        items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
+        for key, value in items:
+            head, _, rest = key.partition(".")
+            if "@" in head:
+                stage, _, it = head.partition("@")
+                if stage not in tree or not it.isdigit() or not rest:
+                    raise ParamsError(f"scoped override {key!r} must look like stage@ITERATION.key")
+                _set_dotted(scoped.setdefault(f"{stage}@{int(it)}", {}), rest, value, tree[stage])
+            else:
+                _set_dotted(tree, key, value, self.tree)
+        return Params(tree, scoped)
+
+    def __getitem__(self, section: str) -> dict:
+        return self.tree[section]
+
+    def stage(self, name: str, iteration: int | None = None) -> dict:
+        """The stage's parameter slice, with `name@iteration` overrides applied."""
+        out = copy.deepcopy(self.tree.get(name, {}))
+        if iteration is not None:
+            for key, value in self.scoped.get(f"{name}@{iteration}", {}).items():
+                out[key] = value
+        return out
+
+    @property
+    def layout(self) -> "RunLayout":
+        return RunLayout(Path(self.tree["run"]["root"]) / self.tree["run"]["name"])
+
+    def to_json(self) -> str:
+        return json.dumps({"tree": self.tree, "scoped": self.scoped}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where every stage of a run writes. One run = one directory."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def prompts_train(self) -> Path:
+        return self.base / "prompts_train"
+
+    @property
+    def prompts_eval(self) -> Path:
+        return self.base / "prompts_eval"
+
+    def iteration(self, i: int) -> Path:
+        return self.root / f"iter-{i:04d}"
+
+    def policy(self, i: int) -> Path:
+        """The policy after iteration i; i = -1 is the starting checkpoint."""
+        return self.base / "policy" if i < 0 else self.iteration(i) / "policy"
+
+    def eval(self, i: int) -> Path:
+        return self.base / "eval" if i < 0 else self.iteration(i) / "eval"
+
+    def stage_dir(self, stage: str, i: int) -> Path:
+        names = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept"}
+        if stage in names:
+            return self.iteration(i) / names[stage]
+        if stage == "learn":
+            return self.policy(i)
+        if stage == "evaluate":
+            return self.eval(i)
+        raise ParamsError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+
+    def metrics(self, i: int) -> Path:
+        return self.iteration(i) / "metrics.json"
+
+
+def parse_stage_ref(ref: str) -> tuple[str, int]:
+    """`filter@2` -> ("filter", 2)."""
+    stage, sep, it = ref.partition("@")
+    if not sep or not it.lstrip("-").isdigit() or stage not in STAGES:
+        raise ParamsError(f"stage reference {ref!r} must look like STAGE@ITERATION with STAGE in {STAGES}")
+    return stage, int(it)

@@ -1,0 +1,38 @@
+"""Terminal output of a run: one line per iteration, and where everything is at the end."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _pct(x: float | None) -> str:
+    return "   - " if x is None else f"{100 * x:5.1f}%"
+
+
+def print_iteration(m: dict, cached: bool = False) -> None:
+    t = m["time"]
+    ev = m.get("eval", {})
+    console.print(
+        f"iter {m['iteration']:3d}{' (cached)' if cached else ''} | reward {m['reward_mean']:.3f} "
+        f"acc {_pct(m['accuracy'])} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} | "
+        f"time sample {t['sampling']:6.1f}s reward {t['reward']:5.1f}s learn {t['learner']:6.1f}s "
+        f"overhead {t['overhead']:5.1f}s"
+        + (f" | eval greedy {_pct(ev.get('greedy_accuracy'))} sampled {_pct(ev.get('sampled_accuracy'))}" if ev else "")
+    )
+
+
+def print_summary(s: dict) -> None:
+    base, final = s.get("base_eval") or {}, s.get("final_eval") or {}
+    console.print()
+    if base and final:
+        console.print(
+            f"eval accuracy (greedy): base {_pct(base.get('greedy_accuracy'))} -> "
+            f"iteration {s['final_eval_iteration']} {_pct(final.get('greedy_accuracy'))};  "
+            f"sampled: base {_pct(base.get('sampled_accuracy'))} -> {_pct(final.get('sampled_accuracy'))}"
+        )
+    root = s["run"]
+    console.print(f"rollouts    : {root}/iter-*/{{rollouts,rewarded,advantaged,kept}}/part-*.parquet")
+    console.print(f"checkpoints : {root}/iter-*/policy/  (final: {s.get('final_policy')})")
+    console.print(f"metrics     : {root}/iter-*/metrics.json, {root}/summary.json, evals in {root}/*/eval/")

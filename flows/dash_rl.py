@@ -1,0 +1,76 @@
+"""The DASH RL flow: N iterations of sample -> reward -> advantage -> filter -> learn.
+
+    policy_i --> sample --> rollouts --> reward --> rewarded --> advantage --> advantaged
+                                                                                   |
+    policy_i+1 <-- learn (micro-batches, grad accumulation) <-- kept <-- filter <--+
+                     +--> evaluate (every k iterations, the base model and the last)
+
+Every stage is a Prefect task named `stage[iter=i]` whose output directory carries a
+manifest; a stage whose inputs, parameters and code are unchanged is skipped, so running
+the flow again resumes where it stopped. `rerun` forces named stages (`filter@2`);
+their downstream stages then rerun only if their inputs changed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from dashflow.config import Params, parse_stage_ref
+from dashflow.console import print_iteration, print_summary
+from tasks import metrics
+from tasks.advantage import advantage_task
+from tasks.evaluate import evaluate_task, is_due
+from tasks.filter import filter_task
+from tasks.learn import learn_task
+from tasks.prepare import prepare_task
+from tasks.reward import reward_task
+from tasks.sample import sample_task
+
+
+@task(name="metrics", task_run_name="metrics[iter={iteration}]", cache_policy=NO_CACHE)
+def metrics_task(params: Params, iteration: int, wall_s: float | None) -> dict:
+    return metrics.write_metrics(params, iteration, wall_s)
+
+
+@flow(name="dash-rl", log_prints=True)
+def dash_rl(
+    params_path: str = "params.yaml",
+    overrides: dict | None = None,
+    rerun: list[str] | None = None,
+    iterations: int | None = None,
+) -> dict:
+    params = Params.load(params_path, overrides)
+    if iterations is not None:
+        params = params.with_overrides({"run.iterations": iterations})
+    forced = {parse_stage_ref(r) for r in (rerun or [])}
+    n = params["run"]["iterations"]
+    every = params["evaluate"]["every"]
+
+    def force(stage: str, i: int | None) -> bool:
+        return (stage, i) in forced
+
+    prepare_task(params, None, force=force("prepare", None))
+    evaluate_task(params, -1, force=force("evaluate", -1))
+    history = []
+    for i in range(n):
+        started = time.perf_counter()
+        ran = [
+            sample_task(params, i, force=force("sample", i)),
+            reward_task(params, i, force=force("reward", i)),
+            advantage_task(params, i, force=force("advantage", i)),
+            filter_task(params, i, force=force("filter", i)),
+            learn_task(params, i, force=force("learn", i)),
+        ]
+        fresh = not any(r["cached"] for r in ran)
+        wall = time.perf_counter() - started
+        if is_due(i, every, n - 1):
+            evaluate_task(params, i, force=force("evaluate", i))
+        row = metrics_task(params, i, wall if fresh else None)
+        history.append(row)
+        print_iteration(row, cached=all(r["cached"] for r in ran))
+    summary = metrics.run_summary(params, history)
+    print_summary(summary)
+    return summary

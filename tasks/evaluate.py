@@ -1,0 +1,74 @@
+"""Stage `evaluate`: accuracy of a policy on the held-out eval prompts.
+
+Greedy decoding (one completion per prompt) and, if `evaluate.sampled`, one sample per
+prompt at the training temperature. Answers are checked exactly as in `reward`.
+Runs for the base policy (iteration -1), every `evaluate.every` iterations and after the last.
+
+Inputs : base/prompts/eval.parquet, a policy   Output: <iter>/eval/part-00000.parquet (schema.EVAL)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from dashflow.config import Params
+from tasks import policy as policy_mod
+from tasks import reward, samplers, schema, store
+from tasks.prefecting import stage_task
+from tasks.prepare import read_prompts
+
+
+def is_due(iteration: int, every: int, last: int) -> bool:
+    return iteration < 0 or iteration == last or (every > 0 and (iteration + 1) % every == 0)
+
+
+def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
+    layout = params.layout
+    cfg = params.stage("evaluate", iteration)
+    sample_cfg = params.stage("sample")
+    reward_cfg = params.stage("reward")
+    policy_dir = layout.policy(iteration)
+    label = f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base"
+
+    def build(tmp: Path) -> dict:
+        t0 = time.perf_counter()
+        prompts = read_prompts(params, "eval").slice(0, cfg["num_prompts"]).to_pylist()
+        sampler, tokenizer = samplers.make_sampler(
+            sample_cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
+            dtype=params["model"]["dtype"], token_budget=sample_cfg["token_budget"],
+            max_batch_size=sample_cfg["max_batch_size"],
+        )
+        ids = [policy_mod.chat_prompt(tokenizer, p["prompt"]) for p in prompts]
+        modes = ["greedy"] + (["sampled"] if cfg["sampled"] else [])
+        rows, stats = [], {}
+        for mode in modes:
+            comps = sampler.generate(ids, max_new_tokens=cfg["max_new_tokens"], temperature=sample_cfg["temperature"],
+                                     top_p=sample_cfg["top_p"], seed=params["run"]["seed"] + 7919,
+                                     greedy=mode == "greedy", desc=f"{label} {mode}")
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+            scored = reward.score_many(list(zip(texts, [p["answer"] for p in prompts])), reward_cfg, desc=label)
+            for p, c, text, (_, correct, parsed, error) in zip(prompts, comps, texts, scored):
+                rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": p["answer"], "mode": mode,
+                             "completion": text, "completion_tokens": len(c.token_ids), "parsed_answer": parsed,
+                             "correct": correct, "reward_error": error})
+            stats[f"{mode}_accuracy"] = sum(s[1] for s in scored) / max(len(scored), 1)
+            stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
+        stats["prompts"] = len(prompts)
+        store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.EVAL), schema.EVAL, stage=label)
+        return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
+
+    return store.run_stage(
+        "evaluate", iteration, layout.eval(iteration),
+        inputs={"policy": policy_dir, "prompts": layout.base / "prompts"},
+        params={"evaluate": cfg, "sample": {k: sample_cfg[k] for k in ("backend", "temperature", "top_p")},
+                "reward": reward_cfg, "seed": params["run"]["seed"]},
+        code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
+    )
+
+
+# Evaluation only reads a checkpoint; retrying it is safe.
+evaluate_task = stage_task(run, "evaluate", retries=1)

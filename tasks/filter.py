@@ -1,0 +1,52 @@
+"""Stage `filter`: DASH gradient filtering -- drop rows with |advantage| <= threshold.
+
+Those rows contribute (almost) nothing to the policy gradient, so the learner never
+runs a forward pass on them. A group whose rewards are all equal has advantage 0 on
+every row and is dropped whole. The manifest records how many rows were dropped and why.
+
+Input : iter-i/advantaged   Output: iter-i/kept (schema.KEPT), shard for shard (possibly empty)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from dashflow.config import Params
+from tasks import algorithms, schema, store
+from tasks.prefecting import stage_task
+
+
+def keep_rows(table: pa.Table, threshold: float) -> pa.Table:
+    advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
+    mask = algorithms.filter_mask(advantages, threshold)
+    return table.filter(pa.array(mask.tolist(), pa.bool_()))
+
+
+def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
+    layout = params.layout
+    cfg = params.stage("filter", iteration)
+    src = layout.stage_dir("advantage", iteration)
+    label = f"filter@{iteration}"
+
+    def build(tmp: Path) -> dict:
+        rows_in = kept = 0
+        for index, path in enumerate(store.shard_paths(src, needed_by=label)):
+            table = store.read_shard(path, schema.ADVANTAGED, stage=label)
+            out = keep_rows(table, cfg["threshold"])
+            store.write_shard(tmp, index, out, schema.KEPT, stage=label)
+            rows_in += table.num_rows
+            kept += out.num_rows
+        return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
+                          "dropped": {f"abs_advantage_le_{cfg['threshold']}": rows_in - kept}}}
+
+    return store.run_stage(
+        "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},
+        params=cfg, code=store.code_digest(sys.modules[__name__], algorithms, schema), build=build, force=force,
+    )
+
+
+filter_task = stage_task(run, "filter")

@@ -1,0 +1,81 @@
+"""Per-iteration metrics: read the iteration's stage manifests, write iter-i/metrics.json.
+
+Time split (seconds), as in DASH's timing figure:
+- sampling: the sampler's generation time      - reward: answer checking time
+- learner : forward/backward/optimizer time     - overhead: everything else in the
+  iteration's stages (model loading, Parquet IO, hashing, checkpoint writing) plus, when
+  the iteration ran in this invocation, the orchestration time between stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from dashflow.config import Params
+from tasks import store
+
+TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
+
+
+def iteration_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:
+    layout = params.layout
+    m = {s: store.require_output(layout.stage_dir(s, iteration), needed_by=f"metrics@{iteration}") for s in TRAIN_STAGES}
+    work = {k: m[s].timing.get("work_s", 0.0) for k, s in (("sampling", "sample"), ("reward", "reward"), ("learner", "learn"))}
+    stage_total = sum(x.timing.get("total_s", 0.0) for x in m.values())
+    orchestration = max(wall_s - stage_total, 0.0) if wall_s is not None else 0.0
+    out = {
+        "iteration": iteration,
+        "reward_mean": m["reward"].stats["reward_mean"],
+        "accuracy": m["reward"].stats["accuracy"],
+        "kept_fraction": m["filter"].stats["kept_fraction"],
+        "mean_completion_tokens": m["sample"].stats["mean_completion_tokens"],
+        "rows": m["sample"].stats["rows"],
+        "mixed_group_fraction": m["advantage"].stats["mixed_group_fraction"],
+        "updated": m["learn"].stats.get("updated", True),
+        "loss": m["learn"].stats.get("loss"),
+        "grad_norm": m["learn"].stats.get("grad_norm"),
+        "time": {**work, "overhead": stage_total - sum(work.values()) + orchestration,
+                 "total": stage_total + orchestration},
+    }
+    ev = store.read_manifest(layout.eval(iteration))
+    if ev is not None:
+        out["eval"] = {k: v for k, v in ev.stats.items() if k.endswith("accuracy")}
+    return out
+
+
+def write_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:
+    """Write iter-i/metrics.json atomically. If the iteration was entirely cached, keep the
+    existing file (its orchestration time was measured when the iteration really ran)."""
+    path = params.layout.metrics(iteration)
+    out = iteration_metrics(params, iteration, wall_s)
+    if wall_s is None and path.exists():
+        previous = json.loads(path.read_text())
+        out["time"] = previous.get("time", out["time"])
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return out
+
+
+def base_eval(params: Params) -> dict | None:
+    ev = store.read_manifest(params.layout.eval(-1))
+    return None if ev is None else ev.stats
+
+
+def run_summary(params: Params, iterations: list[dict]) -> dict:
+    """The run's summary.json: per-iteration metrics, base and final eval, where things are."""
+    layout = params.layout
+    evals = [(it["iteration"], it["eval"]) for it in iterations if "eval" in it]
+    summary = {
+        "run": str(layout.root),
+        "iterations": iterations,
+        "base_eval": base_eval(params),
+        "final_eval": evals[-1][1] if evals else None,
+        "final_eval_iteration": evals[-1][0] if evals else None,
+        "final_policy": str(layout.policy(iterations[-1]["iteration"])) if iterations else None,
+    }
+    path = Path(layout.root) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

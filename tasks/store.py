@@ -1,0 +1,249 @@
+"""Stage outputs on disk: manifests, content-addressed stage keys, atomic writes, Parquet IO.
+
+A stage output is a directory of files (Parquet shards `part-00000.parquet`, ... or a
+checkpoint) plus `_manifest.json`, the single source of truth for "is this stage done?".
+The manifest holds the stage key -- a hash of the inputs' content digests, the stage's
+parameter slice and the code version -- and every output file's sha256, size and rows.
+
+`run_stage` skips a stage whose manifest key matches and whose files are all present with
+their recorded sizes; otherwise it builds the output in a temporary sibling directory and
+renames it into place only when complete, so a crash (Ctrl-C, kill -9) never leaves a
+half-written stage that looks finished, and a failed rerun never replaces a good output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dashflow import __version__
+from tasks.schema import SchemaError, validate
+
+MANIFEST = "_manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or failed; the message names the stage and the offending path."""
+
+
+@dataclass
+class Manifest:
+    stage: str
+    iteration: int | None
+    key: str
+    outputs: dict[str, dict]            # file name -> {"sha256", "bytes", "rows"?}
+    digest: str                          # hash of the outputs' content hashes: what downstream keys see
+    timing: dict[str, float] = field(default_factory=dict)   # seconds: work_s, total_s, ...
+    stats: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)     # input name -> digest
+    created: str = ""
+    cached: bool = False                 # set when this call skipped the stage (not persisted)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("cached")
+        return json.dumps(data, indent=2, sort_keys=True, default=float)
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return Manifest(**data)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise StageError(f"{path}: unreadable manifest ({exc}); delete {directory} to rebuild it") from exc
+
+
+def require_output(directory: Path, *, needed_by: str) -> Manifest:
+    """The manifest of a finished stage output, or a clear error naming what to run first."""
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise StageError(
+            f"{needed_by}: input {directory} is not a finished stage output (no {MANIFEST}); "
+            "run the stage that produces it first (e.g. `dashflow run`)"
+        )
+    return manifest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_digest(*modules: ModuleType) -> str:
+    """Code version of a stage: the package version and the source of the modules it runs."""
+    return _hash_json([__version__] + [inspect.getsource(m) for m in modules])
+
+
+def stage_key(stage: str, iteration: int | None, inputs: dict[str, str], params: dict, code: str) -> str:
+    return _hash_json({"stage": stage, "iteration": iteration, "inputs": inputs, "params": params, "code": code})
+
+
+def outputs_verify(directory: Path, manifest: Manifest) -> bool:
+    """Every recorded output file is present with its recorded size (cheap; no rehash)."""
+    for name, info in manifest.outputs.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return False
+    return True
+
+
+def _describe_outputs(directory: Path) -> dict[str, dict]:
+    outputs = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        name = path.relative_to(directory).as_posix()
+        info = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        if path.suffix == ".parquet":
+            info["rows"] = pq.ParquetFile(path).metadata.num_rows
+        outputs[name] = info
+    return outputs
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def run_stage(
+    stage: str,
+    iteration: int | None,
+    out_dir: Path,
+    *,
+    inputs: dict[str, Path],
+    params: dict,
+    code: str,
+    build: Callable[[Path], dict],
+    force: bool = False,
+    extra_inputs: dict[str, str] | None = None,
+) -> Manifest:
+    """Run `build(tmp_dir)` unless `out_dir` already holds this exact stage result.
+
+    inputs: name -> upstream stage directory (its manifest digest enters the key).
+    extra_inputs: name -> a digest of something that is not a stage output (e.g. a source file).
+    build: writes the output files into tmp_dir and returns {"stats": {...}, "timing": {...}}.
+    """
+    out_dir = Path(out_dir)
+    label = stage if iteration is None or iteration < 0 else f"{stage}@{iteration}"
+    input_digests = {name: require_output(path, needed_by=label).digest for name, path in inputs.items()}
+    input_digests.update(extra_inputs or {})
+    key = stage_key(stage, iteration, input_digests, params, code)
+
+    existing = read_manifest(out_dir)
+    if existing is not None and existing.key == key and not force and outputs_verify(out_dir, existing):
+        existing.cached = True
+        return existing
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    old = out_dir.parent / f".{out_dir.name}.old"
+    _remove(tmp)
+    _remove(old)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        result = build(tmp) or {}
+    except BaseException:
+        _remove(tmp)  # nothing half-written survives; the previous output (if any) is untouched
+        raise
+    outputs = _describe_outputs(tmp)
+    timing = dict(result.get("timing", {}))
+    timing["total_s"] = time.perf_counter() - started
+    manifest = Manifest(
+        stage=stage,
+        iteration=iteration,
+        key=key,
+        outputs=outputs,
+        digest=_hash_json({n: o["sha256"] for n, o in outputs.items()}),
+        timing=timing,
+        stats=result.get("stats", {}),
+        params=params,
+        inputs=input_digests,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    (tmp / MANIFEST).write_text(manifest.to_json())
+    _fsync_dir(tmp)
+    # Swap into place: the finished output is either the old one or the new one, never a mix.
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    _remove(old)
+    return manifest
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- Parquet shards
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_paths(directory: Path, *, needed_by: str) -> list[Path]:
+    """The Parquet shards of a finished stage output, in order."""
+    manifest = require_output(directory, needed_by=needed_by)
+    return [Path(directory) / n for n in sorted(manifest.outputs) if n.endswith(".parquet")]
+
+
+def read_shard(path: Path, schema: pa.Schema, *, stage: str) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StageError(f"{stage}: {path}: not a readable Parquet file ({exc})") from exc
+    try:
+        return validate(table, schema, stage=stage, path=path)
+    except SchemaError as exc:
+        raise StageError(str(exc)) from exc
+
+
+def read_stage(directory: Path, schema: pa.Schema, *, stage: str) -> pa.Table:
+    tables = [read_shard(p, schema, stage=stage) for p in shard_paths(directory, needed_by=stage)]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema, *, stage: str) -> Path:
+    path = Path(directory) / shard_name(index)
+    try:
+        table = validate(table, schema, stage=stage, path=path)
+    except SchemaError as exc:
+        raise StageError(str(exc)) from exc
+    pq.write_table(table, path)
+    return path
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a (read-only by convention) file; copy where links are not possible."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

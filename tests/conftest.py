@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny configuration (real model, few prompts, few tokens) and one
+Prefect test server for the whole session (starting one costs seconds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dashflow.config import Params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+# The tiny configuration: every stage runs on the real SmolLM2 model, in seconds.
+TINY = {
+    "run.iterations": 2,
+    "task.num_train": 24,
+    "task.num_eval": 4,
+    "sample.prompts_per_iteration": 4,
+    "sample.samples_per_prompt": 3,
+    "sample.max_new_tokens": 12,
+    "sample.groups_per_shard": 2,
+    "sample.temperature": 1.0,
+    "filter.threshold": 0.1,
+    "learn.micro_batch_tokens": 256,
+    "evaluate.num_prompts": 4,
+    "evaluate.max_new_tokens": 12,
+    "evaluate.every": 2,
+}
+
+
+def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:
+    overrides = dict(TINY, **{"run.root": str(root), "run.name": name})
+    overrides.update(extra)
+    return Params.load(ROOT / "params.yaml", overrides)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server (SQLite, loopback) for the session; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

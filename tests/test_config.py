@@ -1,0 +1,34 @@
+"""params.yaml overrides and stage references."""
+
+import pytest
+
+from conftest import ROOT
+from dashflow.config import Params, ParamsError, parse_stage_ref
+
+
+def test_defaults_and_dotted_override():
+    p = Params.load(ROOT / "params.yaml", ["filter.threshold=0.2", "learn.betas=[0.8, 0.9]"])
+    assert p["filter"]["threshold"] == 0.2
+    assert p["learn"]["betas"] == [0.8, 0.9]
+    assert Params.load(ROOT / "params.yaml")["filter"]["threshold"] == 0.1
+
+
+def test_scoped_override_changes_one_iteration_only():
+    p = Params.load(ROOT / "params.yaml", {"filter@2.threshold": 0.3})
+    assert p.stage("filter", 2)["threshold"] == 0.3
+    assert p.stage("filter", 1)["threshold"] == 0.1
+    assert p["filter"]["threshold"] == 0.1
+
+
+def test_unknown_parameter_is_rejected():
+    with pytest.raises(ParamsError, match="unknown parameter 'filter.treshold'"):
+        Params.load(ROOT / "params.yaml", ["filter.treshold=0.2"])
+    with pytest.raises(ParamsError, match="key=value"):
+        Params.load(ROOT / "params.yaml", ["filter.threshold"])
+
+
+def test_stage_refs():
+    assert parse_stage_ref("filter@2") == ("filter", 2)
+    assert parse_stage_ref("evaluate@-1") == ("evaluate", -1)
+    with pytest.raises(ParamsError):
+        parse_stage_ref("filtr@2")

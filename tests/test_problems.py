@@ -1,0 +1,88 @@
+"""Prompt sources: the arithmetic task, the GSM8K/MATH loaders, their errors."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SHARED
+from tasks import problems
+from tasks.problems import ProblemError
+
+
+def test_arithmetic_is_seeded_disjoint_and_correct():
+    train, evals = problems.arithmetic(200, 40, seed=3, level_weights=[0.4, 0.25, 0.15, 0.2], instruction="Box it.")
+    again, _ = problems.arithmetic(200, 40, seed=3, level_weights=[0.4, 0.25, 0.15, 0.2], instruction="Box it.")
+    other, _ = problems.arithmetic(200, 40, seed=4, level_weights=[0.4, 0.25, 0.15, 0.2], instruction="Box it.")
+    assert train == again and train != other
+    assert len(train) == 200 and len(evals) == 40
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    for row in train + evals:
+        a, op, b = row["prompt"].removeprefix("What is ").split("?")[0].split()
+        expected = {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+        assert row["answer"] == str(expected)
+        assert row["prompt"].endswith("Box it.")
+    levels = {r["source"] for r in train}
+    assert levels == {"arithmetic-L1", "arithmetic-L2", "arithmetic-L3", "arithmetic-L4"}
+
+
+def test_gsm8k_loader_on_real_rows():
+    path = SHARED / "data" / "gsm8k_train_sample.jsonl"
+    if not path.exists():
+        pytest.skip("shared GSM8K sample not present")
+    rows = problems.load_file(path, "gsm8k", "Box it.")
+    assert len(rows) == 200
+    first = json.loads(path.read_text().splitlines()[0])
+    assert rows[0]["answer"] == first["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+    assert rows[0]["prompt"] == first["question"].strip() + " Box it."
+    assert "####" not in rows[0]["solution"]
+    train, evals = problems.split(rows, num_train=150, num_eval=30, seed=0)
+    assert len(train) == 150 and len(evals) == 30
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}
+
+
+def test_gsm8k_row_without_answer_names_file_row_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
+    with pytest.raises(ProblemError, match=r"bad.jsonl: row 2: missing field 'answer'"):
+        problems.load_file(path, "gsm8k", "")
+
+
+def test_gsm8k_answer_without_hashes_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "it is 2"}\n')
+    with pytest.raises(ProblemError, match=r"row 1: field 'answer' does not end in '####"):
+        problems.load_file(path, "gsm8k", "")
+
+
+def test_math_loader_answer_or_boxed_solution_parquet(tmp_path):
+    path = tmp_path / "math.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"problem": "Half of 1?", "answer": "\\frac{1}{2}", "solution": None},
+        {"problem": "Sum?", "answer": None, "solution": "We get $\\boxed{\\frac{3}{4}}$."},
+    ]), path)
+    rows = problems.load_file(path, "math", "")
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "\\frac{3}{4}"]
+
+
+def test_math_row_without_answer_or_box(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"problem": "x?", "solution": "no box here"}\n')
+    with pytest.raises(ProblemError, match=r"m.jsonl: row 1: field 'solution' has no \\boxed"):
+        problems.load_file(path, "math", "")
+    path.write_text('{"solution": "\\\\boxed{1}"}\n')
+    with pytest.raises(ProblemError, match=r"row 1: missing field 'problem'"):
+        problems.load_file(path, "math", "")
+
+
+def test_invalid_json_line_is_named(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"question": "a", "answer": "#### 1"}\n{oops\n')
+    with pytest.raises(ProblemError, match=r"x.jsonl: row 2: not valid JSON"):
+        problems.load_file(path, "gsm8k", "")
+
+
+def test_last_boxed_nested_braces():
+    assert problems.last_boxed("\\boxed{1} then \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert problems.last_boxed("nothing") is None

@@ -1,0 +1,190 @@
+"""Each stage on real Parquet input with the real SmolLM2 model (tiny sizes, no Prefect)."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.compute as pc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_params
+from tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reward, sample, schema, store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run0(tmp_path_factory):
+    """Iteration 0 of the tiny run, stage by stage."""
+    params = tiny_params(tmp_path_factory.mktemp("stages"))
+    manifests = {"prepare": prepare.run(params)}
+    for name, module in (("sample", sample), ("reward", reward), ("advantage", advantage),
+                         ("filter", filter_stage), ("learn", learn)):
+        manifests[name] = module.run(params, 0)
+    return params, manifests
+
+
+def _table(params, stage, schema_):
+    return store.read_stage(params.layout.stage_dir(stage, 0), schema_, stage="test")
+
+
+def test_prepare_writes_the_split_and_a_loadable_policy(run0):
+    params, m = run0
+    assert m["prepare"].stats == {"train_prompts": 24, "eval_prompts": 4}
+    train, evals = prepare.read_prompts(params, "train"), prepare.read_prompts(params, "eval")
+    assert train.num_rows == 24 and evals.num_rows == 4
+    assert not set(train.column("prompt_id").to_pylist()) & set(evals.column("prompt_id").to_pylist())
+    assert (params.layout.policy(-1) / "model.safetensors").exists()
+
+
+def test_sample_writes_whole_groups_with_token_ids_and_logprobs(run0):
+    params, m = run0
+    table = _table(params, "sample", schema.ROLLOUTS)
+    assert table.num_rows == 4 * 3 == m["sample"].stats["rows"]
+    assert [n for n in m["sample"].outputs] == ["part-00000.parquet", "part-00001.parquet"]  # 2 groups per shard
+    for path in store.shard_paths(params.layout.stage_dir("sample", 0), needed_by="test"):
+        shard = store.read_shard(path, schema.ROLLOUTS, stage="test")
+        counts = pc.value_counts(shard.column("prompt_id")).to_pylist()
+        assert sorted(c["counts"] for c in counts) == [3, 3]
+    base_digest = store.read_manifest(params.layout.policy(-1)).digest
+    for row in table.to_pylist():
+        assert 1 <= len(row["completion_token_ids"]) <= 12
+        assert len(row["sampler_logprobs"]) == len(row["completion_token_ids"])
+        assert all(lp <= 0.0 and math.isfinite(lp) for lp in row["sampler_logprobs"])
+        assert row["finish_reason"] == ("stop" if len(row["completion_token_ids"]) < 12 or
+                                        row["completion_token_ids"][-1] == 2 else "length")
+        assert row["policy_version"] == base_digest[:16]
+        assert row["iteration"] == 0 and row["sample_index"] in (0, 1, 2)
+
+
+def test_sample_is_reproducible(run0):
+    params, m = run0
+    again = sample.run(params, 0, force=True)
+    assert not again.cached and again.digest == m["sample"].digest
+
+
+def test_reward_adds_columns_matching_the_checker(run0):
+    params, m = run0
+    table = _table(params, "reward", schema.REWARDED)
+    assert table.num_rows == 12
+    for row in table.to_pylist():
+        expected = reward.score(row["completion"], row["answer"])
+        assert (row["reward"], row["correct"], row["parsed_answer"]) == expected[:3]
+    assert m["reward"].stats["reward_mean"] == pytest.approx(sum(table.column("reward").to_pylist()) / 12)
+
+
+def test_advantage_matches_the_grpo_formula(run0):
+    params, _ = run0
+    rows = _table(params, "advantage", schema.ADVANTAGED).to_pylist()
+    assert len(rows) == 12
+    groups: dict[str, list] = {}
+    for row in rows:
+        groups.setdefault(row["prompt_id"], []).append(row)
+    for group in groups.values():
+        r = [x["reward"] for x in group]
+        mean = sum(r) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in r) / 2)
+        for x in group:
+            assert x["advantage"] == pytest.approx((x["reward"] - mean) / (std + 1e-6), abs=1e-5)
+            assert x["group_mean"] == pytest.approx(mean)
+
+
+def test_filter_keeps_rows_above_threshold(run0):
+    params, m = run0
+    advantaged = _table(params, "advantage", schema.ADVANTAGED).to_pylist()
+    kept = _table(params, "filter", schema.KEPT).to_pylist()
+    expected = [(r["prompt_id"], r["sample_index"]) for r in advantaged if abs(r["advantage"]) > 0.1]
+    assert [(r["prompt_id"], r["sample_index"]) for r in kept] == expected
+    assert m["filter"].stats["rows_kept"] == len(expected)
+
+
+def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
+    params, m = run0
+    out = params.layout.policy(0)
+    assert {"model.safetensors", "config.json", learn.OPTIMIZER_FILE} <= {p.name for p in out.iterdir()}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    if m["filter"].stats["rows_kept"]:
+        assert m["learn"].stats["updated"] is True
+
+
+def _policy_logprob(model, prompt_ids, completion_ids):
+    ids, att, tgt, mask = learn.collate([prompt_ids], [completion_ids], 2)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    return float((lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask).sum())
+
+
+def test_learn_moves_logprobs_in_the_direction_of_the_advantage(tmp_path, run0):
+    """Hand-set advantages on real rollouts: +1 rows become likelier, -1 rows less likely."""
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    src_params, _ = run0
+    params = tiny_params(tmp_path, **{"learn.lr": 1e-4, "sample.temperature": 1.0})
+    base_prompts = src_params.layout.base / "prompts"
+    rows = _table(src_params, "advantage", schema.ADVANTAGED).slice(0, 2).to_pylist()
+    rows[0]["advantage"], rows[1]["advantage"] = 1.0, -1.0
+
+    def build(tmp):
+        store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.KEPT), schema.KEPT, stage="test")
+        return {}
+
+    for path in (src_params.layout.policy(-1), base_prompts):  # reuse the prepared base
+        dst = params.layout.policy(-1) if path.name == "policy" else params.layout.base / "prompts"
+        for f in path.iterdir():
+            store.link_or_copy(f, dst / f.name)
+    store.run_stage("filter", 0, params.layout.stage_dir("filter", 0), inputs={}, params={}, code="hand", build=build)
+    m = learn.run(params, 0)
+    assert m.stats["updated"] and m.stats["rows"] == 2 and m.stats["grad_norm"] > 0
+    before = AutoModelForCausalLM.from_pretrained(params.layout.policy(-1))
+    after = AutoModelForCausalLM.from_pretrained(params.layout.policy(0))
+    for row, sign in ((rows[0], 1), (rows[1], -1)):
+        delta = _policy_logprob(after, row["prompt_token_ids"], row["completion_token_ids"]) - \
+            _policy_logprob(before, row["prompt_token_ids"], row["completion_token_ids"])
+        assert sign * delta > 0, (sign, delta)
+
+
+def test_nothing_kept_passes_the_policy_on_unchanged(tmp_path, run0):
+    src_params, _ = run0
+    params = tiny_params(tmp_path, **{"filter.threshold": 100.0})
+    for name in ("policy", "prompts"):
+        for f in (src_params.layout.base / name).iterdir():
+            store.link_or_copy(f, params.layout.base / name / f.name)
+    for module in (sample, reward, advantage, filter_stage):
+        module.run(params, 0)
+    m = learn.run(params, 0)
+    assert m.stats == {"updated": False, "reason": "no rows kept", "rows": 0}
+    base = load_file(params.layout.policy(-1) / "model.safetensors")
+    new = load_file(params.layout.policy(0) / "model.safetensors")
+    assert all(torch.equal(base[k], new[k]) for k in base)
+
+
+def test_missing_column_stops_the_next_stage_with_file_and_column(tmp_path, run0):
+    src_params, _ = run0
+    params = tiny_params(tmp_path)
+    rollouts = _table(src_params, "sample", schema.ROLLOUTS)
+
+    def build(tmp):  # a "rewarded" output that lacks the reward column
+        import pyarrow.parquet as pq
+        pq.write_table(rollouts, tmp / "part-00000.parquet")
+        return {}
+
+    store.run_stage("reward", 0, params.layout.stage_dir("reward", 0), inputs={}, params={}, code="bad", build=build)
+    with pytest.raises(store.StageError, match=r"advantage@0: .*rewarded/part-00000.parquet: missing column 'reward'"):
+        advantage.run(params, 0)
+    assert not params.layout.stage_dir("advantage", 0).exists()
+
+
+def test_evaluate_base_greedy_and_sampled(run0):
+    params, _ = run0
+    m = evaluate.run(params, -1)
+    table = store.read_stage(params.layout.eval(-1), schema.EVAL, stage="test")
+    assert table.num_rows == 8
+    greedy = table.filter(pc.equal(table.column("mode"), "greedy"))
+    assert greedy.num_rows == 4
+    assert m.stats["greedy_accuracy"] == pytest.approx(sum(greedy.column("correct").to_pylist()) / 4)
+    assert evaluate.run(params, -1).cached

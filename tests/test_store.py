@@ -1,0 +1,96 @@
+"""Manifests, stage keys and atomic writes."""
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from tasks import schema, store
+
+
+def _build_rows(n, calls):
+    def build(tmp):
+        calls.append(n)
+        table = pa.table({"prompt_id": [str(i) for i in range(n)], "prompt": ["q"] * n, "answer": ["1"] * n,
+                          "solution": [None] * n, "source": ["t"] * n})
+        store.write_shard(tmp, 0, table, schema.PROMPTS, stage="t")
+        return {"stats": {"rows": n}, "timing": {"work_s": 0.0}}
+    return build
+
+
+def test_skip_when_key_matches_and_rerun_when_params_change(tmp_path):
+    calls = []
+    out = tmp_path / "stage"
+    m1 = store.run_stage("t", 0, out, inputs={}, params={"a": 1}, code="c", build=_build_rows(3, calls))
+    m2 = store.run_stage("t", 0, out, inputs={}, params={"a": 1}, code="c", build=_build_rows(3, calls))
+    assert calls == [3] and m2.cached and m2.digest == m1.digest
+    m3 = store.run_stage("t", 0, out, inputs={}, params={"a": 2}, code="c", build=_build_rows(5, calls))
+    assert calls == [3, 5] and not m3.cached
+    assert m3.outputs["part-00000.parquet"]["rows"] == 5
+    store.run_stage("t", 0, out, inputs={}, params={"a": 2}, code="c2", build=_build_rows(5, calls))
+    assert calls == [3, 5, 5]  # code version is part of the key
+
+
+def test_force_reruns_and_identical_output_keeps_the_digest(tmp_path):
+    calls = []
+    out = tmp_path / "stage"
+    m1 = store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    m2 = store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls), force=True)
+    assert calls == [3, 3] and not m2.cached and m2.digest == m1.digest
+
+
+def test_missing_output_file_triggers_rebuild(tmp_path):
+    calls = []
+    out = tmp_path / "stage"
+    store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    (out / "part-00000.parquet").unlink()
+    store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    assert calls == [3, 3] and (out / "part-00000.parquet").exists()
+
+
+def test_failed_build_leaves_previous_output_untouched(tmp_path):
+    calls = []
+    out = tmp_path / "stage"
+    good = store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+
+    def crash(tmp):
+        (tmp / "part-00000.parquet").write_bytes(b"half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.run_stage("t", 0, out, inputs={}, params={"x": 1}, code="c", build=crash)
+    assert json.loads((out / store.MANIFEST).read_text())["digest"] == good.digest
+    assert store.file_sha256(out / "part-00000.parquet") == good.outputs["part-00000.parquet"]["sha256"]
+    assert not (tmp_path / ".stage.tmp").exists()
+
+
+def test_downstream_key_follows_upstream_content(tmp_path):
+    calls, down = [], []
+    up = tmp_path / "up"
+    store.run_stage("up", 0, up, inputs={}, params={"n": 3}, code="c", build=_build_rows(3, calls))
+    store.run_stage("down", 0, tmp_path / "down", inputs={"up": up}, params={}, code="c", build=_build_rows(1, down))
+    store.run_stage("down", 0, tmp_path / "down", inputs={"up": up}, params={}, code="c", build=_build_rows(1, down))
+    assert down == [1]
+    store.run_stage("up", 0, up, inputs={}, params={"n": 4}, code="c", build=_build_rows(4, calls))
+    store.run_stage("down", 0, tmp_path / "down", inputs={"up": up}, params={}, code="c", build=_build_rows(1, down))
+    assert down == [1, 1]
+
+
+def test_unfinished_input_is_a_clear_error(tmp_path):
+    (tmp_path / "up").mkdir()
+    with pytest.raises(store.StageError, match=r"down@0: input .*up is not a finished stage output"):
+        store.run_stage("down", 0, tmp_path / "down", inputs={"up": tmp_path / "up"}, params={}, code="c",
+                        build=_build_rows(1, []))
+
+
+def test_schema_violation_names_stage_file_and_column(tmp_path):
+    table = pa.table({"prompt_id": ["a"]})
+    with pytest.raises(store.StageError, match=r"t: .*part-00000.parquet: missing column 'prompt'"):
+        store.write_shard(tmp_path, 0, table, schema.PROMPTS, stage="t")
+
+
+def test_corrupt_parquet_is_named(tmp_path):
+    path = tmp_path / "part-00000.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(store.StageError, match=r"part-00000.parquet: not a readable Parquet file"):
+        store.read_shard(path, schema.PROMPTS, stage="reward@0")
