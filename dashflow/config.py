@@ -136,9 +136,12 @@ class RunLayout:
         return self.iteration(i) / "metrics.json"
 
 
-def parse_stage_ref(ref: str) -> tuple[str, int]:
-    """`filter@2` -> ("filter", 2)."""
+def parse_stage_ref(ref: str) -> tuple[str, int | None]:
+    """`filter@2` -> ("filter", 2); `prepare` -> ("prepare", None); `evaluate@base` -> ("evaluate", -1)."""
+    if ref == "prepare":
+        return "prepare", None
     stage, sep, it = ref.partition("@")
+    it = "-1" if it == "base" else it
     if not sep or not it.lstrip("-").isdigit() or stage not in STAGES:
         raise ParamsError(f"stage reference {ref!r} must look like STAGE@ITERATION with STAGE in {STAGES}")
     return stage, int(it)

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dashflow.config import Params, parse_stage_ref
 from dashflow.console import print_iteration, print_summary
-from tasks import metrics
+from tasks import metrics, store
 from tasks.advantage import advantage_task
 from tasks.evaluate import evaluate_task, is_due
 from tasks.filter import filter_task
@@ -52,25 +52,26 @@ def dash_rl(
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
 
-    prepare_task(params, None, force=force("prepare", None))
-    evaluate_task(params, -1, force=force("evaluate", -1))
-    history = []
-    for i in range(n):
-        started = time.perf_counter()
-        ran = [
-            sample_task(params, i, force=force("sample", i)),
-            reward_task(params, i, force=force("reward", i)),
-            advantage_task(params, i, force=force("advantage", i)),
-            filter_task(params, i, force=force("filter", i)),
-            learn_task(params, i, force=force("learn", i)),
-        ]
-        fresh = not any(r["cached"] for r in ran)
-        wall = time.perf_counter() - started
-        if is_due(i, every, n - 1):
-            evaluate_task(params, i, force=force("evaluate", i))
-        row = metrics_task(params, i, wall if fresh else None)
-        history.append(row)
-        print_iteration(row, cached=all(r["cached"] for r in ran))
-    summary = metrics.run_summary(params, history)
-    print_summary(summary)
-    return summary
+    with store.run_lock(params.layout.root):
+        prepare_task(params, None, force=force("prepare", None))
+        evaluate_task(params, -1, force=force("evaluate", -1))
+        history = []
+        for i in range(n):
+            started = time.perf_counter()
+            ran = [
+                sample_task(params, i, force=force("sample", i)),
+                reward_task(params, i, force=force("reward", i)),
+                advantage_task(params, i, force=force("advantage", i)),
+                filter_task(params, i, force=force("filter", i)),
+                learn_task(params, i, force=force("learn", i)),
+            ]
+            fresh = not any(r["cached"] for r in ran)
+            wall = time.perf_counter() - started
+            if is_due(i, every, n - 1):
+                evaluate_task(params, i, force=force("evaluate", i))
+            row = metrics_task(params, i, wall if fresh else None)
+            history.append(row)
+            print_iteration(row, cached=all(r["cached"] for r in ran))
+        summary = metrics.run_summary(params, history)
+        print_summary(summary)
+        return summary

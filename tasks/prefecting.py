@@ -34,11 +34,17 @@ def stage_task(run: Callable[..., Manifest], name: str, *, retries: int = 0):
         manifest = run(params, iteration, force=force)
         return summary(manifest)
 
+    def run_name() -> str:
+        from prefect.runtime import task_run
+
+        iteration = task_run.parameters.get("iteration")
+        return name if iteration is None else f"{name}[iter={iteration}]"
+
     _run.__name__ = f"{name}_task"
     return task(
         _run,
         name=name,
-        task_run_name=f"{name}[iter={{iteration}}]",
+        task_run_name=run_name,
         cache_policy=NO_CACHE,
         retries=retries,
         retry_delay_seconds=2,

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from dashflow import __version__
 from tasks.schema import SchemaError, validate
@@ -247,3 +249,19 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+@contextmanager
+def run_lock(root: Path):
+    """Hold an exclusive lock on a run directory (released even on kill -9: it is an flock)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(root / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise StageError(f"another dashflow run is using {root}; wait for it to finish or stop it") from exc
+    try:
+        yield
+    finally:
+        lock.release()

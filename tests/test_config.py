@@ -30,5 +30,7 @@ def test_unknown_parameter_is_rejected():
 def test_stage_refs():
     assert parse_stage_ref("filter@2") == ("filter", 2)
     assert parse_stage_ref("evaluate@-1") == ("evaluate", -1)
+    assert parse_stage_ref("evaluate@base") == ("evaluate", -1)
+    assert parse_stage_ref("prepare") == ("prepare", None)
     with pytest.raises(ParamsError):
         parse_stage_ref("filtr@2")

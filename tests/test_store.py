@@ -94,3 +94,12 @@ def test_corrupt_parquet_is_named(tmp_path):
     path.write_bytes(b"not parquet")
     with pytest.raises(store.StageError, match=r"part-00000.parquet: not a readable Parquet file"):
         store.read_shard(path, schema.PROMPTS, stage="reward@0")
+
+
+def test_run_lock_is_exclusive(tmp_path):
+    with store.run_lock(tmp_path):
+        with pytest.raises(store.StageError, match="another dashflow run is using"):
+            with store.run_lock(tmp_path):
+                pass
+    with store.run_lock(tmp_path):  # released
+        pass
