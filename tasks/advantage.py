@@ -51,10 +51,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows = groups = mixed = 0
-        for index, path in enumerate(store.shard_paths(src, needed_by=label)):
-            table = store.read_shard(path, schema.REWARDED, stage=label)
-            out = add_advantages(table, cfg["estimator"], cfg["epsilon"], where=f"{label}: {path}")
-            store.write_shard(tmp, index, out, schema.ADVANTAGED, stage=label)
+        transform = lambda table, path: add_advantages(table, cfg["estimator"], cfg["epsilon"], where=f"{label}: {path}")  # noqa: E731
+        for _, out in store.map_shards(src, tmp, transform, reads=schema.REWARDED, writes=schema.ADVANTAGED, stage=label):
             rows += out.num_rows
             first = out.filter(pc.equal(out.column("sample_index"), 0))  # one row per group
             groups += first.num_rows

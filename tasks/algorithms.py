@@ -81,6 +81,27 @@ def rloo_advantage(rewards: torch.Tensor, epsilon: float = 1e-6):
     return (rewards - mean[:, None]) * (g / (g - 1)), mean, std
 
 
+# ---------------------------------------------------------------- batching
+
+
+def pack_by_tokens(lengths: list[int], token_budget: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices per batch: rows sorted by length (then index), each batch's rows x longest row
+    <= token_budget (a longer single row still gets a batch of its own). Padding cost is
+    what a batch pays, so similar lengths go together."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        full = max_rows is not None and len(current) >= max_rows
+        if current and (full or (len(current) + 1) * lengths[i] > token_budget):
+            out.append(current)
+            current = []
+        current.append(i)
+    if current:
+        out.append(current)
+    return out
+
+
 # ---------------------------------------------------------------- gradient filter
 
 

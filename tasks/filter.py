@@ -34,10 +34,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows_in = kept = 0
-        for index, path in enumerate(store.shard_paths(src, needed_by=label)):
-            table = store.read_shard(path, schema.ADVANTAGED, stage=label)
-            out = keep_rows(table, cfg["threshold"])
-            store.write_shard(tmp, index, out, schema.KEPT, stage=label)
+        transform = lambda table, path: keep_rows(table, cfg["threshold"])  # noqa: E731
+        for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),

@@ -33,21 +33,6 @@ from tasks.prefecting import stage_task
 OPTIMIZER_FILE = "optimizer.pt"
 
 
-def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Row indices per micro-batch: sorted by length, rows x longest <= token_budget (>= 1 row)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    out: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * max(lengths[current[-1]], lengths[i]) > token_budget:
-            out.append(current)
-            current = []
-        current.append(i)
-    if current:
-        out.append(current)
-    return out
-
-
 def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
     """Right-padded input_ids [B, L], attention [B, L], targets [B, L-1], completion mask [B, L-1]."""
     seqs = [p + c for p, c in zip(prompts, completions)]
@@ -95,7 +80,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
         normalizer = float(sum(len(c) for c in completions))
-        batches = micro_batches(lengths, cfg["micro_batch_tokens"])
+        batches = algorithms.pack_by_tokens(lengths, cfg["micro_batch_tokens"])
         t1 = time.perf_counter()
 
         total_loss, tokens_seen = 0.0, 0

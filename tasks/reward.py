@@ -111,12 +111,15 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         work = 0.0
         rows = correct = errors = 0
         total = 0.0
-        for index, path in enumerate(store.shard_paths(src, needed_by=label)):
-            table = store.read_shard(path, schema.ROLLOUTS, stage=label)
+
+        def transform(table: pa.Table, path: Path) -> pa.Table:
+            nonlocal work
             t0 = time.perf_counter()
             out = add_rewards(table, cfg, desc=label)
             work += time.perf_counter() - t0
-            store.write_shard(tmp, index, out, schema.REWARDED, stage=label)
+            return out
+
+        for _, out in store.map_shards(src, tmp, transform, reads=schema.ROLLOUTS, writes=schema.REWARDED, stage=label):
             rows += out.num_rows
             total += sum(out.column("reward").to_pylist())
             correct += sum(out.column("correct").to_pylist())

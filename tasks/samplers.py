@@ -18,6 +18,8 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from tasks.algorithms import pack_by_tokens
+
 
 @dataclass
 class Completion:
@@ -58,21 +60,8 @@ class HFSampler:
 
     def batches(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Indices of prompts per generation batch: similar lengths together, token-budgeted."""
-        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-        out: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            longest = max([len(prompts[j]) for j in current] + [len(prompts[i])])
-            if current and (
-                (len(current) + 1) * (longest + max_new_tokens) > self.token_budget
-                or len(current) >= self.max_batch_size
-            ):
-                out.append(current)
-                current = []
-            current.append(i)
-        if current:
-            out.append(current)
-        return out
+        lengths = [len(p) + max_new_tokens for p in prompts]
+        return pack_by_tokens(lengths, self.token_budget, self.max_batch_size)
 
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample"):

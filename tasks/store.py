@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -240,6 +240,17 @@ def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema,
         raise StageError(str(exc)) from exc
     pq.write_table(table, path)
     return path
+
+
+def map_shards(src: Path, dst: Path, transform: Callable[[pa.Table, Path], pa.Table], *,
+               reads: pa.Schema, writes: pa.Schema, stage: str) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Shard by shard: read (validated), transform, write under the same shard index.
+    Yields (input, output) tables so the stage can gather its stats."""
+    for index, path in enumerate(shard_paths(src, needed_by=stage)):
+        table = read_shard(path, reads, stage=stage)
+        out = transform(table, path)
+        write_shard(dst, index, out, writes, stage=stage)
+        yield table, out
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -90,3 +90,10 @@ def test_token_logprobs_uses_temperature():
     lp = token_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
     # softmax([1, 0])[0] = e / (e + 1)
     assert lp.item() == pytest.approx(math.log(math.e / (math.e + 1)))
+
+
+def test_pack_by_tokens():
+    # sorted by length: idx 2 (1), 0 (2), 3 (3), 1 (5); budget 6 -> [2, 0, 3]? 3 rows x 3 = 9 > 6 -> [2, 0], then [3], [1]
+    assert algorithms.pack_by_tokens([2, 5, 1, 3], token_budget=6) == [[2, 0], [3], [1]]
+    assert algorithms.pack_by_tokens([2, 5, 1, 3], token_budget=100, max_rows=3) == [[2, 0, 3], [1]]
+    assert algorithms.pack_by_tokens([50], token_budget=10) == [[0]]
