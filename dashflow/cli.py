@@ -77,17 +77,66 @@ def stage(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="a stage output directory or a Parquet file"),
-    limit: int = typer.Option(3, "--limit", "-l", help="completions to show"),
+    where: Optional[str] = typer.Option(None, "--where", "-w", help='row filter, e.g. "reward < 0.5 and finish_reason == \'stop\'"'),
+    prompt_id: Optional[str] = typer.Option(None, "--prompt-id", help="only this prompt's rows"),
+    limit: int = typer.Option(3, "--limit", "-l", help="example completions to show (best, worst, random)"),
+    rev: Optional[str] = typer.Option(None, "--rev", help="read the output as of this git revision, through DVC"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
-    """Summarise a stage output: rows, groups, reward/accuracy, lengths, a few completions."""
+    """Summarise any stage output: rows, groups, reward, accuracy, lengths, errors, examples."""
     from dashflow.inspecting import InspectError, render, summarize
 
     try:
-        summary = summarize(path, limit=limit)
+        summary = summarize(path, rev=rev, where=where, prompt_id=prompt_id, limit=limit)
     except InspectError as exc:
         _fail(exc)
     typer.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
+
+
+def _stage_path(ref: str, run_dir: Path, stage: str) -> Path:
+    """`3` / `base` / a path -> the stage output directory to compare."""
+    if Path(ref).exists():
+        return Path(ref)
+    from dashflow.config import RunLayout
+
+    layout = RunLayout(run_dir)
+    i = -1 if ref == "base" else int(ref)
+    return layout.eval(i) if stage == "eval" else layout.stage_dir(stage, i)
+
+
+@app.command()
+def diff(
+    a: str = typer.Argument(..., help="iteration number, `base`, or a stage output path"),
+    b: str = typer.Argument(..., help="iteration number, `base`, or a stage output path"),
+    run_dir: Path = typer.Option(Path("data/runs/default"), "--run-dir", help="the run directory"),
+    stage: str = typer.Option("eval", "--stage", help="eval (same held-out prompts) or a stage: reward, filter, ..."),
+    mode: str = typer.Option("greedy", "--mode", help="eval mode to compare: greedy | sampled"),
+    limit: int = typer.Option(10, "--limit", "-l", help="changed prompts to list"),
+    as_json: bool = typer.Option(False, "--json", help="print as JSON"),
+):
+    """For the prompts two outputs share: how rewards, lengths and answers changed."""
+    from dashflow.inspecting import InspectError, diff as diff_outputs, render_diff
+
+    try:
+        result = diff_outputs(_stage_path(a, run_dir, stage), _stage_path(b, run_dir, stage), mode=mode, limit=limit)
+    except (InspectError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else render_diff(result))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Option(Path("data/runs/default"), "--run-dir", help="the run directory"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write (default: the run directory)"),
+):
+    """Write report.png / report.html: reward, accuracy, length, kept fraction and time per iteration."""
+    from dashflow.report import ReportError, write_report
+
+    try:
+        result = write_report(run_dir, out)
+    except ReportError as exc:
+        _fail(exc)
+    typer.echo(f"report: {result['png']}\n        {result['html']}")
 
 
 if __name__ == "__main__":

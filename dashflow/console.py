@@ -36,3 +36,5 @@ def print_summary(s: dict) -> None:
     console.print(f"rollouts    : {root}/iter-*/{{rollouts,rewarded,advantaged,kept}}/part-*.parquet")
     console.print(f"checkpoints : {root}/iter-*/policy/  (final: {s.get('final_policy')})")
     console.print(f"metrics     : {root}/iter-*/metrics.json, {root}/summary.json, evals in {root}/*/eval/")
+    if s.get("report"):
+        console.print(f"report      : {s['report']} (and report.html beside it)")

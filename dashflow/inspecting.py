@@ -1,7 +1,14 @@
-"""`dashflow inspect`: a terminal summary of any stage's Parquet output."""
+"""Offline inspection of stage outputs: `dashflow inspect` and `dashflow diff`.
+
+Reading goes through pyarrow datasets with column projection: the summary reads the
+scalar columns (ids, rewards, advantages, finish reasons, token counts), never the
+prompt/completion text or the per-token log-probs; only the few example rows shown
+are read whole. `--rev` reads a stage output as it was at a git revision, through DVC.
+"""
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 
@@ -9,80 +16,249 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from tasks import store
+
+SCALARS = ("prompt_id", "sample_index", "iteration", "mode", "reward", "correct", "parsed_answer", "answer",
+           "reward_error", "finish_reason", "advantage", "group_mean", "group_std", "completion_tokens")
+EXAMPLE_COLUMNS = ("prompt_id", "sample_index", "mode", "prompt", "answer", "completion", "parsed_answer", "reward",
+                   "correct", "advantage", "finish_reason", "reward_error")
+
 
 class InspectError(ValueError):
     pass
 
 
-def _load(path: Path) -> pa.Table:
+# ---------------------------------------------------------------- reading
+
+
+def _files(path: Path, rev: str | None) -> tuple[list[str], object | None]:
+    """Parquet files of a stage output (or one file), and the filesystem to read them from."""
+    if rev is None:
+        if not path.exists():
+            raise InspectError(f"{path}: no such file or directory")
+        files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+        return [str(f) for f in files], None
+    from dvc.api import DVCFileSystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    try:
+        fs = DVCFileSystem(repo=".", rev=rev)
+        rel = path.resolve().relative_to(Path.cwd().resolve()).as_posix() if path.is_absolute() else path.as_posix()
+        if not fs.exists(rel):
+            raise InspectError(f"{path}: not in revision {rev!r} (neither in git nor tracked by DVC there)")
+        files = [rel] if fs.isfile(rel) else sorted(f for f in fs.find(rel) if f.endswith(".parquet"))
+    except InspectError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DVC/git errors (not a repo, unknown rev) become one clear message
+        raise InspectError(f"{path}@{rev}: cannot read through DVC ({type(exc).__name__}: {exc})") from exc
+    return files, PyFileSystem(FSSpecHandler(fs))
+
+
+def open_dataset(path: Path | str, rev: str | None = None) -> ds.Dataset:
     path = Path(path)
-    if not path.exists():
-        raise InspectError(f"{path}: no such file or directory")
-    files = [path] if path.is_file() else sorted(path.glob("*.parquet"))
+    files, fs = _files(path, rev)
     if not files:
         raise InspectError(f"{path}: not a stage output (no .parquet files)")
     try:
-        return ds.dataset([str(f) for f in files], format="parquet").to_table()
+        return ds.dataset(files, format="parquet", filesystem=fs)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InspectError(f"{path}: unreadable Parquet ({exc})") from exc
 
 
-def _quantiles(values: list[int]) -> dict:
-    if not values:
+def _scalar_table(dataset: ds.Dataset) -> pa.Table:
+    names = dataset.schema.names
+    columns = {c: ds.field(c) for c in SCALARS if c in names}
+    try:
+        table = dataset.to_table(columns=columns)
+        if "completion_token_ids" in names and "completion_tokens" not in names:
+            lengths = dataset.to_table(columns=["completion_token_ids"]).column(0)
+            table = table.append_column("completion_tokens", pc.list_value_length(lengths))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InspectError(f"unreadable Parquet ({exc})") from exc
+    return table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
+
+
+def select(table: pa.Table, where: str | None = None, prompt_id: str | None = None) -> pa.Table:
+    """Rows matching `--prompt-id` and a pandas-style `--where` expression (e.g. "reward < 0.5")."""
+    if prompt_id is not None:
+        if "prompt_id" not in table.column_names:
+            raise InspectError("--prompt-id: this table has no prompt_id column")
+        table = table.filter(pc.equal(table.column("prompt_id"), prompt_id))
+    if where:
+        frame = table.to_pandas()
+        try:
+            rows = frame.query(where, engine="python")["_row"].tolist()
+        except Exception as exc:  # noqa: BLE001 - a user's expression: report it, don't trace back
+            raise InspectError(f"--where {where!r}: {exc}; columns are {[c for c in table.column_names if c != '_row']}") from exc
+        table = table.filter(pc.is_in(table.column("_row"), pa.array(rows, pa.int64())))
+    return table
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _quantiles(values: pa.Array) -> dict:
+    if len(values) == 0:
         return {}
-    q = pc.quantile(pa.array(values, pa.float64()), q=[0.1, 0.5, 0.9], interpolation="linear").to_pylist()
-    return {"p10": q[0], "p50": q[1], "p90": q[2], "max": max(values), "mean": sum(values) / len(values)}
+    q = pc.quantile(values.cast(pa.float64()), q=[0.1, 0.5, 0.9, 0.99], interpolation="linear").to_pylist()
+    return {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3], "max": pc.max(values).as_py(),
+            "mean": pc.mean(values).as_py()}
 
 
-def summarize(path: Path, limit: int = 3, seed: int = 0) -> dict:
-    table = _load(path)
+def _distribution(values: pa.Array) -> dict:
+    """Counts of each reward value (binary rewards), or of 10 equal bins (continuous ones)."""
+    counts = pc.value_counts(values).to_pylist()
+    if len(counts) <= 10:
+        return {str(c["values"]): c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+    import numpy as np
+
+    hist, edges = np.histogram(values.to_numpy(), bins=10)
+    return {f"[{edges[i]:.2f},{edges[i + 1]:.2f})": int(hist[i]) for i in range(10)}
+
+
+def _groups(table: pa.Table) -> dict:
+    by = table.group_by("prompt_id").aggregate([("correct", "all"), ("correct", "any")])
+    all_correct = pc.sum(by.column("correct_all")).as_py() or 0
+    any_correct = pc.sum(by.column("correct_any")).as_py() or 0
+    return {"groups": by.num_rows, "all_correct": all_correct, "all_wrong": by.num_rows - any_correct,
+            "mixed": any_correct - all_correct}
+
+
+def summarize(path: Path | str, *, rev: str | None = None, where: str | None = None, prompt_id: str | None = None,
+              limit: int = 3, seed: int = 0) -> dict:
+    """The summary `dashflow inspect` prints, as a dict (what `--json` prints)."""
+    path = Path(path)
+    dataset = open_dataset(path, rev)
+    table = select(_scalar_table(dataset), where, prompt_id)
     cols = set(table.column_names)
-    out: dict = {"path": str(path), "rows": table.num_rows, "columns": table.column_names}
+    out: dict = {"path": str(path), "rev": rev, "rows": table.num_rows,
+                 "columns": [c for c in dataset.schema.names]}
+    if where or prompt_id:
+        out["filter"] = {"where": where, "prompt_id": prompt_id}
     if "prompt_id" in cols:
         out["prompts"] = len(pc.unique(table.column("prompt_id")))
-    if "completion_token_ids" in cols:
-        out["completion_tokens"] = _quantiles(pc.list_value_length(table.column("completion_token_ids")).to_pylist())
-    elif "completion_tokens" in cols:
-        out["completion_tokens"] = _quantiles(table.column("completion_tokens").to_pylist())
-    if "finish_reason" in cols:
-        out["finish_reasons"] = {r["values"]: r["counts"] for r in pc.value_counts(table.column("finish_reason")).to_pylist()}
     if "reward" in cols and table.num_rows:
         out["reward_mean"] = pc.mean(table.column("reward")).as_py()
+        out["reward_distribution"] = _distribution(table.column("reward").combine_chunks())
     if "correct" in cols and table.num_rows:
         out["accuracy"] = pc.mean(pc.cast(table.column("correct"), pa.float64())).as_py()
+        if "sample_index" in cols:
+            out.update(_groups(table))
+    if "advantage" in cols and table.num_rows:
+        out["advantage_abs_mean"] = pc.mean(pc.abs(table.column("advantage"))).as_py()
+    if rev is None and path.is_dir():
+        manifest = store.read_manifest(path)
+        if manifest is not None and "kept_fraction" in manifest.stats:
+            out["kept_fraction"] = manifest.stats["kept_fraction"]
+    if "completion_tokens" in cols:
+        out["completion_tokens"] = _quantiles(table.column("completion_tokens").combine_chunks())
+    if "finish_reason" in cols:
+        out["finish_reasons"] = {c["values"]: c["counts"] for c in pc.value_counts(table.column("finish_reason")).to_pylist()}
     if "reward_error" in cols:
-        out["reward_errors"] = table.num_rows - table.column("reward_error").null_count
-    if "group_std" in cols and "sample_index" in cols:
-        first = table.filter(pc.equal(table.column("sample_index"), 0))
-        out["groups"] = first.num_rows
-        out["mixed_groups"] = pc.sum(pc.greater(first.column("group_std"), 0)).as_py() or 0
-    if "completion" in cols and table.num_rows:
-        rows = table.select([c for c in ("prompt_id", "prompt", "answer", "completion", "reward", "parsed_answer",
-                                         "advantage", "mode", "correct") if c in cols]).to_pylist()
-        key = "reward" if "reward" in cols else ("correct" if "correct" in cols else None)
-        picks = {}
-        if key:
-            ranked = sorted(rows, key=lambda r: float(r[key]))
-            picks["best"], picks["worst"] = ranked[-1], ranked[0]
-        picks["random"] = random.Random(seed).choice(rows)
-        out["examples"] = dict(list(picks.items())[: max(limit, 0)])
+        errors = table.filter(pc.is_valid(table.column("reward_error")))
+        out["reward_errors"] = errors.num_rows
+        if errors.num_rows:
+            out["reward_error_examples"] = pc.unique(errors.column("reward_error")).to_pylist()[:3]
+    out["examples"] = _examples(dataset, table, limit, seed)
     return out
 
 
+def _examples(dataset: ds.Dataset, table: pa.Table, limit: int, seed: int) -> dict:
+    """Best, worst and a random row (by reward, else correctness), read whole."""
+    if table.num_rows == 0 or limit <= 0:
+        return {}
+    key = next((k for k in ("reward", "correct") if k in table.column_names), None)
+    rows = table.column("_row").to_pylist()
+    picks: dict[str, int] = {}
+    if key:
+        scores = [float(v) for v in table.column(key).to_pylist()]
+        # the first row (in file order) with the highest / lowest score
+        picks["best"] = rows[min(range(len(rows)), key=lambda i: (-scores[i], i))]
+        picks["worst"] = rows[min(range(len(rows)), key=lambda i: (scores[i], i))]
+    picks["random"] = random.Random(seed).choice(rows)
+    names = [c for c in EXAMPLE_COLUMNS if c in dataset.schema.names]
+    chosen = list(picks.items())[:limit]
+    taken = dataset.take(pa.array([r for _, r in chosen], pa.int64()), columns=names).to_pylist()
+    return {name: row for (name, _), row in zip(chosen, taken)}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
 def render(s: dict) -> str:
-    lines = [f"{s['path']}: {s['rows']} rows" + (f", {s['prompts']} prompts" if "prompts" in s else "")]
-    for key in ("groups", "mixed_groups", "reward_mean", "accuracy", "reward_errors", "finish_reasons",
-                "completion_tokens"):
+    """Terminal rendering of a summary (rich table + examples), as text."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=120, record=True, file=io.StringIO(), highlight=False)
+    title = f"{s['path']}" + (f" @ {s['rev']}" if s.get("rev") else "")
+    table = Table(title=title, show_header=False, box=None)
+    for key in ("filter", "rows", "prompts", "groups", "all_correct", "all_wrong", "mixed", "reward_mean",
+                "reward_distribution", "accuracy", "advantage_abs_mean", "kept_fraction", "completion_tokens",
+                "finish_reasons", "reward_errors", "reward_error_examples"):
         if key in s:
-            value = s[key]
-            if isinstance(value, float):
-                value = f"{value:.4f}"
-            elif isinstance(value, dict):
-                value = ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-            lines.append(f"  {key:18s} {value}")
+            table.add_row(key, _fmt(s[key]))
+    console.print(table)
     for name, row in s.get("examples", {}).items():
-        lines.append(f"--- {name}: {row.get('prompt_id')}  reward={row.get('reward', row.get('correct'))} "
-                     f"answer={row.get('answer')} parsed={row.get('parsed_answer')}")
-        lines.append(f"  Q: {row.get('prompt', '')[:200]}")
-        lines.append(f"  A: {row.get('completion', '')[:400]!r}")
+        score = row.get("reward", row.get("correct"))
+        console.print(f"[bold]── {name}[/bold]  {row.get('prompt_id')}  reward={_fmt(score)}  "
+                      f"answer={row.get('answer')}  parsed={row.get('parsed_answer')}")
+        console.print(f"  Q: {(row.get('prompt') or '')[:200]}", markup=False)
+        console.print(f"  A: {(row.get('completion') or '')[:400]!r}", markup=False)
+    return console.export_text()
+
+
+# ---------------------------------------------------------------- diff
+
+
+def _per_prompt(path: Path, mode: str | None) -> dict[str, dict]:
+    table = _scalar_table(open_dataset(path))
+    if mode and "mode" in table.column_names:
+        table = table.filter(pc.equal(table.column("mode"), mode))
+    score = "reward" if "reward" in table.column_names else "correct"
+    table = table.append_column("_score", pc.cast(table.column(score), pa.float64()))
+    by = table.group_by("prompt_id").aggregate([("_score", "mean"), ("completion_tokens", "mean"),
+                                                ("parsed_answer", "list")])
+    return {r["prompt_id"]: {"score": r["_score_mean"], "tokens": r["completion_tokens_mean"],
+                             "answers": r["parsed_answer_list"]} for r in by.to_pylist()}
+
+
+def diff(a: Path, b: Path, *, mode: str | None = "greedy", limit: int = 10) -> dict:
+    """How rewards (or correctness), lengths and answers changed for the prompts two outputs share."""
+    pa_, pb = _per_prompt(a, mode), _per_prompt(b, mode)
+    shared = sorted(set(pa_) & set(pb))
+    if not shared:
+        raise InspectError(f"{a} and {b} share no prompt_id (rollouts of different iterations sample different "
+                           "prompts; compare eval outputs, which use the same held-out prompts)")
+    changes = []
+    for pid in shared:
+        x, y = pa_[pid], pb[pid]
+        changes.append({"prompt_id": pid, "score_a": x["score"], "score_b": y["score"], "tokens_a": x["tokens"],
+                        "tokens_b": y["tokens"], "answers_a": x["answers"], "answers_b": y["answers"]})
+    mean = lambda key: sum(c[key] for c in changes) / len(changes)  # noqa: E731
+    moved = sorted((c for c in changes if c["score_a"] != c["score_b"]),
+                   key=lambda c: (-abs(c["score_b"] - c["score_a"]), c["prompt_id"]))
+    return {
+        "a": str(a), "b": str(b), "shared_prompts": len(shared),
+        "score_a": mean("score_a"), "score_b": mean("score_b"),
+        "tokens_a": mean("tokens_a"), "tokens_b": mean("tokens_b"),
+        "improved": sum(c["score_b"] > c["score_a"] for c in changes),
+        "worsened": sum(c["score_b"] < c["score_a"] for c in changes),
+        "answers_changed": sum(c["answers_a"] != c["answers_b"] for c in changes),
+        "changes": moved[:limit],
+    }
+
+
+def render_diff(d: dict) -> str:
+    lines = [f"{d['a']}  ->  {d['b']}   ({d['shared_prompts']} shared prompts)",
+             f"  score   {d['score_a']:.3f} -> {d['score_b']:.3f}   improved {d['improved']}, worsened {d['worsened']}",
+             f"  tokens  {d['tokens_a']:.1f} -> {d['tokens_b']:.1f}   answers changed on {d['answers_changed']} prompts"]
+    for c in d["changes"]:
+        lines.append(f"  {c['prompt_id']:>14}  {c['score_a']:.2f} -> {c['score_b']:.2f}  "
+                     f"len {c['tokens_a']:.0f} -> {c['tokens_b']:.0f}  answers {c['answers_a']} -> {c['answers_b']}")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dashflow.config import Params, parse_stage_ref
 from dashflow.console import print_iteration, print_summary
+from dashflow.report import write_report
 from tasks import metrics, store
 from tasks.advantage import advantage_task
 from tasks.evaluate import evaluate_task, is_due
@@ -33,6 +34,11 @@ from tasks.sample import sample_task
 @task(name="metrics", task_run_name="metrics[iter={iteration}]", cache_policy=NO_CACHE)
 def metrics_task(params: Params, iteration: int, wall_s: float | None) -> dict:
     return metrics.write_metrics(params, iteration, wall_s)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(run_dir) -> str:
+    return write_report(run_dir)["png"]
 
 
 @flow(name="dash-rl", log_prints=True)
@@ -73,5 +79,6 @@ def dash_rl(
             history.append(row)
             print_iteration(row, cached=all(r["cached"] for r in ran))
         summary = metrics.run_summary(params, history)
+        summary["report"] = report_task(params.layout.root)
         print_summary(summary)
         return summary
