@@ -32,6 +32,7 @@ def run(
     set_: Optional[List[str]] = SET,
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -42,14 +43,15 @@ def run(
     from tasks.store import StageError
 
     try:
-        dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations)
+        dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,
+                preset=preset)
     except (ParamsError, StageError) as exc:
         _fail(exc)
 
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="prepare | sample | reward | advantage | filter | learn | evaluate"),
+    name: str = typer.Argument(..., help="prepare | sample | reward | advantage | filter | reference | learn | evaluate"),
     iteration: int = typer.Option(0, "--iteration", "-i", help="iteration (-1 = the base policy, for evaluate)"),
     force: bool = typer.Option(False, "--force", "-f", help="rerun even if the stage's output is up to date"),
     params: Path = PARAMS,

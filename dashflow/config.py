@@ -15,7 +15,28 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-STAGES = ("prepare", "sample", "reward", "advantage", "filter", "learn", "evaluate")
+STAGES = ("prepare", "sample", "reward", "advantage", "filter", "reference", "learn", "evaluate")
+
+# The DASH paper's arms, selectable with `run.preset` (or `--preset`). A preset sets every
+# knob its arm is about, on top of params.yaml; `--set` overrides still win over it.
+_ARM = {"sample.batching": "packed", "filter.enabled": True, "learn.mode": "rl", "learn.update": "multi",
+        "learn.steps": 1, "learn.kl_coef": 0.0}
+PRESETS: dict[str, dict] = {
+    # standard GRPO: one prompt group per generation call, one optimizer step per group, KL, no filter
+    "grpo": {**_ARM, "sample.batching": "per_group", "learn.update": "per_group", "learn.kl_coef": 0.04,
+             "filter.enabled": False},
+    # preemptive sampling alone: one large sampled batch, accumulated micro-batches, one step, KL, no filter
+    "preemptive": {**_ARM, "learn.kl_coef": 0.04, "filter.enabled": False},
+    # DASH: preemptive sampling + gradient filtering, K = 1, with the paper's KL term
+    "dash": {**_ARM, "learn.kl_coef": 0.04},
+    # DASH without KL (the paper's best arm; params.yaml's defaults)
+    "dash-nokl": dict(_ARM),
+    # PPO-style off-policy updates on each sampled batch: K = 3 passes / K = 3 mini-batches
+    "multi": {**_ARM, "learn.kl_coef": 0.04, "learn.update": "multi", "learn.steps": 3},
+    "mini": {**_ARM, "learn.kl_coef": 0.04, "learn.update": "mini", "learn.steps": 3},
+    # SFT on the dataset's reference solutions (the paper's SFT-H), same prompts and micro-batching
+    "sft": {**_ARM, "learn.mode": "sft"},
+}
 
 
 class ParamsError(ValueError):
@@ -44,6 +65,14 @@ def _set_dotted(tree: dict, key: str, value: Any, known: Mapping | None) -> None
     node[parts[-1]] = value
 
 
+def _items(overrides: Iterable[str] | Mapping | None) -> list[tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    return [o if isinstance(o, tuple) else _parse_override(o) for o in overrides]
+
+
 @dataclass
 class Params:
     """All parameters of a run: the YAML tree plus per-iteration stage overrides."""
@@ -57,14 +86,20 @@ class Params:
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
         tree = yaml.safe_load(path.read_text()) or {}
-        return cls(tree, {}).with_overrides(overrides)
+        items = _items(overrides)
+        preset = dict(items).get("run.preset", (tree.get("run") or {}).get("preset"))
+        base = cls(tree, {})
+        if preset:
+            if preset not in PRESETS:
+                raise ParamsError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            base = base.with_overrides(PRESETS[preset])
+        return base.with_overrides(items)
 
     def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":
         tree, scoped = copy.deepcopy(self.tree), copy.deepcopy(self.scoped)
         if overrides is None:
             return Params(tree, scoped)
-        items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
-        for key, value in items:
+        for key, value in _items(overrides):
             head, _, rest = key.partition(".")
             if "@" in head:
                 stage, _, it = head.partition("@")
@@ -123,7 +158,8 @@ class RunLayout:
         return self.base / "eval" if i < 0 else self.iteration(i) / "eval"
 
     def stage_dir(self, stage: str, i: int) -> Path:
-        names = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept"}
+        names = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept",
+                 "reference": "reference"}
         if stage in names:
             return self.iteration(i) / names[stage]
         if stage == "learn":

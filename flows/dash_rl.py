@@ -3,6 +3,8 @@
     policy_i --> sample --> rollouts --> reward --> rewarded --> advantage --> advantaged
                                                                                    |
     policy_i+1 <-- learn (micro-batches, grad accumulation) <-- kept <-- filter <--+
+                     |                        ^
+                     |                        +-- reference (only with a KL penalty)
                      +--> evaluate (every k iterations, the base model and the last)
 
 Every stage is a Prefect task named `stage[iter=i]` whose output directory carries a
@@ -21,12 +23,13 @@ from prefect.cache_policies import NO_CACHE
 from dashflow.config import Params, parse_stage_ref
 from dashflow.console import print_iteration, print_summary
 from dashflow.report import write_report
-from tasks import metrics, store
+from tasks import metrics, reference, store
 from tasks.advantage import advantage_task
 from tasks.evaluate import evaluate_task, is_due
 from tasks.filter import filter_task
 from tasks.learn import learn_task
 from tasks.prepare import prepare_task
+from tasks.reference import reference_task
 from tasks.reward import reward_task
 from tasks.sample import sample_task
 
@@ -47,8 +50,9 @@ def dash_rl(
     overrides: dict | None = None,
     rerun: list[str] | None = None,
     iterations: int | None = None,
+    preset: str | None = None,
 ) -> dict:
-    params = Params.load(params_path, overrides)
+    params = Params.load(params_path, {**(overrides or {}), **({"run.preset": preset} if preset else {})})
     if iterations is not None:
         params = params.with_overrides({"run.iterations": iterations})
     forced = {parse_stage_ref(r) for r in (rerun or [])}
@@ -69,8 +73,10 @@ def dash_rl(
                 reward_task(params, i, force=force("reward", i)),
                 advantage_task(params, i, force=force("advantage", i)),
                 filter_task(params, i, force=force("filter", i)),
-                learn_task(params, i, force=force("learn", i)),
             ]
+            if reference.needed(params, i):  # KL penalty on: the frozen base model scores the kept rows
+                ran.append(reference_task(params, i, force=force("reference", i)))
+            ran.append(learn_task(params, i, force=force("learn", i)))
             fresh = not any(r["cached"] for r in ran)
             wall = time.perf_counter() - started
             if is_due(i, every, n - 1):

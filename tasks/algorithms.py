@@ -1,14 +1,20 @@
 """Algorithm math as small pure tensor functions, registered by name.
 
-Stages pick these from params by name (`advantage.estimator: grpo`); nothing here
-knows about files, Prefect or models. Shapes are in the docstrings: G = group size
-(samples per prompt), B = sequences in a micro-batch, T = completion tokens.
+Stages pick these from params by name (`advantage.estimator: grpo`,
+`learn.loss_agg: token_mean`, `learn.kl_estimator: k3`); nothing here knows about files,
+Prefect or models. Shapes are in the docstrings: G = group size (samples per prompt),
+B = sequences in a micro-batch, T = completion tokens.
 
-Deliberate simplifications (as in DASH's reference code, with K=1 and no KL):
-- on-policy, one optimizer step per sampled batch, so the policy-gradient loss uses
-  log-probs directly (the PPO ratio is identically 1 and its clipping never triggers);
-- no KL penalty (DASH: dropping it gives shorter answers and higher accuracy);
-- token-level normalisation: every kept completion token in the iteration weighs the same.
+The learner's per-token loss is built from these pieces:
+
+    loss_bt = max(-A_b r_bt, -A_b clip(r_bt, 1 - eps_low, 1 + eps_high)) * w_bt + beta * KL_bt
+    r_bt = exp(logp_bt - old_logp_bt)                       (PPO ratio; 1 when on-policy)
+    w_bt = min(exp(old_logp_bt - sampler_logp_bt), cap)     (truncated IS, optional)
+    KL_bt = k1 or k3 estimate of KL(policy || reference)    (optional, off by default)
+
+and reduced over the optimizer batch by one of the LOSS_AGGREGATIONS. With one optimizer
+step per sampled batch (DASH, K = 1) old_logp = logp.detach(), so r = 1, clipping never
+triggers and the gradient is exactly plain policy gradient.
 """
 
 from __future__ import annotations
@@ -18,20 +24,13 @@ from typing import Callable
 import torch
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
-POLICY_LOSSES: dict[str, Callable] = {}
+LOSS_AGGREGATIONS: dict[str, Callable] = {}
+KL_ESTIMATORS: dict[str, Callable] = {}
 
 
-def register_advantage(name: str):
+def _register(registry: dict[str, Callable], name: str):
     def wrap(fn):
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
-
-
-def register_loss(name: str):
-    def wrap(fn):
-        POLICY_LOSSES[name] = fn
+        registry[name] = fn
         return fn
 
     return wrap
@@ -56,7 +55,7 @@ def _group_stats(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-@register_advantage("grpo")
+@_register(ADVANTAGE_ESTIMATORS, "grpo")
 def grpo_advantage(rewards: torch.Tensor, epsilon: float = 1e-6):
     """GRPO / DASH: A = (r - mean_group) / (std_group + epsilon)."""
     mean, std = _group_stats(rewards)
@@ -64,14 +63,14 @@ def grpo_advantage(rewards: torch.Tensor, epsilon: float = 1e-6):
     return adv, mean, std
 
 
-@register_advantage("drgrpo")
+@_register(ADVANTAGE_ESTIMATORS, "drgrpo")
 def drgrpo_advantage(rewards: torch.Tensor, epsilon: float = 1e-6):
     """Dr.GRPO: A = r - mean_group (no std scaling, which biases towards easy/hard groups)."""
     mean, std = _group_stats(rewards)
     return rewards - mean[:, None], mean, std
 
 
-@register_advantage("rloo")
+@_register(ADVANTAGE_ESTIMATORS, "rloo")
 def rloo_advantage(rewards: torch.Tensor, epsilon: float = 1e-6):
     """RLOO: A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_group); 0 for G = 1."""
     mean, std = _group_stats(rewards)
@@ -102,6 +101,26 @@ def pack_by_tokens(lengths: list[int], token_budget: int, max_rows: int | None =
     return out
 
 
+def plan_steps(groups: list[str], update: str, steps: int) -> list[list[int]]:
+    """Row indices of each optimizer step over one sampled batch (rows listed group by group).
+
+    multi: `steps` passes over all rows (PPO epochs; the paper's "Multi")
+    mini: the groups split into `steps` contiguous mini-batches of whole groups ("Mini")
+    per_group: one step per prompt group (standard GRPO)
+    """
+    order: list[str] = list(dict.fromkeys(groups))
+    members = {g: [i for i, x in enumerate(groups) if x == g] for g in order}
+    if update == "multi":
+        return [list(range(len(groups))) for _ in range(max(steps, 1))]
+    if update == "per_group":
+        return [members[g] for g in order]
+    if update == "mini":
+        k = max(1, min(steps, len(order)))
+        cuts = [round(j * len(order) / k) for j in range(k + 1)]
+        return [[i for g in order[cuts[j]:cuts[j + 1]] for i in members[g]] for j in range(k)]
+    raise ValueError(f"unknown learn.update {update!r}; choose multi, mini or per_group")
+
+
 # ---------------------------------------------------------------- gradient filter
 
 
@@ -123,14 +142,79 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.gather(torch.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-@register_loss("token_mean")
 def policy_gradient_loss(
     logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, normalizer: float
 ) -> torch.Tensor:
-    """Token-level REINFORCE loss: -sum_{b,t} A_b * logp_{b,t} * mask_{b,t} / normalizer.
+    """Plain token-level REINFORCE loss: -sum_{b,t} A_b * logp_{b,t} * mask_{b,t} / normalizer.
 
-    logprobs [B, T], advantages [B], mask [B, T] (1 on completion tokens), normalizer =
-    completion tokens in the whole optimizer batch, so that summing the micro-batch
-    losses (gradient accumulation) gives the token mean over the batch.
+    logprobs [B, T], advantages [B], mask [B, T] (1 on completion tokens). The reference
+    the clipped objective must reduce to when K = 1 (tested).
     """
     return -(advantages[:, None] * logprobs * mask).sum() / normalizer
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of the (temperature-scaled) next-token distribution. [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO clipped objective per token, as a loss (to minimise), with DAPO's clip-higher.
+
+    logprobs, old_logprobs [B, T], advantages [B] -> (loss [B, T], clipped [B, T] bool).
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp);
+    `clipped` marks tokens where the clipped branch is taken (zero gradient there).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+@_register(KL_ESTIMATORS, "k1")
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi(x) - log pi_ref(x): unbiased per-token estimate of KL(pi || pi_ref), can be < 0."""
+    return logprobs - ref_logprobs
+
+
+@_register(KL_ESTIMATORS, "k3")
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(d) - d - 1 with d = log pi_ref(x) - log pi(x): unbiased, always >= 0 (GRPO's choice)."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1.0
+
+
+def tis_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights for the sampler/learner mismatch:
+    min(exp(logp_learner - logp_sampler), cap), no gradient. [B, T] -> [B, T]."""
+    return torch.clamp(torch.exp(learner_logprobs.detach() - sampler_logprobs), max=cap)
+
+
+# ---------------------------------------------------------------- loss aggregation
+# Each reduces a per-token loss [B, T] over completion tokens (mask [B, T]) of one
+# micro-batch, normalised by constants of the whole optimizer batch (num_sequences
+# rows, num_tokens completion tokens), so summing the micro-batch results (gradient
+# accumulation) gives the aggregate over the optimizer batch exactly.
+
+
+@_register(LOSS_AGGREGATIONS, "token_mean")
+def token_mean(per_token, mask, *, num_sequences: int, num_tokens: int, max_new_tokens: int) -> torch.Tensor:
+    """Every completion token of the batch weighs the same: sum(loss * mask) / num_tokens (DAPO, DASH)."""
+    return (per_token * mask).sum() / num_tokens
+
+
+@_register(LOSS_AGGREGATIONS, "seq_mean")
+def seq_mean(per_token, mask, *, num_sequences: int, num_tokens: int, max_new_tokens: int) -> torch.Tensor:
+    """Original GRPO: mean over tokens within each sequence, then mean over sequences."""
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return per_seq.sum() / num_sequences
+
+
+@_register(LOSS_AGGREGATIONS, "constant")
+def constant_norm(per_token, mask, *, num_sequences: int, num_tokens: int, max_new_tokens: int) -> torch.Tensor:
+    """Dr.GRPO: sum(loss * mask) / (num_sequences * max_new_tokens), a length-independent constant."""
+    return (per_token * mask).sum() / (num_sequences * max_new_tokens)

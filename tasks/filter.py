@@ -20,7 +20,9 @@ from tasks import algorithms, schema, store
 from tasks.prefecting import stage_task
 
 
-def keep_rows(table: pa.Table, threshold: float) -> pa.Table:
+def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Table:
+    if not enabled:  # standard GRPO: the learner sees every row, zero-advantage ones included
+        return table
     advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
     mask = algorithms.filter_mask(advantages, threshold)
     return table.filter(pa.array(mask.tolist(), pa.bool_()))
@@ -34,12 +36,13 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows_in = kept = 0
-        transform = lambda table, path: keep_rows(table, cfg["threshold"])  # noqa: E731
+        transform = lambda table, path: keep_rows(table, cfg["threshold"], cfg["enabled"])  # noqa: E731
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
-                          "dropped": {f"abs_advantage_le_{cfg['threshold']}": rows_in - kept}}}
+                          "dropped": {f"abs_advantage_le_{cfg['threshold']}" if cfg["enabled"] else "filter_disabled":
+                                      rows_in - kept}}}
 
     return store.run_stage(
         "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},

@@ -14,15 +14,21 @@ import os
 from pathlib import Path
 
 from dashflow.config import Params
-from tasks import store
+from tasks import reference, store
 
 TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
+LEARNER_METRICS = ("loss", "grad_norm", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
+                   "sampler_mismatch", "tis_weight", "kl_to_reference", "optimizer_steps")
 
 
 def iteration_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:
     layout = params.layout
     m = {s: store.require_output(layout.stage_dir(s, iteration), needed_by=f"metrics@{iteration}") for s in TRAIN_STAGES}
+    if reference.needed(params, iteration):
+        m["reference"] = store.require_output(layout.stage_dir("reference", iteration), needed_by=f"metrics@{iteration}")
     work = {k: m[s].timing.get("work_s", 0.0) for k, s in (("sampling", "sample"), ("reward", "reward"), ("learner", "learn"))}
+    # the reference forward pass is learner-side work (GRPO's baseline pays it too)
+    work["learner"] += m["reference"].timing.get("work_s", 0.0) if "reference" in m else 0.0
     stage_total = sum(x.timing.get("total_s", 0.0) for x in m.values())
     orchestration = max(wall_s - stage_total, 0.0) if wall_s is not None else 0.0
     out = {
@@ -34,8 +40,7 @@ def iteration_metrics(params: Params, iteration: int, wall_s: float | None = Non
         "rows": m["sample"].stats["rows"],
         "mixed_group_fraction": m["advantage"].stats["mixed_group_fraction"],
         "updated": m["learn"].stats.get("updated", True),
-        "loss": m["learn"].stats.get("loss"),
-        "grad_norm": m["learn"].stats.get("grad_norm"),
+        "learner": {k: m["learn"].stats.get(k) for k in LEARNER_METRICS},
         "time": {**work, "overhead": stage_total - sum(work.values()) + orchestration,
                  "total": stage_total + orchestration},
     }

@@ -142,3 +142,56 @@ def stop_token_ids(tokenizer, model) -> list[int]:
         elif source:
             ids.update(source)
     return sorted(ids)
+
+
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Right-padded input_ids [B, L], attention [B, L], targets [B, L-1], completion mask [B, L-1].
+
+    Position t of targets/mask is the token predicted from position t, so a completion's
+    tokens sit at [len(prompt) - 1, len(prompt) + len(completion) - 1).
+    """
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+        attention[b, : len(p) + len(c)] = 1
+        mask[b, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+    return input_ids, attention, input_ids[:, 1:], mask
+
+
+def place(values: list[list[float]], prompts: list[list[int]], width: int) -> torch.Tensor:
+    """Per-completion-token values (e.g. log-probs) laid out like `collate`'s mask. -> [B, width]."""
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for b, (v, p) in enumerate(zip(values, prompts)):
+        if v:
+            out[b, len(p) - 1 : len(p) - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+def take(values: torch.Tensor, mask: torch.Tensor, prompts: list[list[int]]) -> list[list[float]]:
+    """Inverse of `place`: the completion-token values of each row of a [B, width] tensor."""
+    return [row[len(p) - 1 : len(p) - 1 + int(m.sum())].tolist() for row, m, p in zip(values, mask, prompts)]
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], *, pad_id: int,
+                        temperature: float, token_budget: int, desc: str) -> list[list[float]]:
+    """Log-prob of every completion token under `model` (no gradient), batched by a token budget."""
+    from tqdm.auto import tqdm
+
+    from tasks.algorithms import pack_by_tokens, token_logprobs
+
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in prompts]
+    batches = pack_by_tokens([len(p) + len(c) for p, c in zip(prompts, completions)], token_budget)
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+        ps = [prompts[i] for i in idx]
+        input_ids, attention, targets, mask = collate(ps, [completions[i] for i in idx], pad_id)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+        lp = token_logprobs(logits, targets.to(device), temperature).cpu()
+        for i, row in zip(idx, take(lp, mask, ps)):
+            out[i] = row
+    return out

@@ -91,6 +91,16 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def sft_target(solution: str | None, answer: str) -> str:
+    """The completion SFT trains on: the worked solution, ending in the answer format the
+    reward checks (\\boxed{}); the bare answer when the dataset has no solution."""
+    solution = (solution or "").strip()
+    if last_boxed(solution) is not None:
+        return solution
+    tail = f"The answer is \\boxed{{{answer}}}."
+    return f"{solution}\n\n{tail}" if solution else tail
+
+
 def gsm8k_final(answer: str) -> str | None:
     """`... #### 1,234` -> `1234`."""
     if "####" not in answer:

@@ -49,7 +49,11 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         sampler, tokenizer = samplers.make_sampler(
             cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
             dtype=params["model"]["dtype"], token_budget=cfg["token_budget"], max_batch_size=cfg["max_batch_size"],
+            group_size=cfg["samples_per_prompt"] if cfg["batching"] == "per_group" else None,
         )
+        if cfg["batching"] not in ("packed", "per_group"):
+            raise store.StageError(f"sample@{iteration}: unknown sample.batching {cfg['batching']!r}; "
+                                   "choose packed or per_group")
         chosen = iteration_prompts(read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"], seed)
         g = cfg["samples_per_prompt"]
         prompt_ids = [policy_mod.chat_prompt(tokenizer, row["prompt"]) for row in chosen]

@@ -50,16 +50,21 @@ def _cut(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
 
 
 class HFSampler:
-    def __init__(self, model, tokenizer, stop_ids: list[int], *, token_budget: int, max_batch_size: int):
+    def __init__(self, model, tokenizer, stop_ids: list[int], *, token_budget: int, max_batch_size: int,
+                 group_size: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
         self.pad_id = tokenizer.pad_token_id
         self.token_budget = token_budget
         self.max_batch_size = max_batch_size
+        self.group_size = group_size  # set: one prompt group per generation call (standard GRPO)
 
     def batches(self, prompts: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Indices of prompts per generation batch: similar lengths together, token-budgeted."""
+        """Indices of prompts per generation batch: similar lengths together, token-budgeted;
+        or consecutive groups of `group_size` requests when sampling one group per call."""
+        if self.group_size:
+            return [list(range(s, min(s + self.group_size, len(prompts)))) for s in range(0, len(prompts), self.group_size)]
         lengths = [len(p) + max_new_tokens for p in prompts]
         return pack_by_tokens(lengths, self.token_budget, self.max_batch_size)
 
@@ -128,7 +133,7 @@ class VLLMSampler:
 
 
 def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: str, token_budget: int,
-                 max_batch_size: int) -> tuple[Sampler, object]:
+                 max_batch_size: int, group_size: int | None = None) -> tuple[Sampler, object]:
     """(sampler, tokenizer) for the policy checkpoint at model_path."""
     from tasks.policy import load_model, load_tokenizer, stop_token_ids
 
@@ -136,7 +141,8 @@ def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: 
     if backend == "hf":
         model = load_model(model_path, device, dtype)
         return HFSampler(model, tokenizer, stop_token_ids(tokenizer, model),
-                         token_budget=token_budget, max_batch_size=max_batch_size), tokenizer
+                         token_budget=token_budget, max_batch_size=max_batch_size,
+                         group_size=group_size), tokenizer
     if backend == "vllm":
         try:
             import vllm  # noqa: F401

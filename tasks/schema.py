@@ -59,6 +59,10 @@ ADVANTAGED = pa.schema(
 
 KEPT = ADVANTAGED
 
+# kept rows + the frozen reference policy's log-prob of each completion token (only
+# written when the learner's KL penalty is on, so the reference forward pass runs once)
+REFERENCED = pa.schema(list(KEPT) + [("ref_logprobs", pa.list_(pa.float32()))])
+
 EVAL = pa.schema(
     [
         ("prompt_id", pa.string()),

@@ -34,3 +34,16 @@ def test_stage_refs():
     assert parse_stage_ref("prepare") == ("prepare", None)
     with pytest.raises(ParamsError):
         parse_stage_ref("filtr@2")
+
+
+def test_preset_fills_parameters_and_explicit_overrides_win():
+    grpo = Params.load(ROOT / "params.yaml", {"run.preset": "grpo"})
+    assert grpo["sample"]["batching"] == "per_group" and grpo["learn"]["update"] == "per_group"
+    assert grpo["learn"]["kl_coef"] == 0.04 and grpo["filter"]["enabled"] is False
+    assert grpo["learn"]["lr"] == Params.load(ROOT / "params.yaml")["learn"]["lr"]  # untouched knobs stay
+    mine = Params.load(ROOT / "params.yaml", ["run.preset=grpo", "learn.kl_coef=0.01"])
+    assert mine["learn"]["kl_coef"] == 0.01 and mine["sample"]["batching"] == "per_group"
+    multi = Params.load(ROOT / "params.yaml", {"run.preset": "multi"})
+    assert (multi["learn"]["steps"], multi["learn"]["update"]) == (3, "multi")
+    with pytest.raises(ParamsError, match="unknown preset 'ppo'.*grpo"):
+        Params.load(ROOT / "params.yaml", {"run.preset": "ppo"})

@@ -86,3 +86,12 @@ def test_invalid_json_line_is_named(tmp_path):
 def test_last_boxed_nested_braces():
     assert problems.last_boxed("\\boxed{1} then \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     assert problems.last_boxed("nothing") is None
+
+
+def test_sft_target_ends_in_the_checked_answer_format():
+    from tasks.problems import last_boxed, sft_target
+
+    assert sft_target("2 + 3 = 5. The answer is \\boxed{5}.", "5") == "2 + 3 = 5. The answer is \\boxed{5}."
+    gsm = sft_target("She has 3 + 4 = 7 apples.", "7")  # GSM8K: worked answer without the '#### 7' line
+    assert gsm == "She has 3 + 4 = 7 apples.\n\nThe answer is \\boxed{7}." and last_boxed(gsm) == "7"
+    assert sft_target(None, "12") == "The answer is \\boxed{12}."

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_params
-from tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reward, sample, schema, store
+from tasks import policy as policy_mod
+from tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +113,7 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
 
 
 def _policy_logprob(model, prompt_ids, completion_ids):
-    ids, att, tgt, mask = learn.collate([prompt_ids], [completion_ids], 2)
+    ids, att, tgt, mask = policy_mod.collate([prompt_ids], [completion_ids], 2)
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
     return float((lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask).sum())
@@ -187,3 +188,71 @@ def test_evaluate_base_greedy_and_sampled(run0):
     assert greedy.num_rows == 4
     assert m.stats["greedy_accuracy"] == pytest.approx(sum(greedy.column("correct").to_pylist()) / 4)
     assert evaluate.run(params, -1).cached
+
+
+def _fork(src_params, params, iteration_stages=("sample", "reward", "advantage", "filter")):
+    """Give `params`' run the prepared base and iteration 0's outputs of the run0 fixture (hard links)."""
+    for name in ("policy", "prompts"):
+        for f in (src_params.layout.base / name).iterdir():
+            store.link_or_copy(f, params.layout.base / name / f.name)
+    for s in iteration_stages:
+        for f in src_params.layout.stage_dir(s, 0).iterdir():
+            store.link_or_copy(f, params.layout.stage_dir(s, 0) / f.name)
+
+
+def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
+    """At iteration 0 the sampler *is* the base model, so the reference log-probs must match
+    the sampler's log-probs token for token (up to batching numerics)."""
+    src_params, m = run0
+    params = tiny_params(tmp_path, **{"learn.kl_coef": 0.04})
+    _fork(src_params, params)
+    assert reference.needed(params, 0) and not reference.needed(src_params, 0)
+    ref_m = reference.run(params, 0)
+    table = store.read_stage(params.layout.stage_dir("reference", 0), schema.REFERENCED, stage="test")
+    assert table.num_rows == m["filter"].stats["rows_kept"] == ref_m.stats["rows"] > 0
+    diffs = []
+    for row in table.to_pylist():
+        assert len(row["ref_logprobs"]) == len(row["completion_token_ids"])
+        diffs += [abs(a - b) for a, b in zip(row["ref_logprobs"], row["sampler_logprobs"])]
+    assert max(diffs) < 1e-3, max(diffs)
+    lm = learn.run(params, 0)
+    assert lm.stats["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
+    assert lm.stats["sampler_mismatch"] < 1e-3
+
+
+def test_learn_with_three_passes_goes_off_policy(tmp_path, run0):
+    src_params, m = run0
+    params = tiny_params(tmp_path, **{"learn.steps": 3, "learn.update": "multi", "learn.lr": 1e-4})
+    _fork(src_params, params)
+    stats = learn.run(params, 0).stats
+    assert stats["optimizer_steps"] == 3 and stats["rows"] == m["filter"].stats["rows_kept"]
+    # the first pass is on-policy (KL 0), the next two are not: the mean over passes is > 0
+    assert stats["approx_kl_to_sampling"] > 0 and 0 <= stats["clip_fraction"] <= 1
+    assert stats["sampler_mismatch"] < 1e-3  # old log-probs (learner) vs sampler log-probs, same weights
+    one_params = tiny_params(tmp_path / "one", **{"learn.lr": 1e-4})
+    _fork(src_params, one_params)
+    one = learn.run(one_params, 0)
+    assert one.stats["optimizer_steps"] == 1 and one.stats["approx_kl_to_sampling"] == pytest.approx(0.0, abs=1e-7)
+    assert one.stats["clip_fraction"] == 0.0
+    a = load_file(params.layout.policy(0) / "model.safetensors")
+    b = load_file(one_params.layout.policy(0) / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_learns_the_reference_solutions(tmp_path, run0):
+    from transformers import AutoModelForCausalLM
+
+    from tasks import policy, problems
+
+    src_params, _ = run0
+    params = tiny_params(tmp_path, **{"learn.mode": "sft", "learn.lr": 1e-4})
+    _fork(src_params, params, iteration_stages=())
+    stats = learn.run(params, 0).stats
+    assert stats["mode"] == "sft" and stats["rows"] == 4 and stats["optimizer_steps"] == 1
+    tok = policy.load_tokenizer(params.layout.policy(-1))
+    row = sample.iteration_prompts(prepare.read_prompts(params, "train"), 0, 4, 0)[0]
+    target = tok(problems.sft_target(row["solution"], row["answer"]), add_special_tokens=False)["input_ids"]
+    prompt = policy.chat_prompt(tok, row["prompt"])
+    nll = [-_policy_logprob(AutoModelForCausalLM.from_pretrained(params.layout.policy(i)), prompt, target)
+           for i in (-1, 0)]
+    assert nll[1] < nll[0], nll

@@ -1,0 +1,54 @@
+"""Each of the DASH paper's arms, selected by `preset`, runs through the real flow on the
+tiny config and writes the metrics that tell the arms apart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, TINY
+from dashflow.config import PRESETS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
+    from flows.dash_rl import dash_rl
+
+    overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": preset})
+    state = dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=1, preset=preset,
+                    return_state=True)
+    assert state.is_completed()
+    run = tmp_path / preset
+    m = json.loads((run / "iter-0000" / "metrics.json").read_text())
+    lm = m["learner"]
+    sample = json.loads((run / "iter-0000" / "rollouts" / "_manifest.json").read_text())["stats"]
+    cfg = PRESETS[preset]
+    groups = TINY["sample.prompts_per_iteration"]
+    kept_rows = round(m["kept_fraction"] * m["rows"])
+    assert m["rows"] == groups * TINY["sample.samples_per_prompt"]
+    assert "eval" in m and (run / "report.png").exists()
+    assert sample["generation_batches"] == (groups if cfg["sample.batching"] == "per_group" else 1)
+    if not cfg["filter.enabled"]:
+        assert m["kept_fraction"] == 1.0
+    assert kept_rows > 0 and m["updated"] and lm["loss"] is not None
+    if cfg["learn.mode"] == "sft" or m["mixed_group_fraction"] > 0:
+        assert lm["grad_norm"] > 0
+    else:  # every group's rewards are equal: zero advantages, and the KL to the (identical) reference has zero slope
+        assert lm["grad_norm"] == 0.0 and lm["loss"] == 0.0
+    expected_steps = {"per_group": groups, "multi": cfg["learn.steps"],
+                      "mini": cfg["learn.steps"]}[cfg["learn.update"]]
+    if cfg["learn.update"] == "mini":  # mini-batches hold whole groups: at most one per kept group
+        expected_steps = min(expected_steps, kept_rows // TINY["sample.samples_per_prompt"])
+    assert lm["optimizer_steps"] == expected_steps
+    has_kl = cfg["learn.kl_coef"] > 0 and cfg["learn.mode"] == "rl"
+    assert (lm["kl_to_reference"] is not None) == has_kl
+    assert (run / "iter-0000" / "reference").exists() == has_kl
+    if cfg["learn.mode"] == "rl":
+        assert lm["sampler_mismatch"] < 1e-3 and lm["entropy"] > 0
+        if expected_steps > 1 and lm["grad_norm"] > 0:
+            assert lm["approx_kl_to_sampling"] > 0   # later steps are off-policy
+        else:
+            assert lm["clip_fraction"] == 0.0      # one on-policy step: the ratio is 1
