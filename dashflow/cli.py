@@ -33,6 +33,7 @@ def run(
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
     preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft"),
+    from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -44,8 +45,37 @@ def run(
 
     try:
         dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,
-                preset=preset)
+                preset=preset, from_stage=from_stage)
     except (ParamsError, StageError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    port: int = typer.Option(4200, help="port of the Prefect server (bound to 127.0.0.1)"),
+    pool: str = typer.Option("dashflow-local", help="process work pool the worker serves"),
+):
+    """Start a local Prefect server and a process worker; Ctrl-C stops both."""
+    from dashflow.serving import ServeError
+    from dashflow.serving import serve as _serve
+
+    try:
+        raise typer.Exit(_serve(port=port, pool=pool))
+    except ServeError as exc:
+        _fail(exc)
+
+
+@app.command()
+def deploy(
+    api_url: Optional[str] = typer.Option(None, "--api-url", help="Prefect API (default $PREFECT_API_URL or 127.0.0.1:4200)"),
+):
+    """Register the deployments in prefect.yaml (dash-rl/local, dash-eval/local) with the server."""
+    from dashflow.serving import ServeError
+    from dashflow.serving import deploy as _deploy
+
+    try:
+        raise typer.Exit(_deploy(Path.cwd(), api_url))
+    except ServeError as exc:
         _fail(exc)
 
 

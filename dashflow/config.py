@@ -39,6 +39,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The tiny configuration: every stage on the real model in seconds (tests, `bench/ --tiny`).
+TINY = {
+    "run.iterations": 2,
+    "task.num_train": 24,
+    "task.num_eval": 4,
+    "sample.prompts_per_iteration": 4,
+    "sample.samples_per_prompt": 3,
+    "sample.max_new_tokens": 12,
+    "sample.groups_per_shard": 2,
+    "sample.temperature": 1.0,
+    "filter.threshold": 0.1,
+    "learn.micro_batch_tokens": 256,
+    "evaluate.num_prompts": 4,
+    "evaluate.max_new_tokens": 12,
+    "evaluate.every": 2,
+}
+
+
 class ParamsError(ValueError):
     pass
 
@@ -181,3 +199,23 @@ def parse_stage_ref(ref: str) -> tuple[str, int | None]:
     if not sep or not it.lstrip("-").isdigit() or stage not in STAGES:
         raise ParamsError(f"stage reference {ref!r} must look like STAGE@ITERATION with STAGE in {STAGES}")
     return stage, int(it)
+
+
+def stage_sequence(iterations: int) -> list[tuple[str, int | None]]:
+    """Every stage of a run in execution order (reference and evaluate listed even where
+    they do not run; forcing a stage that does not run does nothing)."""
+    seq: list[tuple[str, int | None]] = [("prepare", None), ("evaluate", -1)]
+    for i in range(iterations):
+        seq += [(s, i) for s in STAGES if s != "prepare"]
+    return seq
+
+
+def stages_from(ref: str, iterations: int) -> set[tuple[str, int | None]]:
+    """`from_stage`: the named stage and every stage after it (`reward@2` -> reward@2,
+    advantage@2, ..., learn@2, evaluate@2, sample@3, ...)."""
+    start = parse_stage_ref(ref)
+    seq = stage_sequence(iterations)
+    if start not in seq:
+        raise ParamsError(f"from_stage {ref!r} is not a stage of this run ({iterations} iterations)")
+    return set(seq[seq.index(start):])
+

@@ -10,7 +10,9 @@
 Every stage is a Prefect task named `stage[iter=i]` whose output directory carries a
 manifest; a stage whose inputs, parameters and code are unchanged is skipped, so running
 the flow again resumes where it stopped. `rerun` forces named stages (`filter@2`);
-their downstream stages then rerun only if their inputs changed.
+their downstream stages then rerun only if their inputs changed. `from_stage` forces a
+stage and everything after it (`reward@2`). Each iteration publishes a Prefect table
+artifact with its metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from dashflow.config import Params, parse_stage_ref
+from dashflow.config import Params, parse_stage_ref, stages_from
 from dashflow.console import print_iteration, print_summary
 from dashflow.report import write_report
 from tasks import metrics, reference, store
@@ -36,7 +38,9 @@ from tasks.sample import sample_task
 
 @task(name="metrics", task_run_name="metrics[iter={iteration}]", cache_policy=NO_CACHE)
 def metrics_task(params: Params, iteration: int, wall_s: float | None) -> dict:
-    return metrics.write_metrics(params, iteration, wall_s)
+    row = metrics.write_metrics(params, iteration, wall_s)
+    metrics.publish_artifact(params, row)
+    return row
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -51,12 +55,13 @@ def dash_rl(
     rerun: list[str] | None = None,
     iterations: int | None = None,
     preset: str | None = None,
+    from_stage: str | None = None,
 ) -> dict:
     params = Params.load(params_path, {**(overrides or {}), **({"run.preset": preset} if preset else {})})
     if iterations is not None:
         params = params.with_overrides({"run.iterations": iterations})
-    forced = {parse_stage_ref(r) for r in (rerun or [])}
     n = params["run"]["iterations"]
+    forced = {parse_stage_ref(r) for r in (rerun or [])} | (stages_from(from_stage, n) if from_stage else set())
     every = params["evaluate"]["every"]
 
     def force(stage: str, i: int | None) -> bool:

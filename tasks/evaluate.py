@@ -26,13 +26,26 @@ def is_due(iteration: int, every: int, last: int) -> bool:
     return iteration < 0 or iteration == last or (every > 0 and (iteration + 1) % every == 0)
 
 
-def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
+def checkpoint_identity(path: Path) -> dict[str, str]:
+    """Content digest of a checkpoint directory that is not a stage output (any HF model dir)."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file())
+    return {"checkpoint": ",".join(f"{p.name}:{store.file_sha256(p)[:16]}" for p in files)}
+
+
+def run(params: Params, iteration: int | None, force: bool = False, policy: Path | None = None,
+        out: Path | None = None) -> store.Manifest:
+    """Evaluate the policy of `iteration` (-1 = base) into its eval directory, or, with
+    `policy` and `out`, any checkpoint directory into `out`."""
     layout = params.layout
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
     reward_cfg = params.stage("reward")
-    policy_dir = layout.policy(iteration)
-    label = f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base"
+    policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
+    out_dir = Path(out) if out is not None else layout.eval(iteration)
+    if policy is not None and not (policy_dir / "config.json").is_file():
+        raise store.StageError(f"evaluate: {policy_dir} is not a model checkpoint directory (no config.json)")
+    label = ("evaluate" if iteration is None else f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base")
+    stage_output = store.read_manifest(policy_dir) is not None
 
     def build(tmp: Path) -> dict:
         t0 = time.perf_counter()
@@ -62,8 +75,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
 
     return store.run_stage(
-        "evaluate", iteration, layout.eval(iteration),
-        inputs={"policy": policy_dir, "prompts": layout.base / "prompts"},
+        "evaluate", iteration, out_dir,
+        inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
+        extra_inputs=None if stage_output else checkpoint_identity(policy_dir),
         params={"evaluate": cfg, "sample": {k: sample_cfg[k] for k in ("backend", "temperature", "top_p")},
                 "reward": reward_cfg, "seed": params["run"]["seed"]},
         code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
@@ -71,4 +85,4 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
 
 # Evaluation only reads a checkpoint; retrying it is safe.
-evaluate_task = stage_task(run, "evaluate", retries=1)
+evaluate_task = stage_task(run, "evaluate")

@@ -64,6 +64,24 @@ def write_metrics(params: Params, iteration: int, wall_s: float | None = None) -
     return out
 
 
+def publish_artifact(params: Params, row: dict) -> None:
+    """A Prefect table artifact for the iteration (key `<run>-iter-<i>`): one row of metrics."""
+    import re
+
+    from prefect.artifacts import create_table_artifact
+
+    t, ev = row["time"], row.get("eval", {})
+    table = [{
+        "iteration": row["iteration"], "reward": round(row["reward_mean"], 4), "accuracy": round(row["accuracy"], 4),
+        "kept_fraction": round(row["kept_fraction"], 4), "mean_len": round(row["mean_completion_tokens"], 1),
+        **{f"{k}_s": round(t[k], 2) for k in ("sampling", "reward", "learner", "overhead", "total")},
+        **{f"eval_{k}": round(v, 4) for k, v in ev.items()},
+    }]
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{params['run']['name']}-iter-{row['iteration']}".lower())
+    create_table_artifact(table=table, key=key, description=f"dashflow run {params.layout.root}, "
+                                                           f"iteration {row['iteration']}")
+
+
 def base_eval(params: Params) -> dict | None:
     ev = store.read_manifest(params.layout.eval(-1))
     return None if ev is None else ev.stats

@@ -88,4 +88,4 @@ def run(params: Params, iteration: int | None = None, force: bool = False) -> st
     return prepare_prompts(params, force=force)
 
 
-prepare_task = stage_task(run, "prepare", retries=1)
+prepare_task = stage_task(run, "prepare")

@@ -62,4 +62,4 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
 
 # Scoring with a frozen model is idempotent; a retry is safe.
-reference_task = stage_task(run, "reference", retries=1)
+reference_task = stage_task(run, "reference")

@@ -136,4 +136,4 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     )
 
 
-reward_task = stage_task(run, "reward", retries=1)
+reward_task = stage_task(run, "reward")

@@ -102,4 +102,4 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
 
 # Sampling is idempotent (its output only lands when complete), so a retry is safe.
-sample_task = stage_task(run, "sample", retries=1)
+sample_task = stage_task(run, "sample")

@@ -8,29 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dashflow.config import Params
+from dashflow.config import TINY, Params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-# The tiny configuration: every stage runs on the real SmolLM2 model, in seconds.
-TINY = {
-    "run.iterations": 2,
-    "task.num_train": 24,
-    "task.num_eval": 4,
-    "sample.prompts_per_iteration": 4,
-    "sample.samples_per_prompt": 3,
-    "sample.max_new_tokens": 12,
-    "sample.groups_per_shard": 2,
-    "sample.temperature": 1.0,
-    "filter.threshold": 0.1,
-    "learn.micro_batch_tokens": 256,
-    "evaluate.num_prompts": 4,
-    "evaluate.max_new_tokens": 12,
-    "evaluate.every": 2,
-}
+# The tiny configuration (dashflow.config.TINY): every stage runs on the real SmolLM2 model, in seconds.
 
 
 def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:

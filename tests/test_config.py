@@ -47,3 +47,14 @@ def test_preset_fills_parameters_and_explicit_overrides_win():
     assert (multi["learn"]["steps"], multi["learn"]["update"]) == (3, "multi")
     with pytest.raises(ParamsError, match="unknown preset 'ppo'.*grpo"):
         Params.load(ROOT / "params.yaml", {"run.preset": "ppo"})
+
+
+def test_from_stage_is_that_stage_and_everything_after():
+    from dashflow.config import stages_from
+
+    got = stages_from("learn@0", 2)
+    assert ("learn", 0) in got and ("evaluate", 0) in got and ("sample", 1) in got and ("evaluate", 1) in got
+    assert not got & {("prepare", None), ("evaluate", -1), ("sample", 0), ("filter", 0), ("reference", 0)}
+    assert len(stages_from("prepare", 2)) == 2 + 2 * 7
+    with pytest.raises(ParamsError, match="not a stage of this run"):
+        stages_from("filter@5", 2)
