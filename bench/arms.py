@@ -19,7 +19,6 @@ a second invocation with the same root resumes them: pass a fresh --root to re-m
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import List, Optional
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, gpu_overrides, machine
 
 
 def _row(name: str, run: Path, iterations: int) -> dict:
@@ -75,12 +74,11 @@ def main(
     presets: str = typer.Option("grpo,preemptive,dash,dash-nokl,multi,mini,sft", help="comma-separated arms"),
     iterations: int = typer.Option(3, "--iterations", "-n"),
     tiny: bool = typer.Option(False, help="the tiny configuration (seconds per arm)"),
+    gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value for every arm"),
     root: Path = typer.Option(Path("data/bench/arms"), help="where the arms' runs live"),
     out: Path = typer.Option(Path("bench/results/arms.json"), help="JSON with the table's numbers"),
 ):
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from dashflow.config import PRESETS, TINY, _parse_override
     from flows.dash_rl import dash_rl
 
@@ -88,7 +86,7 @@ def main(
     unknown = [a for a in arms if a not in PRESETS]
     if unknown:
         raise typer.BadParameter(f"unknown arm(s) {unknown}; choose from {', '.join(PRESETS)}")
-    base = dict(TINY) if tiny else {}
+    base = dict(TINY) if tiny else gpu_overrides() if gpu else {}
     base.update(dict(_parse_override(s) for s in set_ or []))
     started = time.perf_counter()
     for i in range(iterations):  # interleaved: iteration i of every arm, then i + 1
@@ -99,10 +97,11 @@ def main(
     rows = [_row(arm, root / arm, iterations) for arm in arms]
     text = table(rows)
     typer.echo(f"\n{len(arms)} arms x {iterations} iterations in {time.perf_counter() - started:.0f} s "
-               f"({'tiny' if tiny else 'default'} config{', ' + ', '.join(set_) if set_ else ''})\n")
+               f"({'tiny' if tiny else 'default'} config{', ' + ', '.join(set_) if set_ else ''}; {machine()})\n")
     typer.echo(text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"iterations": iterations, "tiny": tiny, "overrides": base, "arms": rows}, indent=2))
+    out.write_text(json.dumps({"iterations": iterations, "tiny": tiny, "overrides": base, "machine": machine(),
+                               "arms": rows}, indent=2))
     typer.echo(f"\nwrote {out}")
 
 

@@ -190,3 +190,4 @@ def test_clear_errors_without_server_or_deployment(served):
     missing = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "dash-rl/nope"], cwd=ROOT,
                              env=served["env"], capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "not found" in missing.stdout + missing.stderr
+

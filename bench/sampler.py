@@ -1,0 +1,93 @@
+"""Benchmark: sampler efficiency -- generated tokens/s of the `sample` stage's sampler
+against a bare `model.generate` loop, at the same batch, prompts and lengths, over batch
+sizes. The curve that motivates preemptive sampling: throughput grows with the batch.
+
+    python bench/sampler.py                       # batch 1..64, 64 new tokens, CPU
+    python bench/sampler.py --batches 1,8,32,128  # any sizes (GPU: --device cuda)
+    python bench/sampler.py --tiny                # seconds; what CI runs
+
+The stage path is `tasks.samplers.HFSampler.generate` (left padding, the per-batch seed,
+the sampled tokens' log-probs from the processed scores); the bare loop is one
+`model.generate` call on the same left-padded batch with the same seed, without scores.
+Both count the tokens up to and including the first stop token. Model loading and Parquet
+writing are not in either number (bench/overhead.py measures those).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import typer
+
+from _common import arithmetic_prompts, base_policy_path, emit, gpu_overrides
+
+
+def bare_generate(model, tokenizer, prompts, stop_ids, *, max_new_tokens, temperature, seed) -> int:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        att[r, width - len(p):] = 1
+    device = next(model.parameters()).device
+    torch.manual_seed(seed * 100_003)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids))
+    tokens = 0
+    for row in out[:, width:].tolist():
+        stops = [i for i, t in enumerate(row) if t in stop_ids]
+        tokens += stops[0] + 1 if stops else len(row)
+    return tokens
+
+
+def main(
+    batches: str = typer.Option("1,2,4,8,16,32,64", help="comma-separated batch sizes"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.9),
+    reps: int = typer.Option(2, help="timed repetitions per size and path (median)"),
+    device: str = typer.Option("auto"),
+    tiny: bool = typer.Option(False, help="batch 1,2,4 and 8 new tokens"),
+    gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
+    out: Path = typer.Option(Path("bench/results/sampler.json")),
+):
+    from tasks import policy
+    from tasks.samplers import HFSampler
+
+    sizes = [1, 2, 4] if tiny else [int(b) for b in batches.split(",")]
+    max_new_tokens = 8 if tiny else max_new_tokens
+    cfg = gpu_overrides() if gpu else {"model.name": "embedded:smollm2-135m-instruct", "model.dtype": "float32"}
+    path = base_policy_path(cfg["model.name"])
+    dev = policy.pick_device("cuda" if gpu else device)
+    model, tokenizer = policy.load_model(path, dev, cfg["model.dtype"]), policy.load_tokenizer(path)
+    stops = set(policy.stop_token_ids(tokenizer, model))
+    all_prompts = arithmetic_prompts(tokenizer, max(sizes))
+    rows = []
+    for b in sizes:
+        prompts = all_prompts[:b]
+        sampler = HFSampler(model, tokenizer, sorted(stops), token_budget=10**9, max_batch_size=b)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+        sampler.generate(prompts[:1], top_p=1.0, desc="warm-up", **kw)
+        stage_t, bare_t, stage_tok, bare_tok = [], [], 0, 0
+        for _ in range(reps):  # alternate so drift hits both paths alike
+            t0 = time.perf_counter()
+            comps = sampler.generate(prompts, top_p=1.0, desc=f"batch {b}", **kw)
+            stage_t.append(time.perf_counter() - t0)
+            stage_tok = sum(len(c.token_ids) for c in comps)
+            t0 = time.perf_counter()
+            bare_tok = bare_generate(model, tokenizer, prompts, stops, **kw)
+            bare_t.append(time.perf_counter() - t0)
+        s, r = stage_tok / statistics.median(stage_t), bare_tok / statistics.median(bare_t)
+        rows.append([b, stage_tok, bare_tok, round(s, 1), round(r, 1), f"{100 * s / r:.0f}%"])
+        print(f"batch {b}: stage {s:.1f} tok/s, bare {r:.1f} tok/s", flush=True)
+    emit(f"Sampler throughput, {max_new_tokens} new tokens, T={temperature} ({dev})",
+         ["batch", "stage tokens", "bare tokens", "stage tok/s", "bare generate tok/s", "stage / bare"], rows, out)
+
+
+if __name__ == "__main__":
+    typer.run(main)
