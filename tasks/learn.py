@@ -180,7 +180,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                         tally.add("clip_fraction", (clipped.float() * mask).sum(), mask.sum())
                         tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp) * mask).sum(), mask.sum())
                     if old is None:
-                        _tally_mismatch(tally, [row for row in policy_mod.take(logp.detach().cpu(), mask.cpu(), ps)],
+                        _tally_mismatch(tally, policy_mod.take(logp.detach().cpu(), mask.cpu(), ps),
                                         [batch.sampler_logprobs[i] for i in idx])
                     if cfg["tis_cap"]:
                         weights = algorithms.tis_weights(old_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
