@@ -107,6 +107,41 @@ def stage(
 
 
 @app.command()
+def metrics(
+    iteration: int = typer.Option(..., "--iteration", "-i", help="the iteration whose metrics.json to write"),
+    params: Path = PARAMS,
+    set_: Optional[List[str]] = SET,
+):
+    """Write iter-i/metrics.json and the run's history.json from the stage outputs (DVC's metrics@i)."""
+    from dashflow.config import Params, ParamsError
+    from tasks import metrics as metrics_mod
+    from tasks.store import StageError
+
+    try:
+        row = metrics_mod.write_metrics(Params.load(params, _overrides(set_)), iteration)
+    except (ParamsError, StageError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps(row, indent=2, default=str))
+
+
+@app.command()
+def schedule(
+    iterations: int = typer.Argument(..., help="number of RL iterations"),
+    every: int = typer.Option(0, "--every", "-e", help="also evaluate every K-th iteration (the base and the last always)"),
+    params: Path = PARAMS,
+):
+    """Rewrite params.yaml's `schedule` (the iteration list the flow and dvc.yaml share)."""
+    from dashflow.config import ParamsError, make_schedule, write_schedule
+
+    try:
+        write_schedule(params, make_schedule(iterations, every=every))
+    except ParamsError as exc:
+        _fail(exc)
+    evaluated = ", ".join(k for k in make_schedule(iterations, every=every)["evaluate"])
+    typer.echo(f"{params}: {iterations} iterations; evaluated: {evaluated}")
+
+
+@app.command()
 def inspect(
     path: Path = typer.Argument(..., help="a stage output directory or a Parquet file"),
     where: Optional[str] = typer.Option(None, "--where", "-w", help='row filter, e.g. "reward < 0.5 and finish_reason == \'stop\'"'),

@@ -41,7 +41,7 @@ PRESETS: dict[str, dict] = {
 
 # The tiny configuration: every stage on the real model in seconds (tests, `bench/ --tiny`).
 TINY = {
-    "run.iterations": 2,
+    "run.iterations": 2,     # (rewrites the schedule: 2 iterations, evaluated: base and the last)
     "task.num_train": 24,
     "task.num_eval": 4,
     "sample.prompts_per_iteration": 4,
@@ -53,12 +53,67 @@ TINY = {
     "learn.micro_batch_tokens": 256,
     "evaluate.num_prompts": 4,
     "evaluate.max_new_tokens": 12,
-    "evaluate.every": 2,
 }
 
 
 class ParamsError(ValueError):
     pass
+
+
+def _reschedule(tree: dict, key: str, value: Any) -> dict:
+    """`run.iterations=N` keeps the evaluations that still exist and adds the last;
+    `evaluate.every=K` evaluates the base, every K-th and the last iteration."""
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ParamsError(f"override {key}={value!r}: expected an integer") from None
+    current = tree.get("schedule") or {}
+    n = len(current.get("iterations") or [])
+    if key == "run.iterations":
+        keep = [e["i"] for e in (current.get("evaluate") or {}).values() if e["i"] < n - 1 or e["i"] < 0]
+        return make_schedule(value, keep=keep)
+    return make_schedule(n, every=value)
+
+
+# ---------------------------------------------------------------- the schedule
+# `schedule:` in params.yaml is the one source of truth for how many iterations a run has
+# and which policies are evaluated; the flow and dvc.yaml (`foreach`) both read it.
+
+def iteration_dir(i: int) -> str:
+    return "base" if i < 0 else f"iter-{i:04d}"
+
+
+def make_schedule(iterations: int, every: int = 0, keep: Iterable[int] = ()) -> dict:
+    """The `schedule` section for `iterations` iterations. Evaluated: the base policy, every
+    `every`-th iteration, the last, and the iterations in `keep` that still exist."""
+    if iterations < 1:
+        raise ParamsError(f"a run needs at least 1 iteration, not {iterations}")
+    items = [{"i": i, "dir": iteration_dir(i), "policy": f"{iteration_dir(i - 1)}/policy"} for i in range(iterations)]
+    due = {-1, iterations - 1} | {i for i in keep if -1 <= i < iterations}
+    if every > 0:
+        due |= {i for i in range(iterations) if (i + 1) % every == 0}
+    evaluate = {("base" if i < 0 else str(i)): {"i": i, "dir": iteration_dir(i)} for i in sorted(due)}
+    return {"iterations": items, "evaluate": evaluate}
+
+
+def check_schedule(tree: dict, source: str = "params.yaml") -> None:
+    """Every schedule item must be the one `make_schedule` writes: dvc.yaml builds its stage
+    paths from these strings, so a hand edit that disagrees would split DVC from the flow."""
+    fix = "rewrite it with `dashflow schedule N --every K`"
+    sched = tree.get("schedule")
+    if not isinstance(sched, Mapping) or not isinstance(sched.get("iterations"), list) or not sched["iterations"]:
+        raise ParamsError(f"{source}: `schedule.iterations` must list the run's iterations; {fix}")
+    n = len(sched["iterations"])
+    expected = make_schedule(n)["iterations"]
+    for k, (item, want) in enumerate(zip(sched["iterations"], expected)):
+        if item != want:
+            raise ParamsError(f"{source}: schedule.iterations[{k}] is {item}, expected {want}; {fix}")
+    for name, item in (sched.get("evaluate") or {}).items():
+        i = item.get("i") if isinstance(item, Mapping) else None
+        want_name = "base" if i == -1 else str(i)
+        if not isinstance(i, int) or not -1 <= i < n or str(name) != want_name or item != {"i": i, "dir": iteration_dir(i)}:
+            raise ParamsError(f"{source}: schedule.evaluate.{name} is {item}; entries look like "
+                              f"'3': {{i: 3, dir: iter-0003}} for an iteration below {n}; {fix}")
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -111,13 +166,18 @@ class Params:
             if preset not in PRESETS:
                 raise ParamsError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
             base = base.with_overrides(PRESETS[preset])
-        return base.with_overrides(items)
+        params = base.with_overrides(items)
+        check_schedule(params.tree, str(path))
+        return params
 
     def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":
         tree, scoped = copy.deepcopy(self.tree), copy.deepcopy(self.scoped)
         if overrides is None:
             return Params(tree, scoped)
         for key, value in _items(overrides):
+            if key in ("run.iterations", "evaluate.every"):  # rewrite the schedule (its single source)
+                tree["schedule"] = _reschedule(tree, key, value)
+                continue
             head, _, rest = key.partition(".")
             if "@" in head:
                 stage, _, it = head.partition("@")
@@ -127,6 +187,14 @@ class Params:
             else:
                 _set_dotted(tree, key, value, self.tree)
         return Params(tree, scoped)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.tree["schedule"]["iterations"])
+
+    def evaluated(self, iteration: int) -> bool:
+        """Whether the schedule evaluates the policy of `iteration` (-1 = base)."""
+        return any(e["i"] == iteration for e in (self.tree["schedule"].get("evaluate") or {}).values())
 
     def __getitem__(self, section: str) -> dict:
         return self.tree[section]
@@ -219,3 +287,44 @@ def stages_from(ref: str, iterations: int) -> set[tuple[str, int | None]]:
         raise ParamsError(f"from_stage {ref!r} is not a stage of this run ({iterations} iterations)")
     return set(seq[seq.index(start):])
 
+
+
+SCHEDULE_HEADER = """\
+# The schedule: the one source of truth for how many iterations a run has. The flow runs
+# exactly these iterations and dvc.yaml makes its stages from them (`foreach`), so the two
+# never disagree. Iteration i samples with `policy` (the policy written by iteration i-1).
+# `evaluate` lists the policies evaluated on the held-out prompts (stage evaluate@NAME).
+# Rewrite this section with `dashflow schedule N --every K`; `dvc repro` then runs only
+# the new stages. `--iterations N` / `--set run.iterations=N` change it for one run.
+"""
+
+
+def render_schedule(schedule: dict) -> str:
+    lines = [SCHEDULE_HEADER.rstrip("\n"), "schedule:", "  iterations:"]
+    lines += [f"    - {{i: {it['i']}, dir: {it['dir']}, policy: {it['policy']}}}" for it in schedule["iterations"]]
+    lines.append("  evaluate:")
+    lines += [f"    {name if name == 'base' else repr(str(name))}: {{i: {e['i']}, dir: {e['dir']}}}"
+              for name, e in schedule["evaluate"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_schedule(path: str | Path, schedule: dict) -> None:
+    """Replace the `schedule:` section of a params file (and its comment header), keeping
+    every other line and comment as it is; append it where the file has none."""
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((k for k, line in enumerate(lines) if line.startswith("schedule:")), None)
+    if start is None:
+        text = "".join(lines).rstrip("\n") + "\n\n" + render_schedule(schedule)
+    else:
+        end = next((k for k in range(start + 1, len(lines)) if lines[k].strip() and not lines[k][0].isspace()
+                    and not lines[k].startswith("#")), len(lines))
+        header = start
+        while header > 0 and lines[header - 1].startswith("#"):
+            header -= 1
+        text = "".join(lines[:header]) + render_schedule(schedule) + "\n" + "".join(lines[end:]).lstrip("\n")
+    tree = yaml.safe_load(text)
+    check_schedule(tree, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text.rstrip("\n") + "\n")
+    tmp.replace(path)

@@ -7,12 +7,14 @@
                      |                        +-- reference (only with a KL penalty)
                      +--> evaluate (every k iterations, the base model and the last)
 
-Every stage is a Prefect task named `stage[iter=i]` whose output directory carries a
-manifest; a stage whose inputs, parameters and code are unchanged is skipped, so running
+The iterations and the evaluated policies come from params.yaml's `schedule` (which
+dvc.yaml reads too). Every stage is a Prefect task named `stage[iter=i]` whose output
+directory carries a manifest; a stage whose inputs, parameters and code are unchanged is skipped, so running
 the flow again resumes where it stopped. `rerun` forces named stages (`filter@2`);
 their downstream stages then rerun only if their inputs changed. `from_stage` forces a
 stage and everything after it (`reward@2`). Each iteration publishes a Prefect table
-artifact with its metrics.
+artifact with its metrics. In a DVC repository each finished stage is committed to
+dvc.lock (`dvc`, dashflow/versioning.py), so `dvc status` is clean after the run.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from prefect.cache_policies import NO_CACHE
 from dashflow.config import Params, parse_stage_ref, stages_from
 from dashflow.console import print_iteration, print_summary
 from dashflow.report import write_report
-from tasks import metrics, reference, store
+from tasks import metrics, store
 from tasks.advantage import advantage_task
-from tasks.evaluate import evaluate_task, is_due
+from dashflow.versioning import Recorder
+from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
 from tasks.learn import learn_task
 from tasks.prepare import prepare_task
@@ -57,36 +60,38 @@ def dash_rl(
     preset: str | None = None,
     from_stage: str | None = None,
 ) -> dict:
-    params = Params.load(params_path, {**(overrides or {}), **({"run.preset": preset} if preset else {})})
-    if iterations is not None:
-        params = params.with_overrides({"run.iterations": iterations})
-    n = params["run"]["iterations"]
+    overrides = {**(overrides or {}), **({"run.preset": preset} if preset else {}),
+                 **({"run.iterations": iterations} if iterations is not None else {})}
+    params = Params.load(params_path, overrides)
+    n = params.iterations
     forced = {parse_stage_ref(r) for r in (rerun or [])} | (stages_from(from_stage, n) if from_stage else set())
-    every = params["evaluate"]["every"]
+    dvc = Recorder(params, params_path, overrides)
+    print(dvc.describe())
 
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
 
     with store.run_lock(params.layout.root):
-        prepare_task(params, None, force=force("prepare", None))
-        evaluate_task(params, -1, force=force("evaluate", -1))
+        dvc(prepare_task(params, None, force=force("prepare", None)))
+        if params.evaluated(-1):
+            dvc(evaluate_task(params, -1, force=force("evaluate", -1)))
         history = []
         for i in range(n):
             started = time.perf_counter()
             ran = [
-                sample_task(params, i, force=force("sample", i)),
-                reward_task(params, i, force=force("reward", i)),
-                advantage_task(params, i, force=force("advantage", i)),
-                filter_task(params, i, force=force("filter", i)),
+                dvc(sample_task(params, i, force=force("sample", i))),
+                dvc(reward_task(params, i, force=force("reward", i))),
+                dvc(advantage_task(params, i, force=force("advantage", i))),
+                dvc(filter_task(params, i, force=force("filter", i))),
+                # the frozen base model scores the kept rows (an empty output when KL is off)
+                dvc(reference_task(params, i, force=force("reference", i))),
+                dvc(learn_task(params, i, force=force("learn", i))),
             ]
-            if reference.needed(params, i):  # KL penalty on: the frozen base model scores the kept rows
-                ran.append(reference_task(params, i, force=force("reference", i)))
-            ran.append(learn_task(params, i, force=force("learn", i)))
             fresh = not any(r["cached"] for r in ran)
             wall = time.perf_counter() - started
-            if is_due(i, every, n - 1):
-                evaluate_task(params, i, force=force("evaluate", i))
-            row = metrics_task(params, i, wall if fresh else None)
+            if params.evaluated(i):
+                dvc(evaluate_task(params, i, force=force("evaluate", i)))
+            row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
             history.append(row)
             print_iteration(row, cached=all(r["cached"] for r in ran))
         summary = metrics.run_summary(params, history)

@@ -2,7 +2,9 @@
 
 Greedy decoding (one completion per prompt) and, if `evaluate.sampled`, one sample per
 prompt at the training temperature. Answers are checked exactly as in `reward`.
-Runs for the base policy (iteration -1), every `evaluate.every` iterations and after the last.
+Runs for the policies `schedule.evaluate` in params.yaml lists (the base policy = -1).
+Beside its output directory it writes `eval.json` (the accuracies), which `dvc metrics`
+reads: <iter>/eval.json next to <iter>/eval/.
 
 Inputs : base/prompts/eval.parquet, a policy   Output: <iter>/eval/part-00000.parquet (schema.EVAL)
 """
@@ -20,10 +22,6 @@ from tasks import policy as policy_mod
 from tasks import reward, samplers, schema, store
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
-
-
-def is_due(iteration: int, every: int, last: int) -> bool:
-    return iteration < 0 or iteration == last or (every > 0 and (iteration + 1) % every == 0)
 
 
 def checkpoint_identity(path: Path) -> dict[str, str]:
@@ -74,7 +72,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.EVAL), schema.EVAL, stage=label)
         return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
 
-    return store.run_stage(
+    manifest = store.run_stage(
         "evaluate", iteration, out_dir,
         inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
         extra_inputs=None if stage_output else checkpoint_identity(policy_dir),
@@ -82,6 +80,19 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
                 "reward": reward_cfg, "seed": params["run"]["seed"]},
         code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
     )
+    if out is None and iteration is not None:
+        store.write_json(eval_metrics_path(params, iteration), eval_metrics(manifest))
+    return manifest
+
+
+def eval_metrics_path(params: Params, iteration: int) -> Path:
+    return params.layout.eval(iteration).parent / "eval.json"
+
+
+def eval_metrics(manifest: store.Manifest) -> dict:
+    """What `dvc metrics show` lists for an evaluation: accuracies and mean lengths."""
+    return {"iteration": manifest.iteration, **{k: v for k, v in manifest.stats.items() if k != "prompts"},
+            "prompts": manifest.stats.get("prompts")}
 
 
 # Evaluation only reads a checkpoint; retrying it is safe.

@@ -10,7 +10,6 @@ Time split (seconds), as in DASH's timing figure:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dashflow.config import Params
@@ -58,10 +57,30 @@ def write_metrics(params: Params, iteration: int, wall_s: float | None = None) -
     if wall_s is None and path.exists():
         previous = json.loads(path.read_text())
         out["time"] = previous.get("time", out["time"])
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    store.write_json(path, out)
+    write_history(params)
     return out
+
+
+HISTORY_FIELDS = ("reward_mean", "accuracy", "kept_fraction", "mean_completion_tokens")
+
+
+def write_history(params: Params) -> dict[str, Path]:
+    """history.json (one row per finished iteration) and eval_history.json (one row per
+    evaluated policy, base = -1) at the run's root: the curves `dvc plots show` draws."""
+    layout = params.layout
+    rows, evals = [], []
+    for i in range(-1, params.iterations):
+        if i >= 0 and layout.metrics(i).exists():
+            m = json.loads(layout.metrics(i).read_text())
+            rows.append({"iteration": i, **{k: m[k] for k in HISTORY_FIELDS}})
+        ev = store.read_manifest(layout.eval(i))
+        if ev is not None:
+            evals.append({"iteration": i, **{k: v for k, v in ev.stats.items() if k.endswith("accuracy")}})
+    paths = {"history": Path(layout.root) / "history.json", "eval_history": Path(layout.root) / "eval_history.json"}
+    store.write_json(paths["history"], rows)
+    store.write_json(paths["eval_history"], evals)
+    return paths
 
 
 def publish_artifact(params: Params, row: dict) -> None:

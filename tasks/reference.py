@@ -1,7 +1,8 @@
 """Stage `reference`: log-probs of the kept completions under the frozen reference policy.
 
-Only runs when the learner's KL penalty is on (`learn.kl_coef > 0`, mode rl). The
-reference policy is the starting checkpoint (base/policy); its log-prob of every
+Scores rows only when the learner's KL penalty is on (`learn.kl_coef > 0`, mode rl);
+otherwise it writes an empty output at once, so every iteration has the same stages (the
+flow and dvc.yaml list the same chain whatever the KL setting). The reference policy is the starting checkpoint (base/policy); its log-prob of every
 completion token is written as a column, so the reference forward pass runs once per
 iteration and is cached like every other stage, and the learner never holds two models.
 
@@ -34,8 +35,11 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     temperature = params.stage("sample", iteration)["temperature"]
     budget = params.stage("sample", iteration)["token_budget"]
     label = f"reference@{iteration}"
+    on = needed(params, iteration)
 
     def build(tmp: Path) -> dict:
+        if not on:
+            return {"stats": {"rows": 0, "skipped": "learn.kl_coef is 0: no KL penalty, no reference log-probs"}}
         t0 = time.perf_counter()
         model = policy_mod.load_model(ref_dir, policy_mod.pick_device(params["run"]["device"]), params["model"]["dtype"])
         pad_id = policy_mod.load_tokenizer(ref_dir).pad_token_id
@@ -55,8 +59,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         return {"stats": {"rows": rows}, "timing": {"load_s": t1 - t0, "work_s": time.perf_counter() - t1}}
 
     return store.run_stage(
-        "reference", iteration, layout.stage_dir("reference", iteration), inputs={"kept": src, "reference": ref_dir},
-        params={"temperature": temperature, "token_budget": budget, "dtype": params["model"]["dtype"]},
+        "reference", iteration, layout.stage_dir("reference", iteration),
+        inputs={"kept": src, "reference": ref_dir} if on else {"kept": src},
+        params={"kl": on, "temperature": temperature, "token_budget": budget, "dtype": params["model"]["dtype"]},
         code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, schema), build=build, force=force,
     )
 

@@ -253,6 +253,14 @@ def map_shards(src: Path, dst: Path, transform: Callable[[pa.Table, Path], pa.Ta
         yield table, out
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write a small JSON file atomically (readers see the old or the new file, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link a (read-only by convention) file; copy where links are not possible."""
     dst.parent.mkdir(parents=True, exist_ok=True)

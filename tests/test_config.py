@@ -3,7 +3,9 @@
 import pytest
 
 from conftest import ROOT
-from dashflow.config import Params, ParamsError, parse_stage_ref
+import shutil
+
+from dashflow.config import Params, ParamsError, make_schedule, parse_stage_ref, write_schedule
 
 
 def test_defaults_and_dotted_override():
@@ -58,3 +60,50 @@ def test_from_stage_is_that_stage_and_everything_after():
     assert len(stages_from("prepare", 2)) == 2 + 2 * 7
     with pytest.raises(ParamsError, match="not a stage of this run"):
         stages_from("filter@5", 2)
+
+
+def test_schedule_lists_each_iteration_with_its_previous_policy():
+    s = make_schedule(3, every=2)
+    assert s["iterations"] == [
+        {"i": 0, "dir": "iter-0000", "policy": "base/policy"},
+        {"i": 1, "dir": "iter-0001", "policy": "iter-0000/policy"},
+        {"i": 2, "dir": "iter-0002", "policy": "iter-0001/policy"},
+    ]
+    # the base, every 2nd (iteration 1) and the last (2)
+    assert s["evaluate"] == {"base": {"i": -1, "dir": "base"}, "1": {"i": 1, "dir": "iter-0001"},
+                             "2": {"i": 2, "dir": "iter-0002"}}
+
+
+def test_params_yaml_schedule_is_the_iteration_count():
+    p = Params.load(ROOT / "params.yaml")
+    assert p.iterations == 8
+    assert [i for i in range(-1, 8) if p.evaluated(i)] == [-1, 3, 7]
+    # `--iterations 3` rewrites the schedule for the run: evaluations that still exist, plus the last
+    p3 = p.with_overrides({"run.iterations": 3})
+    assert p3.iterations == 3 and [i for i in range(-1, 3) if p3.evaluated(i)] == [-1, 2]
+    p0 = p.with_overrides({"evaluate.every": 0})
+    assert [i for i in range(-1, 8) if p0.evaluated(i)] == [-1, 7]
+
+
+def test_a_hand_edited_schedule_that_disagrees_is_rejected(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    bad = tmp_path / "params.yaml"
+    bad.write_text(text.replace("{i: 2, dir: iter-0002, policy: iter-0001/policy}",
+                                "{i: 2, dir: iter-0002, policy: iter-0000/policy}"))
+    with pytest.raises(ParamsError, match=r"schedule.iterations\[2\].*expected.*iter-0001/policy.*dashflow schedule"):
+        Params.load(bad)
+    bad.write_text(text.replace("'7': {i: 7, dir: iter-0007}", "'9': {i: 9, dir: iter-0009}"))
+    with pytest.raises(ParamsError, match="schedule.evaluate.9"):
+        Params.load(bad)
+
+
+def test_write_schedule_replaces_only_that_section(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    write_schedule(path, make_schedule(10, every=5))
+    p = Params.load(path)
+    assert p.iterations == 10 and [i for i in range(-1, 10) if p.evaluated(i)] == [-1, 4, 9]
+    old, new = (ROOT / "params.yaml").read_text(), path.read_text()
+    head = old[: old.index("# The schedule:")]
+    assert new.startswith(head)  # every other line and comment as it was
+    assert new.count("schedule:\n") == 1 and "{i: 9, dir: iter-0009, policy: iter-0008/policy}" in new

@@ -45,7 +45,9 @@ def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
     assert lm["optimizer_steps"] == expected_steps
     has_kl = cfg["learn.kl_coef"] > 0 and cfg["learn.mode"] == "rl"
     assert (lm["kl_to_reference"] is not None) == has_kl
-    assert (run / "iter-0000" / "reference").exists() == has_kl
+    # the reference stage runs in every iteration; it scores the kept rows only when KL is on
+    ref = json.loads((run / "iter-0000" / "reference" / "_manifest.json").read_text())["stats"]
+    assert ref["rows"] == (kept_rows if has_kl else 0)
     if cfg["learn.mode"] == "rl":
         assert lm["sampler_mismatch"] < 1e-3 and lm["entropy"] > 0
         if expected_steps > 1 and lm["grad_norm"] > 0:

@@ -1,0 +1,101 @@
+"""Recording a flow run in DVC: each finished stage is committed to dvc.lock.
+
+dvc.yaml defines the same stages the flow runs (`prepare`, `sample@i` ... `metrics@i`,
+`evaluate@NAME`, built with `foreach` from params.yaml's `schedule`), with the same
+commands (`dashflow stage ...`). When the flow finishes a stage it calls `Recorder`,
+which runs `dvc commit` of that one stage, so after any flow run -- CLI, Python or a
+Prefect deployment -- `dvc status` is clean and `dvc.lock` pins every output.
+
+This is the one place dashflow talks to DVC. Commits are serialized by a file lock next
+to DVC's own, and a DVC lock held by another command (a `dvc status` in a terminal) is
+waited for, so concurrent DVC commands never collide.
+
+A run is recorded only when dvc.lock can tell the truth about it: the working directory
+is a DVC repository whose dvc.yaml has the stages, the params file is its params.yaml
+and no override changes a parameter a stage depends on (`dvc exp run -S` is the DVC way
+to vary one). `dvc.track` in params.yaml: auto (record when possible, else say why), on
+(a run that cannot be recorded is an error), off.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from dashflow.config import ParamsError
+
+# overrides that no DVC stage depends on: they change how a run executes, not what it computes
+NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.")
+
+
+class DvcError(RuntimeError):
+    pass
+
+
+def dvc_stage_name(stage: str, iteration: int | None) -> str:
+    """Flow stage -> dvc.yaml stage: prepare, sample@3, evaluate@base, evaluate@7."""
+    if stage in ("prepare", "prepare_policy") or iteration is None:
+        return "prepare"
+    return f"{stage}@{'base' if iteration < 0 else iteration}"
+
+
+def _why_not(root: Path, params_path: Path, overrides: dict) -> str | None:
+    if not (root / ".dvc").is_dir():
+        return (f"{root} is not a DVC repository; run `dvc init` there (inside a git repository: "
+                "`git init && dvc init`), or set dvc.track: off")
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file() or "schedule.iterations" not in dvc_yaml.read_text():
+        return f"{dvc_yaml} does not define dashflow's stages (copy dashflow's dvc.yaml there)"
+    if params_path.resolve() != (root / "params.yaml").resolve():
+        return f"the run reads {params_path}, but dvc.yaml's stages read {root / 'params.yaml'}"
+    changed = sorted(k for k in overrides if not k.startswith(NEUTRAL))
+    if changed:
+        return (f"overrides {', '.join(changed)} are not in params.yaml, so dvc.lock would record other "
+                "values; put them in params.yaml, or run `dvc exp run -S key=value`")
+    return None
+
+
+class Recorder:
+    """`record(result)` commits the stage a stage task just finished; a no-op when the run
+    is not recorded. `result` is the stage summary a stage task returns."""
+
+    def __init__(self, params, params_path: str | Path, overrides: dict | None = None, root: Path | None = None):
+        self.root = Path(root or Path.cwd()).resolve()
+        mode = str((params.tree.get("dvc") or {}).get("track", "auto")).lower()
+        if mode not in ("auto", "on", "off", "true", "false"):
+            raise ParamsError(f"dvc.track must be auto, on or off, not {mode!r}")
+        self.reason = "dvc.track is off" if mode in ("off", "false") else _why_not(
+            self.root, Path(params_path), overrides or {})
+        if self.reason and mode in ("on", "true"):
+            raise ParamsError(f"dvc.track is on, but this run cannot be recorded in DVC: {self.reason}")
+        self.enabled = self.reason is None
+        self.committed: list[str] = []
+
+    def describe(self) -> str:
+        return f"DVC: recording stages in {self.root / 'dvc.lock'}" if self.enabled else f"DVC: not recorded ({self.reason})"
+
+    def __call__(self, result: dict, stage: str | None = None) -> dict:
+        if self.enabled:
+            self.commit(dvc_stage_name(stage or result["stage"], result["iteration"]))
+        return result
+
+    def commit(self, target: str, attempts: int = 20) -> None:
+        from dvc.exceptions import DvcException
+        from dvc.lock import LockError
+        from dvc.repo import Repo
+
+        (self.root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / ".dvc" / "tmp" / "dashflow-commit.lock"):
+            for attempt in range(attempts):
+                try:
+                    with Repo(str(self.root)) as repo:
+                        repo.commit(target, force=True)
+                    self.committed.append(target)
+                    return
+                except LockError:
+                    time.sleep(min(0.5 * (attempt + 1), 5))  # another DVC command holds the repo lock
+                except DvcException as exc:
+                    raise DvcError(f"dvc commit {target} failed: {exc}") from exc
+        raise DvcError(f"dvc commit {target}: the DVC repository {self.root} stayed locked by another command")

@@ -1,0 +1,186 @@
+"""DVC versions a run: a real git + DVC repository in a temporary directory, the tiny
+configuration written into its params.yaml, the real flow, then the DVC commands a user
+runs (status, dag, metrics, plots, push/pull to a local remote, repro of one stage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+from dashflow.config import Params, make_schedule
+
+pytestmark = pytest.mark.slow
+
+RUN = Path("data/runs/default")
+ITERS = TINY["run.iterations"]
+STAGES = ("sample", "reward", "advantage", "filter", "reference", "learn", "metrics")
+
+
+def _env() -> dict:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `dashflow` for dvc repro
+    return env
+
+
+def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def run_flow(repo: Path) -> dict:
+    from flows.dash_rl import dash_rl
+
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        return dash_rl(params_path="params.yaml")
+    finally:
+        os.chdir(cwd)
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".gitignore"}
+
+
+def write_params(repo: Path, **changes) -> None:
+    tree = yaml.safe_load((repo / "params.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        tree[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(prefect_server, tmp_path_factory) -> Path:
+    """A git + DVC repository holding dashflow's code, dvc.yaml and a tiny params.yaml,
+    after one flow run."""
+    repo = tmp_path_factory.mktemp("dvcrepo")
+    for d in ("tasks", "dashflow", "flows"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / f, repo / f)
+    tree = Params.load(ROOT / "params.yaml", {k: v for k, v in TINY.items()}).tree
+    tree["dvc"]["track"] = "on"
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "config", "user.email", "ci@dashflow")
+    sh(repo, "git", "config", "user.name", "ci")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "cache.type", "reflink,hardlink,copy")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "dashflow, tiny params")
+    run_flow(repo)
+    return repo
+
+
+def test_flow_run_leaves_dvc_status_clean_and_every_stage_in_the_lock(repo):
+    status = dvc(repo, "status", "--json")
+    assert json.loads(status.stdout) == {}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    expected = {"prepare", "evaluate@base", f"evaluate@{ITERS - 1}"} | {f"{s}@{i}" for s in STAGES for i in range(ITERS)}
+    assert set(lock) == expected
+    # the lock's record of a stage output is that output's files
+    kept = lock["filter@1"]["outs"][0]
+    assert kept["path"] == str(RUN / "iter-0001/kept")
+    assert kept["nfiles"] == len([p for p in (repo / RUN / "iter-0001/kept").iterdir() if p.is_file()])
+    assert lock["filter@1"]["params"]["params.yaml"]["filter"]["threshold"] == TINY["filter.threshold"]
+
+
+def test_dag_chains_the_iterations(repo):
+    dot = dvc(repo, "dag", "--dot", "learn@1").stdout
+    edges = {tuple(part.strip().strip('";') for part in line.split("->")) for line in dot.splitlines() if "->" in line}
+    for edge in (("prepare", "sample@0"), ("learn@0", "sample@1"), ("sample@1", "reward@1"), ("reward@1", "advantage@1"),
+                 ("advantage@1", "filter@1"), ("filter@1", "reference@1"), ("reference@1", "learn@1")):
+        assert edge in edges, dot
+
+
+def test_metrics_show_the_runs_numbers_and_plots_render(repo):
+    shown = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    m1 = json.loads((repo / RUN / "iter-0001/metrics.json").read_text())
+    assert files[str(RUN / "iter-0001/metrics.json")]["data"]["reward_mean"] == m1["reward_mean"]
+    assert files[str(RUN / "iter-0001/metrics.json")]["data"]["kept_fraction"] == m1["kept_fraction"]
+    ev = json.loads((repo / RUN / "base/eval.json").read_text())
+    assert files[str(RUN / "base/eval.json")]["data"]["greedy_accuracy"] == ev["greedy_accuracy"]
+    history = json.loads((repo / RUN / "history.json").read_text())
+    assert [r["iteration"] for r in history] == list(range(ITERS))
+    dvc(repo, "plots", "show", "-o", "plots")
+    html = (repo / "plots/index.html").read_text()
+    assert "reward" in html and "held-out accuracy" in html
+
+
+def test_committing_the_lock_pins_the_run_and_old_rollouts_read_back_by_revision(repo):
+    sh(repo, "git", "add", "dvc.lock", "params.yaml")
+    sh(repo, "git", "commit", "-qm", "run: tiny, 2 iterations")
+    import dvc.api
+
+    path = RUN / "iter-0001/kept/part-00000.parquet"
+    with dvc.api.open(str(path), repo=str(repo), rev="HEAD", mode="rb") as f:
+        assert f.read() == (repo / path).read_bytes()
+
+
+def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo, tmp_path):
+    dvc(repo, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    dvc(repo, "push")
+    before = digests(repo / RUN / "iter-0001") | digests(repo / RUN / "base")
+    shutil.rmtree(repo / "data")
+    dvc(repo, "pull")
+    after = digests(repo / RUN / "iter-0001") | digests(repo / RUN / "base")
+    assert after == before and len(before) > 10
+    manifests = {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")}
+    run_flow(repo)
+    assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
+def test_an_extended_schedule_adds_only_the_new_iterations_stages(repo):
+    original = (repo / "params.yaml").read_text()
+    tree = yaml.safe_load(original)
+    tree["schedule"] = make_schedule(ITERS + 1, keep=[ITERS - 1])
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    try:
+        changed = json.loads(dvc(repo, "status", "--json").stdout)  # what `dvc repro` would run
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert set(changed) == {f"{s}@{ITERS}" for s in STAGES} | {f"evaluate@{ITERS}"}, changed
+
+
+def test_repro_of_one_stage_reruns_it_alone(repo):
+    kept_at_head = json.loads((repo / RUN / "iter-0001/kept/_manifest.json").read_text())["stats"]["rows_kept"]
+    write_params(repo, **{"filter.threshold": 1.0})
+    changed = json.loads(dvc(repo, "status", "--json").stdout)
+    assert {"filter@0", "filter@1"} <= set(changed) and "advantage@1" not in changed
+    out = dvc(repo, "repro", "-s", "filter@1").stdout
+    assert "Running stage 'filter@1'" in out and "filter@0'" not in out
+    kept = json.loads((repo / RUN / "iter-0001/kept/_manifest.json").read_text())
+    assert kept["params"]["threshold"] == 1.0
+    advantaged = json.loads((repo / RUN / "iter-0001/advantaged/_manifest.json").read_text())
+    assert kept["stats"]["rows_kept"] < kept["stats"]["rows_in"] == advantaged["stats"]["rows"]  # |A| > 1 keeps fewer rows than |A| > 0.1
+    changed = json.loads(dvc(repo, "status", "--json").stdout)
+    assert "filter@1" not in changed and "filter@0" in changed and "reference@1" in changed
+    # the committed revision still holds the old shard
+    from dashflow.inspecting import summarize
+
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        then = summarize(RUN / "iter-0001/kept", rev="HEAD")
+    finally:
+        os.chdir(cwd)
+    assert then["rows"] == kept_at_head
