@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +76,16 @@ def gpu_overrides() -> dict:
             "sample.prompts_per_iteration": 64, "sample.max_new_tokens": 1024, "evaluate.max_new_tokens": 1024,
             "sample.token_budget": 1_000_000, "sample.max_batch_size": 256, "learn.micro_batch_tokens": 16384,
             "learn.lr": 3.0e-6}
+
+
+@contextmanager
+def scratch(prefix: str):
+    """A temporary run root, removed afterwards (checkpoints are GBs); DASHFLOW_BENCH_KEEP=1 keeps it."""
+    root = Path(tempfile.mkdtemp(prefix=f"dashflow-bench-{prefix}-"))
+    try:
+        yield root
+    finally:
+        if os.environ.get("DASHFLOW_BENCH_KEEP") == "1":
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)

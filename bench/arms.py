@@ -32,7 +32,8 @@ from _common import ROOT, gpu_overrides, machine
 def _row(name: str, run: Path, iterations: int) -> dict:
     metrics = [json.loads((run / f"iter-{i:04d}" / "metrics.json").read_text()) for i in range(iterations)]
     base = json.loads((run / "base" / "eval" / "_manifest.json").read_text())["stats"]
-    final = metrics[-1].get("eval", {})
+    final_eval = run / f"iter-{iterations - 1:04d}" / "eval.json"
+    final = json.loads(final_eval.read_text()) if final_eval.exists() else {}
     mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)  # noqa: E731
     total = mean("total")
     return {

@@ -16,13 +16,12 @@ backward, then one AdamW step.
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import typer
 
-from _common import ROOT, arithmetic_prompts, emit, gpu_overrides
+from _common import ROOT, arithmetic_prompts, emit, gpu_overrides, scratch
 
 
 def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, seed: int = 0):
@@ -94,42 +93,42 @@ def main(
     if tiny:
         rows, completion_len, micro, kept, sampled = 4, 8, "1,2", "2,4", 4
     sizes, kept_sizes = [int(x) for x in micro.split(",")], [int(x) for x in kept.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="dashflow-bench-learner-"))
-    overrides = {**TINY, "run.root": str(root), "run.name": "bench", "learn.lr": 1e-6}
-    if gpu:
-        overrides.update({k: v for k, v in gpu_overrides().items() if k.startswith(("model.", "run."))})
-    params = Params.load(ROOT / "params.yaml", overrides)
-    prepare.run(params)
-    path = params.layout.policy(-1)
-    tokenizer = policy.load_tokenizer(path)
-    prompt = arithmetic_prompts(tokenizer, 1)[0]
-    seq = len(prompt) + completion_len
-    device = policy.pick_device(params["run"]["device"])
+    with scratch("learner") as root:
+        overrides = {**TINY, "run.root": str(root), "run.name": "bench", "learn.lr": 1e-6}
+        if gpu:
+            overrides.update({k: v for k, v in gpu_overrides().items() if k.startswith(("model.", "run."))})
+        params = Params.load(ROOT / "params.yaml", overrides)
+        prepare.run(params)
+        path = params.layout.policy(-1)
+        tokenizer = policy.load_tokenizer(path)
+        prompt = arithmetic_prompts(tokenizer, 1)[0]
+        seq = len(prompt) + completion_len
+        device = policy.pick_device(params["run"]["device"])
 
-    table_rows = []
-    table = kept_table(prompt, rows, completion_len, tokenizer.vocab_size)
-    write_kept(params, table)
-    for b in sizes:
-        p = params.with_overrides({"learn.micro_batch_tokens": b * seq})
-        stats = learn.run(p, 0, force=True).stats
-        bare_s, bare_tokens = bare_step(path, table, b, device, params["model"]["dtype"])
-        bare = bare_tokens / bare_s
-        table_rows.append([b, b * seq, round(stats["tokens_per_s"], 1), round(bare, 1),
-                           f"{100 * stats['tokens_per_s'] / bare:.0f}%"])
-        print(f"micro-batch {b} rows: stage {stats['tokens_per_s']:.1f} tok/s, bare {bare:.1f} tok/s", flush=True)
-    emit(f"Learner throughput: {rows} rows x {seq} tokens ({device})",
-         ["rows / micro-batch", "tokens / micro-batch", "learn stage tok/s", "bare fwd+bwd tok/s", "stage / bare"],
-         table_rows, out)
+        table_rows = []
+        table = kept_table(prompt, rows, completion_len, tokenizer.vocab_size)
+        write_kept(params, table)
+        for b in sizes:
+            p = params.with_overrides({"learn.micro_batch_tokens": b * seq})
+            stats = learn.run(p, 0, force=True).stats
+            bare_s, bare_tokens = bare_step(path, table, b, device, params["model"]["dtype"])
+            bare = bare_tokens / bare_s
+            table_rows.append([b, b * seq, round(stats["tokens_per_s"], 1), round(bare, 1),
+                               f"{100 * stats['tokens_per_s'] / bare:.0f}%"])
+            print(f"micro-batch {b} rows: stage {stats['tokens_per_s']:.1f} tok/s, bare {bare:.1f} tok/s", flush=True)
+        emit(f"Learner throughput: {rows} rows x {seq} tokens ({device})",
+             ["rows / micro-batch", "tokens / micro-batch", "learn stage tok/s", "bare fwd+bwd tok/s", "stage / bare"],
+             table_rows, out)
 
-    scaling = []
-    for k in kept_sizes:
-        write_kept(params, kept_table(prompt, k, completion_len, tokenizer.vocab_size))
-        m = learn.run(params.with_overrides({"learn.micro_batch_tokens": 4 * seq}), 0, force=True)
-        scaling.append([sampled, k, round(m.timing["work_s"], 2), round(m.timing["work_s"] / k, 3),
-                        round(m.timing["load_s"] + m.timing["save_s"], 2)])
-    emit(f"Learner time against kept rows (of {sampled} sampled; 4 rows per micro-batch)",
-         ["sampled rows", "kept rows", "learner work s", "s per kept row", "load + save s"], scaling,
-         out.with_name(out.stem + "_kept.json"))
+        scaling = []
+        for k in kept_sizes:
+            write_kept(params, kept_table(prompt, k, completion_len, tokenizer.vocab_size))
+            m = learn.run(params.with_overrides({"learn.micro_batch_tokens": 4 * seq}), 0, force=True)
+            scaling.append([sampled, k, round(m.timing["work_s"], 2), round(m.timing["work_s"] / k, 3),
+                            round(m.timing["load_s"] + m.timing["save_s"], 2)])
+        emit(f"Learner time against kept rows (of {sampled} sampled; 4 rows per micro-batch)",
+             ["sampled rows", "kept rows", "learner work s", "s per kept row", "load + save s"], scaling,
+             out.with_name(out.stem + "_kept.json"))
 
 
 if __name__ == "__main__":

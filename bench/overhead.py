@@ -14,13 +14,12 @@ cached iteration keeps the numbers of the run that computed it).
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit
+from _common import ROOT, emit, scratch
 
 STAGES = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept",
           "reference": "reference", "learn": "policy"}
@@ -59,8 +58,9 @@ def analyse(run_dir: Path, label: str) -> list[list]:
 def run_config(label: str, overrides: dict, iterations: int, root: Path) -> Path:
     from flows.dash_rl import dash_rl
 
-    overrides = dict(overrides, **{"run.root": str(root), "run.name": label, "evaluate.every": 0})
-    dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=iterations)
+    overrides = dict(overrides, **{"run.root": str(root), "run.name": label, "run.iterations": iterations,
+                                   "schedule.evaluate": {}})  # timing only: no evaluation
+    dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
     return root / label
 
 
@@ -77,10 +77,10 @@ def main(
         for d in run_dir:
             rows += analyse(d, d.name)
     else:
-        root = Path(tempfile.mkdtemp(prefix="dashflow-bench-overhead-"))
         configs = [("tiny", dict(TINY))] + ([] if tiny else [("default", {})])
-        for label, overrides in configs:
-            rows += analyse(run_config(label, overrides, iterations, root), label)
+        with scratch("overhead") as root:
+            for label, overrides in configs:
+                rows += analyse(run_config(label, overrides, iterations, root), label)
     emit("Orchestration overhead per iteration (seconds; share = (total - work) / total)",
          ["config", "iteration", "total", "work", "model load", "checkpoint save", "other stage IO", "orchestration",
           "overhead share"], rows, out)

@@ -12,13 +12,12 @@ Each size is a fresh one-iteration run of the flow (same seed, same model, same 
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit, gpu_overrides
+from _common import ROOT, emit, gpu_overrides, scratch
 
 
 def main(
@@ -35,18 +34,19 @@ def main(
     base.update(dict(_parse_override(s) for s in set_ or []))
     g = Params.load(ROOT / "params.yaml", base)["sample"]["samples_per_prompt"]
     sizes = [6, 12] if tiny else [int(x) for x in rollouts.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="dashflow-bench-scaling-"))
-    rows = []
-    for n in sizes:
-        name = f"r{n}"
-        overrides = dict(base, **{"run.root": str(root), "run.name": name, "evaluate.every": 0,
-                                  "sample.prompts_per_iteration": max(n // g, 1), "task.num_train": max(n // g, 8)})
-        dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=1)
-        m = json.loads((root / name / "iter-0000" / "metrics.json").read_text())
-        t = m["time"]
-        rows.append([m["rows"], round(t["total"], 1), round(t["sampling"], 1), round(t["reward"], 2),
-                     round(t["learner"], 1), round(t["overhead"], 1), f"{100 * m['kept_fraction']:.0f}%",
-                     round(m["rows"] / t["total"], 2), round(t["total"] / m["rows"], 3)])
+    with scratch("scaling") as root:
+        rows = []
+        for n in sizes:
+            name = f"r{n}"
+            overrides = dict(base, **{"run.root": str(root), "run.name": name, "run.iterations": 1,
+                                      "schedule.evaluate": {},  # timing only: no evaluation
+                                      "sample.prompts_per_iteration": max(n // g, 1), "task.num_train": max(n // g, 8)})
+            dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
+            m = json.loads((root / name / "iter-0000" / "metrics.json").read_text())
+            t = m["time"]
+            rows.append([m["rows"], round(t["total"], 1), round(t["sampling"], 1), round(t["reward"], 2),
+                         round(t["learner"], 1), round(t["overhead"], 1), f"{100 * m['kept_fraction']:.0f}%",
+                         round(m["rows"] / t["total"], 2), round(t["total"] / m["rows"], 3)])
     emit("Time per iteration against rollouts per iteration (one iteration each)",
          ["rollouts", "total s", "sampling s", "reward s", "learner s", "overhead s", "kept", "rollouts/s",
           "s per rollout"], rows, out, overrides=base)

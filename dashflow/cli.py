@@ -101,8 +101,8 @@ def stage(
         manifest = module.run(p, None if name == "prepare" else iteration, force=force)
     except (ParamsError, StageError) as exc:
         _fail(exc)
-    state = "cached (up to date)" if manifest.cached else "ran"
-    typer.echo(f"{name}@{iteration}: {state} in {manifest.timing.get('total_s', 0):.1f}s; key {manifest.key[:12]}")
+    state = "cached (up to date)" if manifest.cached else f"ran in {manifest.timing.get('total_s', 0):.1f}s"
+    typer.echo(f"{name}@{iteration}: {state}; key {manifest.key[:12]}")
     typer.echo(json.dumps(manifest.stats, indent=2, default=str))
 
 

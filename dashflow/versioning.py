@@ -82,10 +82,13 @@ class Recorder:
         return result
 
     def commit(self, target: str, attempts: int = 20) -> None:
+        import logging
+
         from dvc.exceptions import DvcException
         from dvc.lock import LockError
         from dvc.repo import Repo
 
+        logging.getLogger("dvc").setLevel(logging.WARNING)  # not "Updating lock file" after every stage
         (self.root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".dvc" / "tmp" / "dashflow-commit.lock"):
             for attempt in range(attempts):

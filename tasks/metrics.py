@@ -57,7 +57,9 @@ def write_metrics(params: Params, iteration: int, wall_s: float | None = None) -
     if wall_s is None and path.exists():
         previous = json.loads(path.read_text())
         out["time"] = previous.get("time", out["time"])
-    store.write_json(path, out)
+    # the file holds only what this iteration's training stages determine (dvc.yaml's
+    # metrics@i depends on them alone); eval accuracies live in <iter>/eval.json
+    store.write_json(path, {k: v for k, v in out.items() if k != "eval"})
     write_history(params)
     return out
 

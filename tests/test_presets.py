@@ -29,7 +29,7 @@ def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
     groups = TINY["sample.prompts_per_iteration"]
     kept_rows = round(m["kept_fraction"] * m["rows"])
     assert m["rows"] == groups * TINY["sample.samples_per_prompt"]
-    assert "eval" in m and (run / "report.png").exists()
+    assert "greedy_accuracy" in json.loads((run / "iter-0000" / "eval.json").read_text()) and (run / "report.png").exists()
     assert sample["generation_batches"] == (groups if cfg["sample.batching"] == "per_group" else 1)
     if not cfg["filter.enabled"]:
         assert m["kept_fraction"] == 1.0
