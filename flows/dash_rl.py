@@ -75,6 +75,7 @@ def dash_rl(
         dvc(prepare_task(params, None, force=force("prepare", None)))
         if params.evaluated(-1):
             dvc(evaluate_task(params, -1, force=force("evaluate", -1)))
+        dvc.flush()
         history = []
         for i in range(n):
             started = time.perf_counter()
@@ -87,6 +88,7 @@ def dash_rl(
                 dvc(reference_task(params, i, force=force("reference", i))),
                 dvc(learn_task(params, i, force=force("learn", i))),
             ]
+            dvc.flush()  # the iteration's stages into dvc.lock (counted in its orchestration time)
             fresh = not any(r["cached"] for r in ran)
             wall = time.perf_counter() - started
             if params.evaluated(i):
@@ -94,6 +96,7 @@ def dash_rl(
             row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
             history.append(row)
             print_iteration(row, cached=all(r["cached"] for r in ran))
+        dvc.flush()
         summary = metrics.run_summary(params, history)
         summary["report"] = report_task(params.layout.root)
         print_summary(summary)
