@@ -153,8 +153,21 @@ def policy_gradient_loss(
     return -(advantages[:, None] * logprobs * mask).sum() / normalizer
 
 
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                               at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` [B, T] and, from the same log-softmax, the entropy at the positions
+    of the bool mask `at` [B, T] -> [N] (a metric: no gradient). One pass over the
+    [B, T, V] logits instead of two."""
+    logsm = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.gather(logsm, -1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        picked = logsm.detach()[at]
+        entropy = -(picked.exp() * picked).sum(-1)
+    return logp, entropy
+
+
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of the (temperature-scaled) next-token distribution. [B, T, V] -> [B, T]."""
+    """Entropy of the (temperature-scaled) next-token distribution. [..., V] -> [...]."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

@@ -164,12 +164,12 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                 values = lambda lists: policy_mod.place([lists[i] for i in idx], ps, width).to(device)  # noqa: E731
                 mask = mask.to(device)
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
-                logp = algorithms.token_logprobs(logits, targets.to(device), temperature)
-                first = [i not in seen for i in idx]
-                if any(first):
-                    ent = algorithms.token_entropy(logits.detach(), temperature)  # no graph: detached
-                    fm = mask * torch.tensor(first, dtype=mask.dtype, device=device)[:, None]
-                    tally.add("entropy", (ent * fm).sum(), fm.sum())
+                # entropy is a metric, over the completion tokens of rows not yet counted
+                first = torch.tensor([i not in seen for i in idx], dtype=mask.dtype, device=device)
+                fm = mask * first[:, None]
+                logp, ent = algorithms.token_logprobs_and_entropy(logits, targets.to(device), temperature, fm.bool())
+                if ent.numel():
+                    tally.add("entropy", ent.sum(), fm.sum())
                 if sft:
                     per_token = -logp
                 else:
