@@ -59,8 +59,9 @@ def _why_not(root: Path, params_path: Path, overrides: dict) -> str | None:
 
 
 class Recorder:
-    """`record(result)` commits the stage a stage task just finished; a no-op when the run
-    is not recorded. `result` is the stage summary a stage task returns."""
+    """`recorder(result)` queues the stage a stage task just finished (`result` is the
+    summary a stage task returns) and `recorder.flush()` commits the queue; both are
+    no-ops when the run is not recorded (`reason` says why)."""
 
     def __init__(self, params, params_path: str | Path, overrides: dict | None = None, root: Path | None = None):
         self.root = Path(root or Path.cwd()).resolve()

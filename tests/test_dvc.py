@@ -186,3 +186,17 @@ def test_repro_of_one_stage_reruns_it_alone(repo):
     finally:
         os.chdir(cwd)
     assert then["rows"] == kept_at_head
+
+
+def test_recording_is_refused_with_the_reason_and_the_fix(tmp_path):
+    from dashflow.config import ParamsError
+    from dashflow.versioning import Recorder
+
+    params = Params.load(ROOT / "params.yaml", {"dvc.track": "on"})
+    with pytest.raises(ParamsError, match=r"is not a DVC repository; run `dvc init` there"):
+        Recorder(params, tmp_path / "params.yaml", root=tmp_path)
+    # auto: the project repository, but an override params.yaml does not hold -> not recorded, and why
+    auto = Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"filter.threshold": 0.3}, root=ROOT)
+    assert not auto.enabled and "filter.threshold" in auto.reason and "dvc exp run -S" in auto.reason
+    # overrides no stage depends on do not stop recording
+    assert Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"run.iterations": 2}, root=ROOT).enabled
