@@ -30,10 +30,12 @@ from _common import ROOT, gpu_overrides, machine
 
 
 def _row(name: str, run: Path, iterations: int) -> dict:
-    metrics = [json.loads((run / f"iter-{i:04d}" / "metrics.json").read_text()) for i in range(iterations)]
-    base = json.loads((run / "base" / "eval" / "_manifest.json").read_text())["stats"]
-    final_eval = run / f"iter-{iterations - 1:04d}" / "eval.json"
-    final = json.loads(final_eval.read_text()) if final_eval.exists() else {}
+    from dashflow.config import RunLayout
+
+    layout = RunLayout(run)
+    metrics = [json.loads(layout.metrics(i).read_text()) for i in range(iterations)]
+    base = json.loads(layout.eval_json(-1).read_text())
+    final = json.loads(layout.eval_json(iterations - 1).read_text()) if layout.eval_json(iterations - 1).exists() else {}
     mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)  # noqa: E731
     total = mean("total")
     return {

@@ -21,16 +21,17 @@ import typer
 
 from _common import ROOT, emit, scratch
 
-STAGES = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept",
-          "reference": "reference", "learn": "policy"}
+STAGES = ("sample", "reward", "advantage", "filter", "reference", "learn")
 
 
 def iteration_split(it_dir: Path) -> dict:
-    metrics = json.loads((it_dir / "metrics.json").read_text())
-    t = metrics["time"]
+    from dashflow.config import RunLayout
+
+    layout, i = RunLayout(it_dir.parent), int(it_dir.name.split("-")[1])
+    t = json.loads(layout.metrics(i).read_text())["time"]
     load = save = stage_total = 0.0
-    for name in STAGES.values():
-        manifest = it_dir / name / "_manifest.json"
+    for stage in STAGES:
+        manifest = layout.stage_dir(stage, i) / "_manifest.json"
         if manifest.exists():
             timing = json.loads(manifest.read_text())["timing"]
             load += timing.get("load_s", 0.0)

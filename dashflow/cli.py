@@ -134,10 +134,11 @@ def schedule(
     from dashflow.config import ParamsError, make_schedule, write_schedule
 
     try:
-        write_schedule(params, make_schedule(iterations, every=every))
+        new = make_schedule(iterations, every=every)
+        write_schedule(params, new)
     except ParamsError as exc:
         _fail(exc)
-    evaluated = ", ".join(k for k in make_schedule(iterations, every=every)["evaluate"])
+    evaluated = ", ".join(new["evaluate"])
     typer.echo(f"{params}: {iterations} iterations; evaluated: {evaluated}")
 
 

@@ -70,7 +70,7 @@ def _reschedule(tree: dict, key: str, value: Any) -> dict:
     current = tree.get("schedule") or {}
     n = len(current.get("iterations") or [])
     if key == "run.iterations":
-        keep = [e["i"] for e in (current.get("evaluate") or {}).values() if e["i"] < n - 1 or e["i"] < 0]
+        keep = [e["i"] for e in (current.get("evaluate") or {}).values() if e["i"] < n - 1]
         return make_schedule(value, keep=keep)
     return make_schedule(n, every=value)
 
@@ -234,7 +234,7 @@ class RunLayout:
         return self.base / "prompts_eval"
 
     def iteration(self, i: int) -> Path:
-        return self.root / f"iter-{i:04d}"
+        return self.root / iteration_dir(i)
 
     def policy(self, i: int) -> Path:
         """The policy after iteration i; i = -1 is the starting checkpoint."""
@@ -256,6 +256,10 @@ class RunLayout:
 
     def metrics(self, i: int) -> Path:
         return self.iteration(i) / "metrics.json"
+
+    def eval_json(self, i: int) -> Path:
+        """The accuracies of evaluation i (-1 = base), beside its eval/ directory (a DVC metric)."""
+        return self.eval(i).parent / "eval.json"
 
 
 def parse_stage_ref(ref: str) -> tuple[str, int | None]:

@@ -73,7 +73,6 @@ class Recorder:
         if self.reason and mode in ("on", "true"):
             raise ParamsError(f"dvc.track is on, but this run cannot be recorded in DVC: {self.reason}")
         self.enabled = self.reason is None
-        self.committed: list[str] = []
         self.pending: list[str] = []
 
     def describe(self) -> str:
@@ -108,7 +107,6 @@ class Recorder:
                 try:
                     with Repo(str(self.root)) as repo:
                         _commit(repo, targets)
-                    self.committed += targets
                     return
                 except LockError:
                     time.sleep(min(0.5 * (attempt + 1), 5))  # another DVC command holds the repo lock

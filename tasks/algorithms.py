@@ -166,12 +166,6 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temp
     return logp, entropy
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of the (temperature-scaled) next-token distribution. [..., V] -> [...]."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def clipped_surrogate(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,18 +81,9 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
     )
     if out is None and iteration is not None:
-        store.write_json(eval_metrics_path(params, iteration), eval_metrics(manifest))
+        # what `dvc metrics show` lists for an evaluation: accuracies, mean lengths, prompts
+        store.write_json(layout.eval_json(iteration), {"iteration": manifest.iteration, **manifest.stats})
     return manifest
-
-
-def eval_metrics_path(params: Params, iteration: int) -> Path:
-    return params.layout.eval(iteration).parent / "eval.json"
-
-
-def eval_metrics(manifest: store.Manifest) -> dict:
-    """What `dvc metrics show` lists for an evaluation: accuracies and mean lengths."""
-    return {"iteration": manifest.iteration, **{k: v for k, v in manifest.stats.items() if k != "prompts"},
-            "prompts": manifest.stats.get("prompts")}
 
 
 # Evaluation only reads a checkpoint; retrying it is safe.
