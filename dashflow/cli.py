@@ -40,13 +40,14 @@ def run(
     # the temporary local server's telemetry write races its own start-up ("database is locked")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from dashflow.config import ParamsError
+    from dashflow.versioning import DvcError
     from flows.dash_rl import dash_rl
     from tasks.store import StageError
 
     try:
         dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,
                 preset=preset, from_stage=from_stage)
-    except (ParamsError, StageError) as exc:
+    except (ParamsError, StageError, DvcError) as exc:
         _fail(exc)
 
 
@@ -140,6 +141,38 @@ def schedule(
         _fail(exc)
     evaluated = ", ".join(new["evaluate"])
     typer.echo(f"{params}: {iterations} iterations; evaluated: {evaluated}")
+
+
+@app.command()
+def prune(
+    params: Path = PARAMS,
+    set_: Optional[List[str]] = SET,
+):
+    """Apply params.yaml's `retention:` to a run's finished iterations now (the flow does it
+    after each iteration): remove old policies / optimizer states, keeping DVC consistent."""
+    from dashflow import retention
+    from dashflow.config import Params, ParamsError
+    from dashflow.versioning import DvcError, Recorder
+    from tasks import store
+
+    try:
+        overrides = _overrides(set_)
+        p = Params.load(params, overrides)
+        done = [i for i in range(p.iterations) if store.read_manifest(p.layout.policy(i)) is not None]
+        if not done:
+            raise ParamsError(f"{p.layout.root}: no finished iteration to prune")
+        keep = retention.Retention.from_params(p)
+        recorder = Recorder(p, params, overrides)
+        if keep.active and keep.dvc == "remote":
+            recorder.check_remote()
+        removed = retention.apply(p, done[-1], recorder)
+    except (ParamsError, DvcError, store.StageError) as exc:
+        _fail(exc)
+    if not keep.active:
+        typer.echo("retention keeps everything (retention.policies and retention.optimizers are `all`)")
+    else:
+        typer.echo(retention.describe(removed, p.layout.root, pushed=recorder.enabled and keep.dvc == "remote")
+                   if removed else "retention: nothing to remove")
 
 
 @app.command()

@@ -240,6 +240,10 @@ class RunLayout:
         """The policy after iteration i; i = -1 is the starting checkpoint."""
         return self.base / "policy" if i < 0 else self.iteration(i) / "policy"
 
+    def optimizer(self, i: int) -> Path | None:
+        """The optimizer state after iteration i (learn@i's second output); None before the first."""
+        return None if i < 0 else self.iteration(i) / "optimizer"
+
     def eval(self, i: int) -> Path:
         return self.base / "eval" if i < 0 else self.iteration(i) / "eval"
 

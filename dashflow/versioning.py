@@ -28,7 +28,7 @@ from filelock import FileLock
 from dashflow.config import ParamsError
 
 # overrides that no DVC stage depends on: they change how a run executes, not what it computes
-NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.")
+NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.", "retention.")
 
 
 class DvcError(RuntimeError):
@@ -86,13 +86,31 @@ class Recorder:
                 self.pending.append(name)
         return result
 
-    def flush(self, attempts: int = 20) -> None:
+    def flush(self) -> None:
         """Commit the queued stages to dvc.lock in one locked DVC operation (one lock-file
         write: rewriting dvc.lock costs ~0.5 s per write once a run has many stages).
         The flow flushes after each iteration; stages of an iteration a crash interrupted
         are committed by the next run, which passes every stage through here again."""
         if not self.enabled or not self.pending:
             return
+        targets, self.pending = self.pending, []
+        self._with_repo(lambda repo: _commit(repo, targets), f"dvc commit {' '.join(targets)}")
+
+    def check_remote(self) -> None:
+        """Fail early when the retention setting will need a default DVC remote and there is none."""
+        if self.enabled and not self._with_repo(lambda repo: repo.config["core"].get("remote"), "dvc config"):
+            raise DvcError("retention.dvc is `remote`, but this DVC repository has no default remote to keep "
+                           "removed checkpoints in: `dvc remote add -d NAME URL` (a local directory works), "
+                           "or set retention.dvc: drop to delete them for good")
+
+    def evict(self, paths: list[Path], push: bool) -> None:
+        """Remove committed outputs from the workspace and the local DVC cache (dvc.lock keeps
+        their hashes), pushing them to the default remote first when `push`."""
+        self._with_repo(lambda repo: _evict(repo, [Path(p).resolve() for p in paths], push),
+                        f"removing {', '.join(str(p) for p in paths)}")
+
+    def _with_repo(self, action, what: str, attempts: int = 20):
+        """`action(repo)` under dashflow's file lock, waiting while another DVC command holds DVC's."""
         import logging
 
         from dvc.exceptions import DvcException
@@ -100,19 +118,17 @@ class Recorder:
         from dvc.repo import Repo
 
         logging.getLogger("dvc").setLevel(logging.WARNING)  # not "Updating lock file" after every stage
-        targets, self.pending = self.pending, []
         (self.root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
         with FileLock(self.root / ".dvc" / "tmp" / "dashflow-commit.lock"):
             for attempt in range(attempts):
                 try:
                     with Repo(str(self.root)) as repo:
-                        _commit(repo, targets)
-                    return
+                        return action(repo)
                 except LockError:
                     time.sleep(min(0.5 * (attempt + 1), 5))  # another DVC command holds the repo lock
                 except DvcException as exc:
-                    raise DvcError(f"dvc commit {' '.join(targets)} failed: {exc}") from exc
-        raise DvcError(f"dvc commit: the DVC repository {self.root} stayed locked by another command")
+                    raise DvcError(f"{what} failed: {exc}") from exc
+        raise DvcError(f"{what}: the DVC repository {self.root} stayed locked by another command")
 
 
 def _commit(repo, targets: list[str]) -> None:
@@ -123,7 +139,39 @@ def _commit(repo, targets: list[str]) -> None:
     with lock_repo(repo):
         stages = [info.stage for t in targets for info in repo.stage.collect_granular(t)]
         for stage in stages:
-            stage.save()
-            stage.commit()
+            # allow_missing: an output the retention setting removed keeps its recorded hash
+            # (and DVC's run cache, which hashes deps and outputs, records complete stages only)
+            stage.save(allow_missing=True, run_cache=all(x.exists for x in stage.deps + stage.outs))
+            stage.commit(allow_missing=True)
         if stages:
             stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+
+
+def _object_ids(repo, out) -> set[str]:
+    """The cache objects of one output: its files' md5s (for a directory, from its .dir object)."""
+    import json
+
+    value = out.hash_info.value if out.hash_info else None
+    if not value:
+        return set()
+    if not value.endswith(".dir"):
+        return {value}
+    listing = Path(repo.cache.local.oid_to_path(value))
+    return {entry["md5"] for entry in json.loads(listing.read_text())} if listing.exists() else set()
+
+
+def _evict(repo, paths: list[Path], push: bool) -> None:
+    import shutil
+
+    outs = {Path(out.fs_path): out for stage in repo.index.stages for out in stage.outs}
+    missing = [str(p) for p in paths if p not in outs or not outs[p].hash_info]
+    if missing:
+        raise DvcError(f"{', '.join(missing)}: not recorded in dvc.lock yet; run the flow (it commits each stage) first")
+    if push:
+        repo.push(targets=[str(p) for p in paths])
+    kept = set().union(*(_object_ids(repo, out) for path, out in outs.items() if path not in paths))
+    for path in paths:
+        doomed = _object_ids(repo, outs[path]) - kept  # objects a kept output shares stay (tokenizer, config)
+        shutil.rmtree(path)
+        for oid in doomed:
+            Path(repo.cache.local.oid_to_path(oid)).unlink(missing_ok=True)

@@ -14,7 +14,8 @@ the flow again resumes where it stopped. `rerun` forces named stages (`filter@2`
 their downstream stages then rerun only if their inputs changed. `from_stage` forces a
 stage and everything after it (`reward@2`). Each iteration publishes a Prefect table
 artifact with its metrics. In a DVC repository each finished stage is committed to
-dvc.lock (`dvc`, dashflow/versioning.py), so `dvc status` is clean after the run.
+dvc.lock (`dvc`, dashflow/versioning.py), so `dvc status` is clean after the run. After each
+iteration the retention setting removes the checkpoints it no longer keeps (dashflow/retention.py).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from prefect.cache_policies import NO_CACHE
 
 from dashflow.config import Params, parse_stage_ref, stages_from
 from dashflow.console import print_iteration, print_summary
+from dashflow import retention
 from dashflow.report import write_report
+from dashflow.versioning import Recorder
 from tasks import metrics, store
 from tasks.advantage import advantage_task
-from dashflow.versioning import Recorder
 from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
 from tasks.learn import learn_task
@@ -67,6 +69,9 @@ def dash_rl(
     forced = {parse_stage_ref(r) for r in (rerun or [])} | (stages_from(from_stage, n) if from_stage else set())
     dvc = Recorder(params, params_path, overrides)
     print(dvc.describe())
+    keep = retention.Retention.from_params(params)
+    if keep.active and keep.dvc == "remote":
+        dvc.check_remote()  # before hours of work, not after the first iteration
 
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
@@ -96,6 +101,11 @@ def dash_rl(
             row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
             history.append(row)
             print_iteration(row, cached=all(r["cached"] for r in ran))
+            if keep.active:
+                dvc.flush()  # removed outputs must be in dvc.lock first
+                removed = retention.apply(params, i, dvc)
+                if removed:
+                    print(retention.describe(removed, params.layout.root, pushed=dvc.enabled and keep.dvc == "remote"))
         dvc.flush()
         summary = metrics.run_summary(params, history)
         summary["report"] = report_task(params.layout.root)

@@ -22,8 +22,10 @@ or gradient stops the stage before anything is written, so a good checkpoint is 
 replaced by a bad one.
 
 Inputs : iter-i/kept (or iter-i/reference when the KL penalty is on; the prompts in SFT
-         mode), the policy written by iteration i-1 (with optimizer.pt after the first)
-Output : iter-i/policy/ (model.safetensors, config, tokenizer, optimizer.pt)
+         mode), the policy and optimizer state written by iteration i-1 (none before the first)
+Output : iter-i/policy/ (model.safetensors, config, tokenizer) and iter-i/optimizer/
+         (optimizer.pt, AdamW's state: twice the weights' size, needed only by the next
+         learn, so the retention setting can drop old ones while keeping the policies)
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     with_kl = reference.needed(params, iteration)
     src = layout.stage_dir("reference" if with_kl else "filter", iteration)
     prev = layout.policy(iteration - 1)
+    prev_opt = layout.optimizer(iteration - 1)  # None before the first iteration
     label = f"learn@{iteration}"
     aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
     kl_fn = algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
@@ -121,9 +124,11 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label))
         if len(batch) == 0:
             print(f"{label}: no rows kept after filtering -- no update; the policy is passed on unchanged")
-            for f in prev.iterdir():
-                if f.is_file() and f.name != store.MANIFEST:
-                    store.link_or_copy(f, tmp / f.name)
+            (tmp / "optimizer").mkdir()
+            for src_dir, dst_dir in ((prev, tmp), (prev_opt, tmp / "optimizer")):
+                for f in src_dir.iterdir() if src_dir else ():
+                    if f.is_file() and f.name != store.MANIFEST:
+                        store.link_or_copy(f, dst_dir / f.name)
             return {"stats": {"updated": False, "reason": "no rows kept", "rows": 0}, "timing": {"work_s": 0.0}}
 
         device = policy_mod.pick_device(params["run"]["device"])
@@ -131,8 +136,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
                                       weight_decay=cfg["weight_decay"])
-        if (prev / OPTIMIZER_FILE).exists():
-            optimizer.load_state_dict(torch.load(prev / OPTIMIZER_FILE, map_location=device))
+        if prev_opt is not None and (prev_opt / OPTIMIZER_FILE).exists():
+            optimizer.load_state_dict(torch.load(prev_opt / OPTIMIZER_FILE, map_location=device))
         plan = algorithms.plan_steps(batch.groups, cfg["update"], int(cfg["steps"]))
         t1 = time.perf_counter()
 
@@ -211,7 +216,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / "optimizer").mkdir()
+        torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
         names = ("loss", "grad_norm", "entropy", "clip_fraction", "approx_kl_to_sampling",
                  "sampler_mismatch", "tis_weight", "kl_to_reference")
         return {
@@ -222,7 +228,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             "timing": {"load_s": t1 - t0, "work_s": t2 - t1, "save_s": time.perf_counter() - t2},
         }
 
-    inputs = {"policy": prev, **({"prompts": layout.base / "prompts"} if sft else {"kept": src})}
+    inputs = {"policy": prev, **({"optimizer": prev_opt} if prev_opt else {}),
+              **({"prompts": layout.base / "prompts"} if sft else {"kept": src})}
     slice_ = {"learn": cfg, "temperature": temperature, "dtype": params["model"]["dtype"],
               "max_new_tokens": sample_cfg["max_new_tokens"]}
     if sft:
@@ -230,7 +237,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     return store.run_stage(
         "learn", iteration, layout.stage_dir("learn", iteration), inputs=inputs, params=slice_,
         code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, problems, schema),
-        build=build, force=force,
+        build=build, force=force, side={"optimizer": layout.optimizer(iteration)},
     )
 
 

@@ -9,6 +9,12 @@ parameter slice and the code version -- and every output file's sha256, size and
 their recorded sizes; otherwise it builds the output in a temporary sibling directory and
 renames it into place only when complete, so a crash (Ctrl-C, kill -9) never leaves a
 half-written stage that looks finished, and a failed rerun never replaces a good output.
+
+A stage may write a second output directory beside its main one (`side`: the learner's
+optimizer state), with its own manifest under the same key. An output removed by the
+retention setting (dashflow/retention.py) leaves a pruned record `<dir>.pruned.json` (its
+manifest, plus why): the stage still counts as finished and its digest still feeds the
+keys downstream, but a stage that must read the files stops with how to restore them.
 """
 
 from __future__ import annotations
@@ -51,18 +57,36 @@ class Manifest:
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)     # input name -> digest
     created: str = ""
+    pruned: str = ""                     # why the files were removed (only in a pruned record)
     cached: bool = False                 # set when this call skipped the stage (not persisted)
 
     def to_json(self) -> str:
         data = asdict(self)
         data.pop("cached")
+        if not data["pruned"]:
+            data.pop("pruned")
         return json.dumps(data, indent=2, sort_keys=True, default=float)
 
 
+def pruned_record(directory: Path) -> Path:
+    directory = Path(directory)
+    return directory.parent / f"{directory.name}.pruned.json"
+
+
+def write_pruned_record(directory: Path, why: str) -> None:
+    """Record that a finished output's files are being removed (retention): its manifest and why."""
+    manifest = require_output(directory, needed_by="retention")
+    manifest.pruned = why
+    write_json(pruned_record(directory), json.loads(manifest.to_json()))
+
+
 def read_manifest(directory: Path) -> Manifest | None:
+    """The output's manifest; for an output the retention setting removed, its pruned record."""
     path = Path(directory) / MANIFEST
     if not path.exists():
-        return None
+        path = pruned_record(directory)
+        if not path.exists():
+            return None
     try:
         data = json.loads(path.read_text())
         return Manifest(**data)
@@ -103,7 +127,10 @@ def stage_key(stage: str, iteration: int | None, inputs: dict[str, str], params:
 
 
 def outputs_verify(directory: Path, manifest: Manifest) -> bool:
-    """Every recorded output file is present with its recorded size (cheap; no rehash)."""
+    """Every recorded output file is present with its recorded size (cheap; no rehash);
+    a pruned output counts as present (its record keeps what it held)."""
+    if manifest.pruned:
+        return True
     for name, info in manifest.outputs.items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != info["bytes"]:
@@ -140,58 +167,95 @@ def run_stage(
     build: Callable[[Path], dict],
     force: bool = False,
     extra_inputs: dict[str, str] | None = None,
+    side: dict[str, Path] | None = None,
 ) -> Manifest:
     """Run `build(tmp_dir)` unless `out_dir` already holds this exact stage result.
 
     inputs: name -> upstream stage directory (its manifest digest enters the key).
     extra_inputs: name -> a digest of something that is not a stage output (e.g. a source file).
     build: writes the output files into tmp_dir and returns {"stats": {...}, "timing": {...}}.
+    side: name -> a second output directory; build writes its files into tmp_dir/<name>/,
+    and it lands (with its own manifest, same key) just before the main output.
     """
     out_dir = Path(out_dir)
+    side = {name: Path(path) for name, path in (side or {}).items()}
     label = stage if iteration is None or iteration < 0 else f"{stage}@{iteration}"
-    input_digests = {name: require_output(path, needed_by=label).digest for name, path in inputs.items()}
+    manifests = {name: require_output(path, needed_by=label) for name, path in inputs.items()}
+    input_digests = {name: m.digest for name, m in manifests.items()}
     input_digests.update(extra_inputs or {})
     key = stage_key(stage, iteration, input_digests, params, code)
 
-    existing = read_manifest(out_dir)
-    if existing is not None and existing.key == key and not force and outputs_verify(out_dir, existing):
+    def done(directory: Path) -> Manifest | None:
+        found = read_manifest(directory)
+        return found if found is not None and found.key == key and outputs_verify(directory, found) else None
+
+    existing = done(out_dir)
+    if existing is not None and not force and all(done(path) for path in side.values()):
         existing.cached = True
         return existing
+    for name, m in manifests.items():
+        if m.pruned:
+            raise StageError(
+                f"{label}: input {inputs[name]} was removed by the retention setting ({m.pruned}); restore it "
+                f"with `dvc pull {inputs[name]}` (or `dvc checkout` while the DVC cache holds it), "
+                "or keep more checkpoints (params.yaml `retention:`)")
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    old = out_dir.parent / f".{out_dir.name}.old"
     _remove(tmp)
-    _remove(old)
+    for path in side.values():
+        _remove(path.parent / f".{path.name}.tmp")
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
         result = build(tmp) or {}
+        landing = {}
+        for name, path in side.items():
+            staged = path.parent / f".{path.name}.tmp"
+            if not (tmp / name).is_dir():
+                raise StageError(f"{label}: wrote no {name}/ output")
+            os.replace(tmp / name, staged)
+            landing[path] = staged
     except BaseException:
         _remove(tmp)  # nothing half-written survives; the previous output (if any) is untouched
+        for path in side.values():
+            _remove(path.parent / f".{path.name}.tmp")
         raise
-    outputs = _describe_outputs(tmp)
     timing = dict(result.get("timing", {}))
     timing["total_s"] = time.perf_counter() - started
-    manifest = Manifest(
-        stage=stage,
-        iteration=iteration,
-        key=key,
-        outputs=outputs,
-        digest=_hash_json({n: o["sha256"] for n, o in outputs.items()}),
-        timing=timing,
-        stats=result.get("stats", {}),
-        params=params,
-        inputs=input_digests,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
-    (tmp / MANIFEST).write_text(manifest.to_json())
-    _fsync_dir(tmp)
-    # Swap into place: the finished output is either the old one or the new one, never a mix.
+    fields = dict(stage=stage, iteration=iteration, key=key, params=params, inputs=input_digests,
+                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    for staged in landing.values():
+        _seal(staged, Manifest(**fields, **_contents(staged)))
+    manifest = Manifest(**fields, **_contents(tmp), timing=timing, stats=result.get("stats", {}))
+    _seal(tmp, manifest)
+    # Swap into place: each finished output is either the old one or the new one, never a
+    # mix; the main output (whose manifest says the stage is done) lands last.
+    for path, staged in landing.items():
+        _swap(staged, path)
+    _swap(tmp, out_dir)
+    return manifest
+
+
+def _contents(directory: Path) -> dict:
+    outputs = _describe_outputs(directory)
+    return {"outputs": outputs, "digest": _hash_json({n: o["sha256"] for n, o in outputs.items()})}
+
+
+def _seal(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST).write_text(manifest.to_json())
+    _fsync_dir(directory)
+
+
+def _swap(staged: Path, out_dir: Path) -> None:
+    old = out_dir.parent / f".{out_dir.name}.old"
+    _remove(old)
     if out_dir.exists():
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    os.replace(staged, out_dir)
     _remove(old)
-    return manifest
+    record = pruned_record(out_dir)
+    if record.exists():
+        record.unlink()  # the output is back: its record is stale
 
 
 def _fsync_dir(directory: Path) -> None:

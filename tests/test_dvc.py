@@ -200,3 +200,41 @@ def test_recording_is_refused_with_the_reason_and_the_fix(tmp_path):
     assert not auto.enabled and "filter.threshold" in auto.reason and "dvc exp run -S" in auto.reason
     # overrides no stage depends on do not stop recording
     assert Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"run.iterations": 2}, root=ROOT).enabled
+
+
+def _cache_object(repo: Path, path: Path) -> Path:
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+
+
+def test_retention_removes_old_checkpoints_and_keeps_dvc_consistent(repo):
+    # back to the committed run (an earlier test changed params.yaml and reran filter@1)
+    sh(repo, "git", "checkout", "params.yaml", "dvc.lock")
+    dvc(repo, "checkout")
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    policy0, optimizer0 = repo / RUN / "iter-0000/policy", repo / RUN / "iter-0000/optimizer"
+    weights, state = _cache_object(repo, policy0 / "model.safetensors"), _cache_object(repo, optimizer0 / "optimizer.pt")
+    shared = _cache_object(repo, policy0 / "tokenizer.json")  # the same bytes in every policy
+    before = digests(optimizer0)
+    assert weights.exists() and state.exists() and shared.exists()
+
+    out = sh(repo, "dashflow", "prune", "--set", "retention.policies=1", "--set", "retention.optimizers=1").stdout
+    assert "retention: removed iter-0000/policy, iter-0000/optimizer" in out and "dvc pull" in out
+    # gone from the workspace and the local cache; objects a kept policy shares stay
+    assert not policy0.exists() and not optimizer0.exists() and not weights.exists() and not state.exists()
+    assert shared.exists() and (repo / RUN / "iter-0001/policy/model.safetensors").exists()
+    # dvc.lock keeps the hashes: status names exactly the removed outputs and the stages reading them
+    status = json.loads(dvc(repo, "status", "--json").stdout)
+    assert set(status) == {"learn@0", "sample@1", "learn@1", "metrics@0"}, status
+    assert set(status["learn@0"][0]["changed outs"].values()) == {"not in cache"}
+    assert "modified" not in json.dumps(status)
+    assert "Running stage" not in dvc(repo, "repro", "--allow-missing", "--dry").stdout
+    # the flow skips every stage over the pruned records and records nothing new
+    lock = (repo / "dvc.lock").read_text()
+    manifests = {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")}
+    run_flow(repo)
+    assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
+    assert (repo / "dvc.lock").read_text() == lock
+    # the default remote held them: pull brings the optimizer state back byte for byte
+    dvc(repo, "pull", str(RUN / "iter-0000/optimizer"))
+    assert digests(optimizer0) == before

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import tiny_params
 from tasks import policy as policy_mod
@@ -104,10 +105,14 @@ def test_filter_keeps_rows_above_threshold(run0):
 def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     params, m = run0
     out = params.layout.policy(0)
-    assert {"model.safetensors", "config.json", learn.OPTIMIZER_FILE} <= {p.name for p in out.iterdir()}
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(out)
+    assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
+    assert learn.OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
+    # the AdamW state lands in its own output, under the same stage key
+    opt = store.read_manifest(params.layout.optimizer(0))
+    assert opt.key == m["learn"].key and list(opt.outputs) == [learn.OPTIMIZER_FILE]
+    state = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
+    assert len(state["state"]) == sum(1 for _ in AutoModelForCausalLM.from_pretrained(out).parameters()) \
+        or not m["learn"].stats["updated"]
     if m["filter"].stats["rows_kept"]:
         assert m["learn"].stats["updated"] is True
 

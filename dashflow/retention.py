@@ -1,0 +1,115 @@
+"""Retention: which old checkpoints and optimizer states stay on disk (params.yaml `retention:`).
+
+Each iteration's learner writes two outputs: iter-i/policy (the weights) and iter-i/optimizer
+(AdamW's state, twice the weights' size, read only by the next learn). With
+`retention.policies: N` only the last N policies stay, plus every evaluated one and the
+base; with `retention.optimizers: M` only the last M optimizer states. The next iteration
+needs the last of each, so N and M are at least 1.
+
+A removed output leaves a pruned record `<dir>.pruned.json` (its manifest and why), so the
+stage still counts as finished: a resumed run skips it and downstream keys do not change.
+A stage that has to read a removed output (a forced rerun) stops and says how to restore it.
+
+In a DVC-recorded run, dvc.lock keeps the output's hashes; the files also leave the local
+DVC cache (with hard links that is what frees the disk), except objects another kept output
+still uses. `retention.dvc: remote` pushes the output to the default DVC remote first, so
+`dvc pull PATH` restores it byte for byte; `drop` deletes it for good. Either way
+`dvc status` lists the removed outputs as deleted, and `dvc repro --allow-missing` (or
+`dvc exp run --allow-missing`) treats their stages as up to date.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from dashflow.config import Params, ParamsError
+from tasks import store
+
+SETTING = {"policy": "policies", "optimizer": "optimizers"}
+
+
+@dataclass(frozen=True)
+class Retention:
+    policies: int | None      # None = keep all
+    optimizers: int | None
+    dvc: str                  # remote | drop
+
+    @classmethod
+    def from_params(cls, params: Params) -> "Retention":
+        section = params.tree.get("retention") or {}
+        mode = str(section.get("dvc", "remote"))
+        if mode not in ("remote", "drop"):
+            raise ParamsError(f"retention.dvc must be remote or drop, not {mode!r}")
+        return cls(_count(section, "policies"), _count(section, "optimizers"), mode)
+
+    @property
+    def active(self) -> bool:
+        return self.policies is not None or self.optimizers is not None
+
+
+def _count(section: dict, key: str) -> int | None:
+    value = section.get(key, "all")
+    if value in ("all", None):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ParamsError(f"retention.{key} must be `all` or a whole number >= 1 (the next iteration "
+                          f"reads the last one), not {value!r}")
+    return value
+
+
+def to_prune(done: int, evaluated: Iterable[int], policies: int | None, optimizers: int | None) -> list[tuple[str, int]]:
+    """(kind, iteration) of every output to remove once iterations 0..done have learned:
+    policies older than the last `policies` that are not evaluated; optimizer states older
+    than the last `optimizers`. The base policy (iteration -1) is never removed."""
+    out = []
+    if policies is not None:
+        keep = set(range(done - policies + 1, done + 1)) | set(evaluated)
+        out += [("policy", i) for i in range(done + 1) if i not in keep]
+    if optimizers is not None:
+        out += [("optimizer", i) for i in range(done - optimizers + 1)]
+    return out
+
+
+def output_dir(params: Params, kind: str, i: int) -> Path:
+    return params.layout.policy(i) if kind == "policy" else params.layout.optimizer(i)
+
+
+def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
+    """Remove what the retention setting no longer keeps after iteration `done`.
+    Returns (directory, bytes) of each output removed now (already removed ones are skipped).
+    `recorder`: the run's versioning.Recorder; when it records in DVC, the removal keeps
+    dvc.lock and the DVC cache consistent (see the module docstring)."""
+    rule = Retention.from_params(params)
+    if not rule.active:
+        return []
+    evaluated = [i for i in range(done + 1) if params.evaluated(i)]
+    doomed = []
+    for kind, i in to_prune(done, evaluated, rule.policies, rule.optimizers):
+        directory = output_dir(params, kind, i)
+        manifest = store.read_manifest(directory)
+        if manifest is None or manifest.pruned:
+            continue  # never finished, or already removed
+        doomed.append((directory, f"retention.{SETTING[kind]}: {getattr(rule, SETTING[kind])}, "
+                                  f"removed after iteration {done}"))
+    if not doomed:
+        return []
+    sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d, _ in doomed]
+    for directory, why in doomed:
+        # the record lands before anything is removed: after a crash in between the output's
+        # own manifest wins, and the next prune removes it again
+        store.write_pruned_record(directory, why)
+    if recorder is not None and recorder.enabled:
+        recorder.evict([d for d, _ in doomed], push=rule.dvc == "remote")
+    else:
+        for directory, _ in doomed:
+            shutil.rmtree(directory)
+    return [(d, n) for (d, _), n in zip(doomed, sizes)]
+
+
+def describe(removed: list[tuple[Path, int]], root: Path, pushed: bool) -> str:
+    where = " (in the DVC remote: `dvc pull PATH` restores)" if pushed else ""
+    names = ", ".join(str(d.relative_to(root)) for d, _ in removed)
+    return f"retention: removed {names}, {sum(n for _, n in removed) / 1e9:.2f} GB{where}"

@@ -1,0 +1,64 @@
+"""Retention of old checkpoints and optimizer states (params.yaml `retention:`): which
+outputs go (hand-worked cases), and a real tiny flow run that removes them, resumes over
+them and refuses to rebuild from them. DVC's side is in test_dvc.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, TINY, tiny_params
+from dashflow.config import Params, ParamsError
+from dashflow.retention import Retention, to_prune
+from tasks import learn, store
+
+
+def test_to_prune_keeps_the_last_n_and_every_evaluated_policy():
+    # after iteration 4, policies 2, evaluated 1 and 3: keep 3, 4 (last two) and 1 -> remove 0, 2
+    # optimizers 1: keep 4 -> remove 0..3
+    assert to_prune(4, [1, 3], policies=2, optimizers=1) == [
+        ("policy", 0), ("policy", 2), ("optimizer", 0), ("optimizer", 1), ("optimizer", 2), ("optimizer", 3)]
+    assert to_prune(4, [], policies=None, optimizers=None) == []
+    assert to_prune(0, [], policies=1, optimizers=1) == []          # the first iteration's outputs are the last
+    assert to_prune(2, [], policies=5, optimizers=3) == []          # fewer iterations than kept
+
+
+@pytest.mark.parametrize("value", [0, -1, "two", 1.5, True])
+def test_retention_counts_must_be_all_or_at_least_one(value):
+    params = Params.load(ROOT / "params.yaml", {"retention.optimizers": value})
+    with pytest.raises(ParamsError, match=r"retention.optimizers must be `all` or a whole number >= 1"):
+        Retention.from_params(params)
+    with pytest.raises(ParamsError, match=r"retention.dvc must be remote or drop"):
+        Retention.from_params(Params.load(ROOT / "params.yaml", {"retention.dvc": "keep"}))
+
+
+@pytest.mark.slow
+def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(prefect_server, tmp_path):
+    from flows.dash_rl import dash_rl
+
+    keep = {"retention.policies": 1, "retention.optimizers": 1, "dvc.track": "off"}
+    overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": "tiny"}, **keep)
+    dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
+    params = tiny_params(tmp_path, **keep)
+    layout = params.layout
+    # 2 iterations, evaluated: base and 1. Policy 0 is neither the last nor evaluated; optimizer 0 is not the last.
+    assert not layout.policy(0).exists() and not layout.optimizer(0).exists()
+    assert (layout.policy(1) / "model.safetensors").exists() and (layout.optimizer(1) / learn.OPTIMIZER_FILE).exists()
+    assert (layout.policy(-1) / "model.safetensors").exists()
+    record = json.loads(store.pruned_record(layout.policy(0)).read_text())
+    assert record["stage"] == "learn" and record["iteration"] == 0 and "model.safetensors" in record["outputs"]
+    assert record["pruned"] == "retention.policies: 1, removed after iteration 1"
+    # the record stands in for the output: its digest still feeds sample@1's key, so a rerun skips everything
+    manifests = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("_manifest.json")}
+    dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("_manifest.json")} == manifests
+    # a stage that must read a removed output stops, naming it and how to restore it
+    with pytest.raises(store.StageError, match=r"iter-0000/policy was removed by the retention setting .* `dvc pull"):
+        learn.run(params, 1, force=True)
+    assert (layout.policy(1) / "model.safetensors").exists()  # and the good checkpoint stays
+    # rebuilding a removed output brings it back and drops its record
+    again = learn.run(params, 0, force=True)
+    assert again.digest == record["digest"]  # same inputs, same seed, same bytes
+    assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists()
+    assert not store.pruned_record(layout.policy(0)).exists() and not store.pruned_record(layout.optimizer(0)).exists()
