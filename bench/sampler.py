@@ -65,7 +65,7 @@ def main(
     path = base_policy_path(cfg["model.name"])
     dev = policy.pick_device("cuda" if gpu else device)
     model, tokenizer = policy.load_model(path, dev, cfg["model.dtype"]), policy.load_tokenizer(path)
-    stops = set(policy.stop_token_ids(tokenizer, model))
+    stops = set(policy.stop_token_ids(tokenizer, model.generation_config))
     all_prompts = arithmetic_prompts(tokenizer, max(sizes))
     rows = []
     for b in sizes:

@@ -28,7 +28,8 @@ from filelock import FileLock
 from dashflow.config import ParamsError
 
 # overrides that no DVC stage depends on: they change how a run executes, not what it computes
-NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.", "retention.")
+NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.", "retention.", "sample.workers", "sample.ray_address",
+           "sample.worker_gpus", "sample.worker_retries", "sample.tensor_parallel", "learn.launcher", "learn.nproc")
 
 
 class DvcError(RuntimeError):

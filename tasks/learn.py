@@ -30,11 +30,16 @@ Output : iter-i/policy/ (model.safetensors, config, tokenizer) and iter-i/optimi
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -99,139 +104,54 @@ class Tally:
         return self.sums[name] / self.counts[name] if self.counts.get(name) else None
 
 
-def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
+
+class Context(NamedTuple):
+    """What one learn@i reads and how, derived from the parameters."""
+
+    layout: object
+    cfg: dict
+    sample_cfg: dict
+    sft: bool
+    temperature: float
+    with_kl: bool
+    src: Path
+    prev: Path
+    prev_opt: Path | None
+    label: str
+
+
+def context(params: Params, iteration: int) -> Context:
     layout = params.layout
     cfg = params.stage("learn", iteration)
     sample_cfg = params.stage("sample", iteration)
     sft = cfg["mode"] == "sft"
     if cfg["mode"] not in ("rl", "sft"):
         raise store.StageError(f"learn@{iteration}: unknown learn.mode {cfg['mode']!r}; choose rl or sft")
-    temperature = 1.0 if sft else sample_cfg["temperature"]
+    if cfg.get("launcher", "local") not in ("local", "torchrun"):
+        raise store.StageError(f"learn@{iteration}: unknown learn.launcher {cfg['launcher']!r}; choose local or torchrun")
     with_kl = reference.needed(params, iteration)
-    src = layout.stage_dir("reference" if with_kl else "filter", iteration)
-    prev = layout.policy(iteration - 1)
-    prev_opt = layout.optimizer(iteration - 1)  # None before the first iteration
-    label = f"learn@{iteration}"
-    aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
-    kl_fn = algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
+    return Context(layout, cfg, sample_cfg, sft, 1.0 if sft else sample_cfg["temperature"], with_kl,
+                   layout.stage_dir("reference" if with_kl else "filter", iteration),
+                   layout.policy(iteration - 1), layout.optimizer(iteration - 1), f"learn@{iteration}")
+
+
+# How the learner runs, not what it computes: not part of the stage key.
+EXECUTION_ONLY = ("launcher", "nproc")
+
+
+def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
+    layout, cfg, sample_cfg, sft, temperature, with_kl, src, prev, prev_opt, label = context(params, iteration)
+    nproc = int(cfg.get("nproc") or 1)
 
     def build(tmp: Path) -> dict:
-        t0 = time.perf_counter()
-        tokenizer = policy_mod.load_tokenizer(prev)
-        if sft:
-            batch = sft_batch(params, iteration, tokenizer)
-        else:
-            batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label))
-        if len(batch) == 0:
-            print(f"{label}: no rows kept after filtering -- no update; the policy is passed on unchanged")
-            (tmp / "optimizer").mkdir()
-            for src_dir, dst_dir in ((prev, tmp), (prev_opt, tmp / "optimizer")):
-                for f in src_dir.iterdir() if src_dir else ():
-                    if f.is_file() and f.name != store.MANIFEST:
-                        store.link_or_copy(f, dst_dir / f.name)
-            return {"stats": {"updated": False, "reason": "no rows kept", "rows": 0}, "timing": {"work_s": 0.0}}
-
-        device = policy_mod.pick_device(params["run"]["device"])
-        model = policy_mod.load_model(prev, device, params["model"]["dtype"])
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                      weight_decay=cfg["weight_decay"])
-        if prev_opt is not None and (prev_opt / OPTIMIZER_FILE).exists():
-            optimizer.load_state_dict(torch.load(prev_opt / OPTIMIZER_FILE, map_location=device))
-        plan = algorithms.plan_steps(batch.groups, cfg["update"], int(cfg["steps"]))
-        t1 = time.perf_counter()
-
-        tally = Tally()
-        old = None
-        if len(plan) > 1 and not sft:
-            # the sampling policy's log-probs, once, before the first step changes the weights
-            model.eval()
-            old = policy_mod.completion_logprobs(
-                model, batch.prompts, batch.completions, pad_id=tokenizer.pad_token_id, temperature=temperature,
-                token_budget=cfg["micro_batch_tokens"], desc=f"{label} old log-probs")
-            model.train()
-            _tally_mismatch(tally, old, batch.sampler_logprobs)
-        seen: set[int] = set()
-        tokens_seen = 0
-        bar = tqdm(total=sum(len(s) for s in plan), desc=label, unit="seq", leave=False)
-        for rows in plan:
-            consts = {"num_sequences": len(rows), "num_tokens": sum(len(batch.completions[i]) for i in rows),
-                      "max_new_tokens": sample_cfg["max_new_tokens"]}
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            lengths = [len(batch.prompts[i]) + len(batch.completions[i]) for i in rows]
-            for micro in algorithms.pack_by_tokens(lengths, cfg["micro_batch_tokens"]):
-                idx = [rows[j] for j in micro]
-                ps = [batch.prompts[i] for i in idx]
-                input_ids, attention, targets, mask = policy_mod.collate(
-                    ps, [batch.completions[i] for i in idx], tokenizer.pad_token_id)
-                width = mask.shape[1]
-                values = lambda lists: policy_mod.place([lists[i] for i in idx], ps, width).to(device)  # noqa: E731
-                mask = mask.to(device)
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
-                # entropy is a metric, over the completion tokens of rows not yet counted
-                first = torch.tensor([i not in seen for i in idx], dtype=mask.dtype, device=device)
-                fm = mask * first[:, None]
-                logp, ent = algorithms.token_logprobs_and_entropy(logits, targets.to(device), temperature, fm.bool())
-                if ent.numel():
-                    tally.add("entropy", ent.sum(), fm.sum())
-                if sft:
-                    per_token = -logp
-                else:
-                    old_lp = logp.detach() if old is None else values(old)
-                    per_token, clipped = algorithms.clipped_surrogate(
-                        logp, old_lp, batch.advantages[idx].to(device), cfg["clip_eps"], cfg["clip_eps_high"])
-                    with torch.no_grad():
-                        tally.add("clip_fraction", (clipped.float() * mask).sum(), mask.sum())
-                        tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp) * mask).sum(), mask.sum())
-                    if old is None:
-                        _tally_mismatch(tally, policy_mod.take(logp.detach().cpu(), mask.cpu(), ps),
-                                        [batch.sampler_logprobs[i] for i in idx])
-                    if cfg["tis_cap"]:
-                        weights = algorithms.tis_weights(old_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
-                        per_token = per_token * weights
-                        with torch.no_grad():
-                            tally.add("tis_weight", (weights * mask).sum(), mask.sum())
-                    if with_kl:
-                        kl = kl_fn(logp, values(batch.ref_logprobs))
-                        per_token = per_token + float(cfg["kl_coef"]) * kl
-                        with torch.no_grad():
-                            tally.add("kl_to_reference", (kl * mask).sum(), mask.sum())
-                loss = aggregate(per_token, mask, **consts)
-                loss.backward()
-                step_loss += loss.item()
-                tokens_seen += int(attention.sum())
-                seen.update(idx)
-                bar.update(len(idx))
-            max_norm = cfg["max_grad_norm"] or float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                raise store.StageError(f"{label}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
-                                       f"the previous checkpoint {prev} is kept and nothing is written")
-            optimizer.step()
-            tally.add("loss", step_loss, 1)
-            tally.add("grad_norm", grad_norm, 1)
-        bar.close()
-        t2 = time.perf_counter()
-
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "optimizer").mkdir()
-        torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
-        names = ("loss", "grad_norm", "entropy", "clip_fraction", "approx_kl_to_sampling",
-                 "sampler_mismatch", "tis_weight", "kl_to_reference")
-        return {
-            "stats": {"updated": True, "mode": cfg["mode"], "rows": len(batch), "optimizer_steps": len(plan),
-                      "completion_tokens": sum(len(c) for c in batch.completions),
-                      **{n: tally.mean(n) for n in names},
-                      "tokens_per_s": tokens_seen / max(t2 - t1, 1e-9)},
-            "timing": {"load_s": t1 - t0, "work_s": t2 - t1, "save_s": time.perf_counter() - t2},
-        }
+        if cfg.get("launcher") == "torchrun":
+            return launch_torchrun(params, iteration, tmp, nproc)
+        return train(params, iteration, tmp)
 
     inputs = {"policy": prev, **({"optimizer": prev_opt} if prev_opt else {}),
               **({"prompts": layout.base / "prompts"} if sft else {"kept": src})}
-    slice_ = {"learn": cfg, "temperature": temperature, "dtype": params["model"]["dtype"],
-              "max_new_tokens": sample_cfg["max_new_tokens"]}
+    slice_ = {"learn": {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}, "temperature": temperature,
+              "dtype": params["model"]["dtype"], "max_new_tokens": sample_cfg["max_new_tokens"]}
     if sft:
         slice_.update(prompts_per_iteration=sample_cfg["prompts_per_iteration"], seed=params["run"]["seed"])
     return store.run_stage(
@@ -239,6 +159,151 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, problems, schema),
         build=build, force=force, side={"optimizer": layout.optimizer(iteration)},
     )
+
+
+def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int = 1) -> dict:
+    """The update, written into tmp (policy files) and tmp/optimizer. With world > 1 this is
+    one rank of a torch.distributed job (see launch_torchrun): the rank computes the
+    gradients of the rows of its own kept shards (shard k belongs to rank k % world), DDP
+    sums them across ranks at each optimizer step, and rank 0 writes the checkpoint."""
+    layout, cfg, sample_cfg, sft, temperature, with_kl, src, prev, prev_opt, label = context(params, iteration)
+    aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
+    kl_fn = algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
+    t0 = time.perf_counter()
+    tokenizer = policy_mod.load_tokenizer(prev)
+    if sft:
+        batch = sft_batch(params, iteration, tokenizer)
+    else:
+        batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label))
+    if len(batch) == 0:
+        print(f"{label}: no rows kept after filtering -- no update; the policy is passed on unchanged")
+        if rank > 0:
+            return {}
+        (tmp / "optimizer").mkdir()
+        for src_dir, dst_dir in ((prev, tmp), (prev_opt, tmp / "optimizer")):
+            for f in src_dir.iterdir() if src_dir else ():
+                if f.is_file() and f.name != store.MANIFEST:
+                    store.link_or_copy(f, dst_dir / f.name)
+        return {"stats": {"updated": False, "reason": "no rows kept", "rows": 0}, "timing": {"work_s": 0.0}}
+
+    device = policy_mod.pick_device(params["run"]["device"])
+    model = policy_mod.load_model(prev, device, params["model"]["dtype"])
+    model.train()
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    owner = row_owners(batch, src, world, sft)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                  weight_decay=cfg["weight_decay"])
+    if prev_opt is not None and (prev_opt / OPTIMIZER_FILE).exists():
+        optimizer.load_state_dict(torch.load(prev_opt / OPTIMIZER_FILE, map_location=device))
+    plan = algorithms.plan_steps(batch.groups, cfg["update"], int(cfg["steps"]))
+    t1 = time.perf_counter()
+
+    tally = Tally()
+    old = None
+    if len(plan) > 1 and not sft:
+        # the sampling policy's log-probs, once, before the first step changes the weights
+        model.eval()
+        old = policy_mod.completion_logprobs(
+            model, batch.prompts, batch.completions, pad_id=tokenizer.pad_token_id, temperature=temperature,
+            token_budget=cfg["micro_batch_tokens"], desc=f"{label} old log-probs")
+        model.train()
+        _tally_mismatch(tally, old, batch.sampler_logprobs)
+    seen: set[int] = set()
+    tokens_seen = 0
+    bar = tqdm(total=sum(len(s) for s in plan), desc=label, unit="seq", leave=False, disable=rank > 0)
+    for rows in plan:
+        # the step's constants are those of all its rows, on every rank: the ranks' losses add up to the step's
+        consts = {"num_sequences": len(rows), "num_tokens": sum(len(batch.completions[i]) for i in rows),
+                  "max_new_tokens": sample_cfg["max_new_tokens"]}
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        mine = [i for i in rows if owner[i] == rank]
+        lengths = [len(batch.prompts[i]) + len(batch.completions[i]) for i in mine]
+        micros = algorithms.pack_by_tokens(lengths, cfg["micro_batch_tokens"])
+        if world > 1 and not micros:  # no rows here this step: join the gradient sum with zeros
+            _zero_backward(net, device)
+        for k, micro in enumerate(micros):
+            idx = [mine[j] for j in micro]
+            # DDP sums (averages, hence x world) the accumulated gradients at the step's last micro-batch
+            sync = nullcontext if world == 1 or k == len(micros) - 1 else net.no_sync
+            ps = [batch.prompts[i] for i in idx]
+            input_ids, attention, targets, mask = policy_mod.collate(
+                ps, [batch.completions[i] for i in idx], tokenizer.pad_token_id)
+            width = mask.shape[1]
+            values = lambda lists: policy_mod.place([lists[i] for i in idx], ps, width).to(device)  # noqa: E731
+            mask = mask.to(device)
+            with sync():
+                logits = net(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
+            # entropy is a metric, over the completion tokens of rows not yet counted
+            first = torch.tensor([i not in seen for i in idx], dtype=mask.dtype, device=device)
+            fm = mask * first[:, None]
+            logp, ent = algorithms.token_logprobs_and_entropy(logits, targets.to(device), temperature, fm.bool())
+            if ent.numel():
+                tally.add("entropy", ent.sum(), fm.sum())
+            if sft:
+                per_token = -logp
+            else:
+                old_lp = logp.detach() if old is None else values(old)
+                per_token, clipped = algorithms.clipped_surrogate(
+                    logp, old_lp, batch.advantages[idx].to(device), cfg["clip_eps"], cfg["clip_eps_high"])
+                with torch.no_grad():
+                    tally.add("clip_fraction", (clipped.float() * mask).sum(), mask.sum())
+                    tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp) * mask).sum(), mask.sum())
+                if old is None:
+                    _tally_mismatch(tally, policy_mod.take(logp.detach().cpu(), mask.cpu(), ps),
+                                    [batch.sampler_logprobs[i] for i in idx])
+                if cfg["tis_cap"]:
+                    weights = algorithms.tis_weights(old_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
+                    per_token = per_token * weights
+                    with torch.no_grad():
+                        tally.add("tis_weight", (weights * mask).sum(), mask.sum())
+                if with_kl:
+                    kl = kl_fn(logp, values(batch.ref_logprobs))
+                    per_token = per_token + float(cfg["kl_coef"]) * kl
+                    with torch.no_grad():
+                        tally.add("kl_to_reference", (kl * mask).sum(), mask.sum())
+            loss = aggregate(per_token, mask, **consts)
+            with sync():
+                (loss * world).backward()
+            step_loss += loss.item()
+            tokens_seen += int(attention.sum())
+            seen.update(idx)
+            bar.update(len(idx))
+        if world > 1:
+            step_loss = _all_sum(step_loss)
+        max_norm = cfg["max_grad_norm"] or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            raise store.StageError(f"{label}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
+                                   f"the previous checkpoint {prev} is kept and nothing is written")
+        optimizer.step()
+        tally.add("loss", step_loss, 1)
+        tally.add("grad_norm", grad_norm, 1)
+    bar.close()
+    t2 = time.perf_counter()
+    if world > 1:
+        tokens_seen = _merge_tallies(tally, tokens_seen)
+        if rank > 0:
+            return {}
+
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "optimizer").mkdir()
+    torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
+    names = ("loss", "grad_norm", "entropy", "clip_fraction", "approx_kl_to_sampling",
+             "sampler_mismatch", "tis_weight", "kl_to_reference")
+    return {
+        "stats": {"updated": True, "mode": cfg["mode"], "rows": len(batch), "optimizer_steps": len(plan),
+                  "completion_tokens": sum(len(c) for c in batch.completions),
+                  **{n: tally.mean(n) for n in names},
+                  "tokens_per_s": tokens_seen / max(t2 - t1, 1e-9)},
+        "timing": {"load_s": t1 - t0, "work_s": t2 - t1, "save_s": time.perf_counter() - t2},
+    }
+
 
 
 def _tally_mismatch(tally: Tally, learner: list[list[float]], sampler: list[list[float]] | None) -> None:
@@ -249,6 +314,83 @@ def _tally_mismatch(tally: Tally, learner: list[list[float]], sampler: list[list
             tally.add("sampler_mismatch", sum(abs(a - b) for a, b in zip(lr[:n], sp[:n])), n)
 
 
+def row_owners(batch: Batch, src: Path, world: int, sft: bool) -> list[int]:
+    """The rank that computes each row's gradient: shard k of the kept rows belongs to rank
+    k % world (SFT rows, which come from no shard, round-robin)."""
+    if world == 1:
+        return [0] * len(batch)
+    if sft:
+        return [i % world for i in range(len(batch))]
+    outputs = store.read_manifest(src).outputs
+    counts = [outputs[name]["rows"] for name in sorted(outputs) if name.endswith(".parquet")]
+    return [k % world for k, n in enumerate(counts) for _ in range(n)]
+
+
+def _zero_backward(net, device) -> None:
+    out = net(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device)).logits
+    (out.sum() * 0.0).backward()
+
+
+def _all_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _merge_tallies(tally: Tally, tokens_seen: int) -> int:
+    """Every rank's metric sums into rank 0's tally; returns the tokens all ranks processed."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (tally.sums, tally.counts, tokens_seen))
+    tally.sums, tally.counts = {}, {}
+    for sums, counts, _ in parts:
+        for name in sums:
+            tally.add(name, sums[name], counts[name])
+    return sum(p[2] for p in parts)
+
+
+def launch_torchrun(params: Params, iteration: int, tmp: Path, nproc: int) -> dict:
+    """Run `train` as `nproc` torch.distributed ranks (torchrun, one host; gloo on CPU, NCCL
+    on CUDA) and return rank 0's result. A failed rank fails the stage; nothing lands."""
+    job = tmp / ".learn-job.json"
+    job.write_text(json.dumps({"params": json.loads(params.to_json()), "iteration": iteration, "out": str(tmp)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tasks.learn", str(job)]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    result = tmp / ".learn-result.json"
+    if proc.returncode != 0 or not result.exists():
+        raise store.StageError(f"learn@{iteration}: torchrun with {nproc} processes failed (exit {proc.returncode}); "
+                               f"the previous checkpoint is kept and nothing is written")
+    return json.loads(result.read_text())
+
+
+def _rank_main(job_path: str) -> None:
+    """Entry point of one torchrun rank (`python -m tasks.learn JOB.json`)."""
+    import torch.distributed as dist
+
+    job = json.loads(Path(job_path).read_text())
+    params = Params(job["params"]["tree"], job["params"]["scoped"])
+    device = policy_mod.pick_device(params["run"]["device"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        params = params.with_overrides({"run.device": f"cuda:{os.environ['LOCAL_RANK']}"})
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        result = train(params, job["iteration"], Path(job["out"]), rank=rank, world=world)
+        if rank == 0:
+            store.write_json(Path(job["out"]) / ".learn-result.json", result)
+    finally:
+        dist.destroy_process_group()
+
+
 # No retries: a learner step must not apply twice (its output only lands when complete,
 # so a rerun after a failure starts again from the previous checkpoint, never on top of a half step).
 learn_task = stage_task(run, "learn")
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

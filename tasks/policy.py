@@ -134,9 +134,10 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
     return tokenizer(question)["input_ids"]
 
 
-def stop_token_ids(tokenizer, model) -> list[int]:
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's EOS plus the model's generation config's EOS ids."""
     ids = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    for source in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         if isinstance(source, int):
             ids.add(source)
         elif source:

@@ -4,6 +4,12 @@ The whole iteration's prompts x G samples go to the sampler at once, in generati
 batches sized by `sample.token_budget` -- independent of the learner's micro-batch.
 This is DASH's preemptive sampling: inference runs at its efficient (large) batch size.
 
+`sample.workers: N > 1` splits the iteration's Parquet shards (whole prompt groups) into
+N jobs that run in parallel on a Ray cluster through Prefect's Ray task runner
+(tasks/scaleout.py); each worker loads the policy once and writes its own shards. Every
+request samples from its own seeded stream (tasks/samplers.py), so N workers give the same
+rows as one. With `workers: 1` the single job runs in this process and Ray is not imported.
+
 Inputs : base/prompts/train.parquet, the policy written by iteration i-1
 Output : iter-i/rollouts/part-*.parquet (schema.ROLLOUTS), whole prompt groups per shard
 """
@@ -13,13 +19,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from dashflow.config import Params
 from tasks import policy as policy_mod
-from tasks import samplers, schema, store
+from tasks import samplers, scaleout, schema, store
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
 
@@ -36,69 +43,128 @@ def sample_seed(seed: int, iteration: int) -> int:
     return seed * 1_000_003 + iteration
 
 
+@dataclass
+class ShardJob:
+    """One worker's share of an iteration: everything it needs, nothing it must look up
+    (absolute paths: a Ray worker's working directory is not the driver's)."""
+
+    label: str
+    policy_dir: str
+    out_dir: str                  # the stage's temporary output directory (shared storage)
+    shards: dict[int, list[dict]]  # shard index -> its rows so far (metadata and request ids)
+    sample: dict                  # the sample stage's parameter slice
+    seed: int
+    device: str
+    dtype: str
+
+
+def sample_shards(job: ShardJob) -> dict:
+    """Generate the job's requests and write each of its shards atomically. A shard already
+    written (by an earlier attempt of this job) is not sampled or written again."""
+    t0 = time.perf_counter()
+    out = Path(job.out_dir)
+    todo = {k: rows for k, rows in job.shards.items() if not (out / store.shard_name(k)).exists()}
+    cfg = job.sample
+    stats = {"rows": 0, "generated_tokens": 0, "stopped": 0, "generation_batches": 0, "load_s": 0.0, "work_s": 0.0}
+    if not todo:
+        return stats
+    sampler, tokenizer = samplers.make_sampler(
+        cfg["backend"], job.policy_dir, device=policy_mod.pick_device(job.device), dtype=job.dtype,
+        token_budget=cfg["token_budget"], max_batch_size=cfg["max_batch_size"],
+        group_size=cfg["samples_per_prompt"] if cfg["batching"] == "per_group" else None,
+        tensor_parallel=cfg.get("tensor_parallel", 1),
+    )
+    rows = [row for k in sorted(todo) for row in todo[k]]
+    requests = [row["prompt_token_ids"] for row in rows]
+    t1 = time.perf_counter()
+    completions = sampler.generate(
+        requests, max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+        seed=job.seed, desc=job.label, request_ids=[row.pop("request_id") for row in rows])
+    t2 = time.perf_counter()
+    for row, comp in zip(rows, completions):
+        row.update(completion_token_ids=comp.token_ids, sampler_logprobs=comp.logprobs,
+                   finish_reason=comp.finish_reason,
+                   completion=tokenizer.decode(comp.token_ids, skip_special_tokens=True))
+    for k in sorted(todo):
+        scaleout.fault_point(job.label, k, out)
+        table = pa.Table.from_pylist(todo[k], schema=schema.ROLLOUTS)
+        store.write_shard(out, k, table, schema.ROLLOUTS, stage=job.label)   # atomic: whole or absent
+    stats.update(rows=len(rows), generated_tokens=sum(len(c.token_ids) for c in completions),
+                 stopped=sum(c.finish_reason == "stop" for c in completions),
+                 generation_batches=len(sampler.batches(requests, cfg["max_new_tokens"]))
+                 if hasattr(sampler, "batches") else None,
+                 load_s=t1 - t0, work_s=t2 - t1)
+    return stats
+
+
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
     cfg = params.stage("sample", iteration)
     seed = params["run"]["seed"]
     policy_dir = layout.policy(iteration - 1)
     prompts_dir = layout.base / "prompts"
+    label = f"sample@{iteration}"
+    workers = int(cfg.get("workers") or 1)
+    if cfg["batching"] not in ("packed", "per_group"):
+        raise store.StageError(f"{label}: unknown sample.batching {cfg['batching']!r}; choose packed or per_group")
+    if workers < 1:
+        raise store.StageError(f"{label}: sample.workers must be >= 1, not {workers}")
 
     def build(tmp: Path) -> dict:
         t0 = time.perf_counter()
-        policy_version = store.require_output(policy_dir, needed_by=f"sample@{iteration}").digest[:16]
-        sampler, tokenizer = samplers.make_sampler(
-            cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
-            dtype=params["model"]["dtype"], token_budget=cfg["token_budget"], max_batch_size=cfg["max_batch_size"],
-            group_size=cfg["samples_per_prompt"] if cfg["batching"] == "per_group" else None,
-        )
-        if cfg["batching"] not in ("packed", "per_group"):
-            raise store.StageError(f"sample@{iteration}: unknown sample.batching {cfg['batching']!r}; "
-                                   "choose packed or per_group")
+        policy_version = store.require_output(policy_dir, needed_by=label).digest[:16]
+        tokenizer = policy_mod.load_tokenizer(policy_dir)
         chosen = iteration_prompts(read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"], seed)
         g = cfg["samples_per_prompt"]
-        prompt_ids = [policy_mod.chat_prompt(tokenizer, row["prompt"]) for row in chosen]
-        requests = [prompt_ids[p] for p in range(len(chosen)) for _ in range(g)]
-        t1 = time.perf_counter()
-        completions = sampler.generate(
-            requests, max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-            seed=sample_seed(seed, iteration), desc=f"sample@{iteration}",
-        )
-        t2 = time.perf_counter()
         rows = []
-        for n, comp in enumerate(completions):
-            prompt = chosen[n // g]
-            rows.append({
-                "run": params["run"]["name"], "iteration": iteration, "prompt_id": prompt["prompt_id"],
-                "sample_index": n % g, "prompt": prompt["prompt"], "answer": prompt["answer"],
-                "prompt_token_ids": requests[n], "completion_token_ids": comp.token_ids,
-                "completion": tokenizer.decode(comp.token_ids, skip_special_tokens=True),
-                "sampler_logprobs": comp.logprobs, "finish_reason": comp.finish_reason,
-                "policy_version": policy_version,
-            })
+        for p, prompt in enumerate(chosen):
+            ids = policy_mod.chat_prompt(tokenizer, prompt["prompt"])
+            rows += [{"run": params["run"]["name"], "iteration": iteration, "prompt_id": prompt["prompt_id"],
+                      "sample_index": k, "prompt": prompt["prompt"], "answer": prompt["answer"],
+                      "prompt_token_ids": ids, "policy_version": policy_version, "request_id": p * g + k}
+                     for k in range(g)]
         per_shard = cfg["groups_per_shard"] * g
-        for shard, start in enumerate(range(0, len(rows), per_shard)):
-            table = pa.Table.from_pylist(rows[start : start + per_shard], schema=schema.ROLLOUTS)
-            store.write_shard(tmp, shard, table, schema.ROLLOUTS, stage=f"sample@{iteration}")
-        new_tokens = sum(len(c.token_ids) for c in completions)
+        shards = {k: rows[start : start + per_shard] for k, start in enumerate(range(0, len(rows), per_shard))}
+        parts = [dict(list(shards.items())[w::workers]) for w in range(min(workers, len(shards)))]
+        jobs = [ShardJob(label if workers == 1 else f"{label} worker {w}", str(policy_dir.resolve()), str(tmp.resolve()),
+                         part, cfg, sample_seed(seed, iteration), params["run"]["device"], params["model"]["dtype"])
+                for w, part in enumerate(parts)]
+        t1 = time.perf_counter()
+        if workers == 1:
+            results = [sample_shards(job) for job in jobs]
+        else:
+            results = scaleout.map_on_ray(sample_shards, jobs, name="sample", address=cfg.get("ray_address"),
+                                          gpus_per_job=float(cfg.get("worker_gpus") or 0),
+                                          retries=int(cfg.get("worker_retries", 2)))
+        t2 = time.perf_counter()
+        store.check_shards(tmp, {k: len(v) for k, v in shards.items()}, stage=label)
+        new_tokens = sum(r["generated_tokens"] for r in results)
+        batches = [r["generation_batches"] for r in results]
         return {
             "stats": {
-                "rows": len(rows), "prompts": len(chosen), "samples_per_prompt": g,
+                "rows": len(rows), "prompts": len(chosen), "samples_per_prompt": g, "workers": len(jobs),
                 "generated_tokens": new_tokens,
                 "mean_completion_tokens": new_tokens / max(len(rows), 1),
-                "finish_stop_fraction": sum(c.finish_reason == "stop" for c in completions) / max(len(rows), 1),
-                "generation_batches": len(sampler.batches(requests, cfg["max_new_tokens"]))
-                if hasattr(sampler, "batches") else None,
+                "finish_stop_fraction": sum(r["stopped"] for r in results) / max(len(rows), 1),
+                "generation_batches": None if None in batches else sum(batches),
                 "tokens_per_s": new_tokens / max(t2 - t1, 1e-9),
             },
-            "timing": {"load_s": t1 - t0, "work_s": t2 - t1},
+            # load: the policy on the slowest worker; work: generation wall time of the stage
+            "timing": {"load_s": (t1 - t0) + max(r["load_s"] for r in results),
+                       "work_s": (t2 - t1) - max(r["load_s"] for r in results)},
         }
 
+    slice_ = {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}
     return store.run_stage(
         "sample", iteration, layout.stage_dir("sample", iteration),
         inputs={"policy": policy_dir, "prompts": prompts_dir},
-        params={"sample": cfg, "seed": seed, "dtype": params["model"]["dtype"]},
+        params={"sample": slice_, "seed": seed, "dtype": params["model"]["dtype"]},
         code=store.code_digest(sys.modules[__name__], samplers, policy_mod, schema), build=build, force=force,
     )
+
+
+# How a stage runs, not what it computes: not part of its key (the rows are the same).
+EXECUTION_ONLY = ("workers", "ray_address", "worker_gpus", "worker_retries", "tensor_parallel")
 
 
 # Sampling is idempotent (its output only lands when complete), so a retry is safe.

@@ -6,6 +6,13 @@
   run on CPU-only machines, so this backend is a thin adapter that is not exercised
   there (its test skips where vLLM is absent).
 
+Every request samples from its own random stream, seeded by (seed, request id): the hf
+backend draws the next token by the Gumbel-max trick with that stream's noise, vLLM by its
+per-request `SamplingParams.seed`. A completion therefore does not depend on which other
+requests share its generation batch, on the token budget, or on how the requests are split
+across workers (`sample.workers`): the same seed gives the same rows (up to floating-point
+differences between batch shapes).
+
 Sampler log-probs are those of the distribution actually sampled from (logits divided
 by the temperature, after top-p), one per completion token.
 """
@@ -39,22 +46,45 @@ class Sampler(Protocol):
         seed: int,
         greedy: bool = False,
         desc: str = "sample",
+        request_ids: Sequence[int] | None = None,
     ) -> list[Completion]: ...
 
 
-def sampled_logprobs(scores: Sequence[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each sampled token under the processed distribution it was drawn from.
+def request_seed(seed: int, request_id: int) -> int:
+    """The seed of one request's random stream (63 bits, distinct per request)."""
+    return (seed * 1_000_003 + request_id * 7_919 + 1) % (1 << 63)
 
-    scores: one [B, V] tensor of processed logits per generation step (`output_scores`);
-    tokens: [B, steps]. Step by step, as score[token] - logsumexp(score): the same number
-    as log_softmax(...)[token] without stacking a [B, steps, V] tensor (1.6 GB at B=128,
-    64 steps and SmolLM2's 49k vocabulary) and normalising all of it."""
-    out = torch.empty(tokens.shape, dtype=torch.float32)
-    for t, step in enumerate(scores):
-        step = step.float()
-        picked = step.gather(-1, tokens[:, t : t + 1].to(step.device)).squeeze(-1)
-        out[:, t] = (picked - torch.logsumexp(step, dim=-1)).cpu()
-    return out
+
+def processed_logprobs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution sampled from: scores / T, then top-p (transformers' own
+    warpers, as `generate(do_sample=True)` applies them), normalised."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, scores.float())
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.log_softmax(scores, dim=-1)
+
+
+class SeededSampling:
+    """A transformers logits processor that samples each row from its own random stream.
+
+    Gumbel-max: argmax(logp + G) with G = -log(E), E ~ Exp(1) drawn from the row's
+    generator, is a sample from softmax(logp). The processor returns scores that make the
+    (greedy) generation loop pick exactly that token, and records its log-prob."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+        self.logprobs: list[torch.Tensor] = []   # one [B] tensor per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = processed_logprobs(scores, self.temperature, self.top_p)
+        noise = torch.stack([torch.empty(logp.shape[-1], device=logp.device).exponential_(generator=g)
+                             for g in self.generators])
+        choice = (logp - noise.log()).argmax(dim=-1, keepdim=True)
+        self.logprobs.append(logp.gather(-1, choice).squeeze(-1).cpu())
+        return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)
 
 
 def _cut(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
@@ -84,75 +114,102 @@ class HFSampler:
         return pack_by_tokens(lengths, self.token_budget, self.max_batch_size)
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample"):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample",
+                 request_ids=None):
+        from transformers import LogitsProcessorList
+
         device = next(self.model.parameters()).device
+        ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
         results: list[Completion | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc=desc, unit="seq", leave=False)
-        for b, idx in enumerate(self.batches(prompts, max_new_tokens)):
+        for idx in self.batches(prompts, max_new_tokens):
             width = max(len(prompts[i]) for i in idx)
             input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attention[row, width - len(prompts[i]) :] = 1
-            torch.manual_seed(seed * 100_003 + b)  # reproducible per batch, whatever ran before
-            kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            sampling = None if greedy else SeededSampling(
+                [request_seed(seed, ids[i]) for i in idx], temperature, top_p, device)
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.stop_ids),
-                output_scores=not greedy,
+                do_sample=False,  # greedy, or greedy over SeededSampling's choice
+                logits_processor=LogitsProcessorList([sampling] if sampling else []),
                 return_dict_in_generate=True,
-                **kwargs,
             )
             generated = out.sequences[:, width:].cpu()
-            if not greedy:
-                logprobs = sampled_logprobs(out.scores, generated)
+            logprobs = torch.stack(sampling.logprobs, dim=1) if sampling else None
             for row, i in enumerate(idx):
                 tokens, reason = _cut(generated[row].tolist(), self.stop_ids)
-                lp = logprobs[row, : len(tokens)].tolist() if not greedy else []
+                lp = logprobs[row, : len(tokens)].tolist() if sampling else []
                 results[i] = Completion(tokens, lp, reason)
             bar.update(len(idx))
         bar.close()
         return results  # type: ignore[return-value]
 
 
-class VLLMSampler:
-    """vLLM backend (GPU only). Loads the policy checkpoint directory given each iteration."""
+def completions_from_vllm(outputs, greedy: bool) -> list[Completion]:
+    """vLLM `RequestOutput`s (one completion each, `logprobs=0`) -> rollout completions.
 
-    def __init__(self, model_path: str, stop_ids: list[int], **engine_kwargs):
+    `CompletionOutput.logprobs` holds, per generated token, a dict token id -> `Logprob`
+    that contains the sampled token; with the engine's `logprobs_mode="processed_logprobs"`
+    that is its log-prob after temperature and top-p, the same quantity the hf backend
+    records. vLLM keeps the stop token in `token_ids` when it stops on `stop_token_ids`."""
+    results = []
+    for request in outputs:
+        c = request.outputs[0]
+        tokens = list(c.token_ids)
+        if greedy:
+            lps = []
+        else:
+            if c.logprobs is None or len(c.logprobs) != len(tokens):
+                raise ValueError(f"vLLM request {request.request_id}: expected one log-prob entry per token "
+                                 f"({len(tokens)}), got {None if c.logprobs is None else len(c.logprobs)}")
+            lps = [float(step[t].logprob) for t, step in zip(tokens, c.logprobs)]
+        results.append(Completion(tokens, lps, "stop" if c.finish_reason == "stop" else "length"))
+    return results
+
+
+class VLLMSampler:
+    """vLLM backend (GPU only): one engine per sampling worker, loading the policy
+    checkpoint directory of the iteration. Written against vLLM >= 0.10.2 (the engine's
+    `logprobs_mode`); not run on the CPU machines this project is tested on."""
+
+    def __init__(self, model_path: str, stop_ids: list[int], *, dtype: str, tensor_parallel: int = 1,
+                 gpu_memory_utilization: float = 0.85):
         from vllm import LLM  # noqa: PLC0415 - optional dependency
 
-        self.llm = LLM(model=model_path, **engine_kwargs)
+        self.llm = LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel,
+                       gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                       enable_prefix_caching=True)  # a group's G requests share their prompt
         self.stop_ids = stop_ids
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample"):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample",
+                 request_ids=None):
         from vllm import SamplingParams, TokensPrompt  # noqa: PLC0415
 
-        params = SamplingParams(
-            temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-            max_tokens=max_new_tokens, seed=seed, logprobs=0, stop_token_ids=self.stop_ids,
-        )
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-        results = []
-        for o in outs:
-            c = o.outputs[0]
-            lps = [] if greedy else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
-            results.append(Completion(list(c.token_ids), lps, "stop" if c.finish_reason == "stop" else "length"))
-        return results
+        ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
+        params = [SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 max_tokens=max_new_tokens, logprobs=None if greedy else 0,
+                                 seed=None if greedy else request_seed(seed, i), stop_token_ids=self.stop_ids)
+                  for i in ids]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=True)
+        return completions_from_vllm(outs, greedy)
 
 
 def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: str, token_budget: int,
-                 max_batch_size: int, group_size: int | None = None) -> tuple[Sampler, object]:
+                 max_batch_size: int, group_size: int | None = None, tensor_parallel: int = 1) -> tuple[Sampler, object]:
     """(sampler, tokenizer) for the policy checkpoint at model_path."""
     from tasks.policy import load_model, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(model_path)
     if backend == "hf":
         model = load_model(model_path, device, dtype)
-        return HFSampler(model, tokenizer, stop_token_ids(tokenizer, model),
+        return HFSampler(model, tokenizer, stop_token_ids(tokenizer, model.generation_config),
                          token_budget=token_budget, max_batch_size=max_batch_size,
                          group_size=group_size), tokenizer
     if backend == "vllm":
@@ -160,6 +217,8 @@ def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: 
             import vllm  # noqa: F401
         except ImportError as exc:
             raise RuntimeError("sample.backend=vllm needs vLLM on a CUDA machine: pip install '.[vllm]'") from exc
-        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        return VLLMSampler(model_path, ids, dtype=dtype, seed=0), tokenizer
+        from transformers import AutoConfig, GenerationConfig
+
+        stops = stop_token_ids(tokenizer, GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path)))
+        return VLLMSampler(model_path, stops, dtype=dtype, tensor_parallel=tensor_parallel), tokenizer
     raise ValueError(f"unknown sample.backend {backend!r}; choose hf or vllm")

@@ -237,6 +237,8 @@ def run_stage(
 
 
 def _contents(directory: Path) -> dict:
+    for leftover in [p for p in directory.rglob(".*") if p.is_file()]:
+        leftover.unlink()  # partial files of an attempt that died (see write_shard)
     outputs = _describe_outputs(directory)
     return {"outputs": outputs, "digest": _hash_json({n: o["sha256"] for n, o in outputs.items()})}
 
@@ -302,8 +304,26 @@ def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema,
         table = validate(table, schema, stage=stage, path=path)
     except SchemaError as exc:
         raise StageError(str(exc)) from exc
-    pq.write_table(table, path)
+    partial = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, partial)
+    os.replace(partial, path)  # a shard is whole or absent, even when its writer dies mid-write
     return path
+
+
+def check_shards(directory: Path, expected: dict[int, int], *, stage: str) -> None:
+    """Every expected shard (index -> rows) is present with its row count, and nothing else."""
+    directory = Path(directory)
+    found = {p.name for p in directory.glob("part-*.parquet")}
+    for index, rows in expected.items():
+        path = directory / shard_name(index)
+        if path.name not in found:
+            raise StageError(f"{stage}: shard {path.name} was not written (a worker failed past its retries)")
+        got = pq.ParquetFile(path).metadata.num_rows
+        if got != rows:
+            raise StageError(f"{stage}: {path.name} has {got} rows, expected {rows}")
+    extra = found - {shard_name(i) for i in expected}
+    if extra:
+        raise StageError(f"{stage}: unexpected shards {sorted(extra)} in {directory}")
 
 
 def map_shards(src: Path, dst: Path, transform: Callable[[pa.Table, Path], pa.Table], *,

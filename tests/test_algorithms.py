@@ -184,20 +184,6 @@ def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_mod
     assert max(a.abs().max().item() for a in plain) > 1e-4  # a real, nonzero gradient
 
 
-def test_sampled_logprobs_are_log_softmax_of_the_processed_scores_at_the_sampled_token():
-    import math
-
-    from tasks.samplers import sampled_logprobs
-
-    # step 0: logits [0, ln 3] -> p = [1/4, 3/4]; step 1: top-p removed token 0 -> p = [0, 1/2, 1/2]
-    scores = [torch.tensor([[0.0, math.log(3.0), -math.inf], [0.0, math.log(3.0), -math.inf]]),
-              torch.tensor([[-math.inf, 0.0, 0.0], [-math.inf, 2.0, 2.0]])]
-    tokens = torch.tensor([[1, 2], [0, 1]])
-    got = sampled_logprobs(scores, tokens)
-    want = torch.tensor([[math.log(0.75), math.log(0.5)], [math.log(0.25), math.log(0.5)]])
-    assert torch.allclose(got, want, atol=1e-6)
-
-
 def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions():
     from tasks.algorithms import token_logprobs_and_entropy
 

@@ -1,0 +1,66 @@
+"""Fan a stage's work out to a Ray cluster through Prefect's Ray task runner (prefect-ray).
+
+`map_on_ray(fn, jobs)` runs `fn(job)` for every job as a Prefect task on Ray, inside a
+small Prefect flow `NAME-on-ray` whose task runner is `RayTaskRunner`: the Prefect UI
+shows one task run per worker, Ray schedules them. `address=None` starts a local Ray
+cluster with one CPU per job (and shuts it down after); `address="ray://host:10001"` or
+`"auto"` uses an existing cluster, whose workers must see the run directory (shared storage)
+and have dashflow installed.
+
+Failures: an exception in a job is retried by Prefect (`retries`); a worker process that
+dies (killed, out of memory) is retried by Ray (`max_retries`). Jobs must therefore be
+idempotent: the sample stage's jobs write each shard atomically and skip shards already
+written, so a retried job never writes a shard twice or half.
+
+Ray and prefect-ray are imported here only, when a stage asks for more than one worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+FAULT_ENV = "DASHFLOW_FAULT_KILL"
+
+
+def map_on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], *, name: str, address: str | None = None,
+               gpus_per_job: float = 0.0, retries: int = 2) -> list[Any]:
+    try:
+        from prefect_ray import RayTaskRunner
+        from prefect_ray.context import remote_options
+    except ImportError as exc:
+        raise RuntimeError(f"{name}: more than one worker needs Ray and prefect-ray: pip install 'dashflow[ray]'") from exc
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from prefect.settings import PREFECT_API_URL
+
+    init = {"include_dashboard": False} if address else {"num_cpus": len(jobs), "include_dashboard": False}
+    if PREFECT_API_URL.value():  # workers report to the driver's Prefect server, not a temporary one each
+        init["runtime_env"] = {"env_vars": {"PREFECT_API_URL": PREFECT_API_URL.value()}}
+    worker = task(fn, name=f"{name}-worker", cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=1,
+                  task_run_name=f"{name}-worker[{{job.label}}]")
+
+    @flow(name=f"{name}-on-ray", task_runner=RayTaskRunner(address=address, init_kwargs=init), log_prints=True)
+    def fan_out() -> list[Any]:
+        with remote_options(num_cpus=1, num_gpus=gpus_per_job, max_retries=retries):
+            futures = [worker.submit(job) for job in jobs]
+        return [f.result() for f in futures]
+
+    return fan_out()
+
+
+def fault_point(label: str, shard: int, out_dir: Path) -> None:
+    """Fault injection for the worker-failure test: with DASHFLOW_FAULT_KILL=STAGE:SHARD
+    (e.g. sample@0:1) the process about to write that shard kills itself with SIGKILL,
+    once per output directory. Does nothing when the variable is unset."""
+    target = os.environ.get(FAULT_ENV)
+    if not target or target != f"{label.split()[0]}:{shard}":
+        return
+    marker = Path(out_dir) / f".fault-killed-{shard}"
+    if marker.exists():
+        return
+    marker.touch()
+    os.kill(os.getpid(), signal.SIGKILL)

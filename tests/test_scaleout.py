@@ -1,0 +1,130 @@
+"""Scaling out: per-request random streams, sampling on a local Ray cluster (2 workers on
+this machine's 2 cores, through prefect-ray), a worker killed mid-stage, the learner as 2
+torch.distributed ranks (gloo), and the vLLM backend's output conversion where vLLM exists."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_params
+from tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample, samplers, schema, store
+from tasks.scaleout import FAULT_ENV
+
+
+def test_seeded_sampling_draws_from_the_processed_distribution():
+    # softmax([log .5, log .3, log .2]) at T = 1: 20,000 streams, each one draw
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    n = 20_000
+    proc = samplers.SeededSampling([samplers.request_seed(3, i) for i in range(n)], 1.0, 1.0, torch.device("cpu"))
+    out = proc(None, probs.log().expand(n, 3).clone())
+    choice = out.argmax(-1)
+    assert torch.isinf(out).sum() == 2 * n and (out.max(-1).values == 0).all()   # exactly one token allowed per row
+    freq = torch.bincount(choice, minlength=3).float() / n
+    assert torch.allclose(freq, probs, atol=0.01), freq
+    assert torch.allclose(proc.logprobs[0], probs.log()[choice])               # log-prob of the drawn token
+    # the same stream gives the same draw, whoever else is in the batch
+    again = samplers.SeededSampling([samplers.request_seed(3, 7)], 1.0, 1.0, torch.device("cpu"))
+    assert again(None, probs.log()[None].clone()).argmax(-1).item() == choice[7].item()
+
+
+def test_processed_logprobs_apply_temperature_then_top_p():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    # T = 2: softmax([1, .5, 0, -.5]) = [2.7183, 1.6487, 1, .6065] / 5.9735 = [.4551, .2760, .1674, .1015]
+    full = samplers.processed_logprobs(scores, 2.0, 1.0).exp()
+    assert torch.allclose(full, torch.tensor([[0.4551, 0.2760, 0.1674, 0.1015]]), atol=1e-3)
+    # top_p 0.6: the smallest set reaching 0.6 is {0, 1} (.4551 + .2760 = .7311), renormalised
+    top = samplers.processed_logprobs(scores, 2.0, 0.6).exp()
+    assert torch.allclose(top, torch.tensor([[0.4551 / 0.7311, 0.2760 / 0.7311, 0.0, 0.0]]), atol=1e-3)
+
+
+def _rows(params):
+    return store.read_stage(params.layout.stage_dir("sample", 0), schema.ROLLOUTS, stage="test").to_pylist()
+
+
+def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    key = lambda r: (r["prompt_id"], r["sample_index"])  # noqa: E731
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
+        for field in ("prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "completion", "finish_reason"):
+            assert x[field] == y[field], (field, x["prompt_id"], x["sample_index"])
+        # same tokens; log-probs differ only by float rounding of different batch shapes
+        assert all(math.isclose(u, v, abs_tol=1e-4) for u, v in zip(x["sampler_logprobs"], y["sampler_logprobs"]))
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    params = tiny_params(tmp_path_factory.mktemp("scaleout"), "one")
+    prepare.run(params)
+    return params, sample.run(params, 0)
+
+
+def _two_workers(one_worker, tmp_path, name):
+    params = tiny_params(tmp_path, name, **{"sample.workers": 2})
+    shutil.copytree(one_worker[0].layout.base, params.layout.base)
+    return params
+
+
+@pytest.mark.slow
+def test_two_ray_workers_sample_the_same_rows_as_one(prefect_server, one_worker, tmp_path):
+    params = _two_workers(one_worker, tmp_path, "two")
+    manifest = sample.run(params, 0)
+    assert manifest.stats["workers"] == 2 and manifest.stats["rows"] == one_worker[1].stats["rows"] == 12
+    assert manifest.key == one_worker[1].key                  # workers are not part of the stage key
+    assert list(manifest.outputs) == list(one_worker[1].outputs) == ["part-00000.parquet", "part-00001.parquet"]
+    _assert_same_rows(_rows(params), _rows(one_worker[0]))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_and_the_output_is_complete(prefect_server, one_worker, tmp_path, monkeypatch):
+    # the Ray worker about to write shard 1 SIGKILLs itself once; Ray runs its job again
+    monkeypatch.setenv(FAULT_ENV, "sample@0:1")
+    params = _two_workers(one_worker, tmp_path, "killed")
+    manifest = sample.run(params, 0)
+    assert list(manifest.outputs) == ["part-00000.parquet", "part-00001.parquet"]   # no partial or marker files
+    assert sorted(p.name for p in params.layout.stage_dir("sample", 0).iterdir()) == sorted(
+        ["part-00000.parquet", "part-00001.parquet", store.MANIFEST])
+    _assert_same_rows(_rows(params), _rows(one_worker[0]))
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
+    params = one_worker[0].with_overrides({"filter.threshold": 0.0})  # keep every row with a nonzero advantage
+    for stage in (reward, advantage, filter_stage, reference):
+        stage.run(params, 0)
+    one = learn.run(params, 0)
+    w1 = load_file(params.layout.policy(0) / "model.safetensors")
+    base = load_file(params.layout.policy(-1) / "model.safetensors")
+    two = learn.run(params.with_overrides({"learn.launcher": "torchrun", "learn.nproc": 2}), 0, force=True)
+    w2 = load_file(params.layout.policy(0) / "model.safetensors")
+    assert two.key == one.key and one.stats["updated"] and one.stats["rows"] >= 2
+    for name in ("loss", "grad_norm", "entropy", "sampler_mismatch"):
+        assert math.isclose(one.stats[name], two.stats[name], rel_tol=1e-5), name
+    step = max((w1[k] - base[k]).abs().max().item() for k in w1)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert step > 1e-6 and diff < 1e-6, (step, diff)
+    s1 = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
+    assert len(s1["state"]) == len(w1)
+
+
+def test_vllm_outputs_convert_to_rollout_completions():
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (it needs a CUDA machine)")
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.sequence import Logprob
+
+    steps = [{11: Logprob(-0.5)}, {12: Logprob(-1.25)}, {2: Logprob(-0.1)}]
+    done = CompletionOutput(index=0, text="x", token_ids=[11, 12, 2], cumulative_logprob=-1.85,
+                            logprobs=steps, finish_reason="stop")
+    cut = CompletionOutput(index=0, text="y", token_ids=[11, 12], cumulative_logprob=-1.75,
+                           logprobs=steps[:2], finish_reason="length")
+    outs = [RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=[1, 5], prompt_logprobs=None,
+                          outputs=[c], finished=True) for i, c in enumerate((done, cut))]
+    got = samplers.completions_from_vllm(outs, greedy=False)
+    assert [c.token_ids for c in got] == [[11, 12, 2], [11, 12]]
+    assert [c.logprobs for c in got] == [[-0.5, -1.25, -0.1], [-0.5, -1.25]]
+    assert [c.finish_reason for c in got] == ["stop", "length"]
+    assert vllm.__version__
