@@ -20,6 +20,7 @@ SCRIPTS = {
     "learner.py": ([], "bare fwd+bwd tok/s", 2),
     "overhead.py": ([], "overhead share", 2),
     "scaling.py": ([], "rollouts/s", 2),
+    "scaleout.py": ([], "stage wall s", 4),
 }
 
 

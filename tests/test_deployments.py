@@ -168,7 +168,7 @@ def test_from_stage_reruns_that_stage_and_everything_after(served, first_run):
     assert tasks["learn[iter=1]"] == tasks["evaluate[iter=1]"] == "Completed"
     assert tasks["reference[iter=1]"] == tasks["learn[iter=0]"] == "Cached"
     after = _mtimes(first_run)
-    assert {k for k in before if after[k] != before[k]} == {"iter-0001/policy", "iter-0001/eval"}
+    assert {k for k in before if after[k] != before[k]} == {"iter-0001/policy", "iter-0001/optimizer", "iter-0001/eval"}
 
 
 def test_evaluation_deployment_of_one_checkpoint(served, first_run):
