@@ -5,8 +5,9 @@ on the default config's iteration 0 (64 rollouts), each stage forced to rerun.
     python bench/scaleout.py --workers 1,2,4 --ranks 1,2,4
     python bench/scaleout.py --tiny                # what CI runs
 
-Stage wall = the stage's total time from its manifest (for Ray: starting the local cluster
-and the sub-flow included); generation = the sampler's own time. The rows column checks
+Stage wall = the stage call, end to end (for Ray: starting the local cluster and the
+sub-flow included); work = the slowest worker's generate calls for sample, the
+forward/backward/step loop of rank 0 for learn. The rows column checks
 that every worker count sampled the same tokens as one worker.
 """
 
@@ -50,7 +51,7 @@ def main(
                       store.read_stage(p.layout.stage_dir("sample", 0), schema.ROLLOUTS, stage="bench").to_pylist()]
             first = first or tokens
             rows.append(["sample", f"{n} Ray worker{'s' * (n > 1)}" if n > 1 else "1 (in process)", m.stats["rows"],
-                         round(wall, 1), round(m.timing["work_s"], 1), round(m.stats["tokens_per_s"], 1),
+                         round(wall, 1), round(m.stats["generation_s"], 1), round(m.stats["tokens_per_s"], 1),
                          "same" if tokens == first else "DIFFERENT"])
         for stage in (reward, advantage, filter_stage, reference):
             stage.run(params, 0)

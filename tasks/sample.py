@@ -148,6 +148,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                 "finish_stop_fraction": sum(r["stopped"] for r in results) / max(len(rows), 1),
                 "generation_batches": None if None in batches else sum(batches),
                 "tokens_per_s": new_tokens / max(t2 - t1, 1e-9),
+                "generation_s": max(r["work_s"] for r in results),  # the slowest worker's generate calls
             },
             # load: the policy on the slowest worker; work: generation wall time of the stage
             "timing": {"load_s": (t1 - t0) + max(r["load_s"] for r in results),
