@@ -16,6 +16,10 @@ SFT mode (`learn.mode: sft`, the paper's SFT-H): the iteration's prompts with th
 dataset's reference solutions as completions, cross-entropy with the same micro-batching,
 aggregation and checkpoint format; RL vs SFT is one parameter apart.
 
+`learn.launcher: torchrun` runs the same update as `learn.nproc` torch.distributed ranks
+(DDP; see `train` and `launch_torchrun`), each computing the gradients of its own kept
+shards; the result equals the single-process update up to float rounding.
+
 The AdamW state is saved beside the weights and loaded by the next iteration. If no row
 was kept, the policy is passed on unchanged and the manifest says so. A non-finite loss
 or gradient stops the stage before anything is written, so a good checkpoint is never
