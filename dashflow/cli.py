@@ -161,18 +161,16 @@ def prune(
         done = [i for i in range(p.iterations) if store.read_manifest(p.layout.policy(i)) is not None]
         if not done:
             raise ParamsError(f"{p.layout.root}: no finished iteration to prune")
-        keep = retention.Retention.from_params(p)
         recorder = Recorder(p, params, overrides)
-        if keep.active and keep.dvc == "remote":
-            recorder.check_remote()
+        keep = retention.check(p, recorder)
         removed = retention.apply(p, done[-1], recorder)
     except (ParamsError, DvcError, store.StageError) as exc:
         _fail(exc)
     if not keep.active:
         typer.echo("retention keeps everything (retention.policies and retention.optimizers are `all`)")
     else:
-        typer.echo(retention.describe(removed, p.layout.root, pushed=recorder.enabled and keep.dvc == "remote")
-                   if removed else "retention: nothing to remove")
+        typer.echo(retention.describe(removed, p.layout.root, keep, recorder) if removed
+                   else "retention: nothing to remove")
 
 
 @app.command()

@@ -50,6 +50,15 @@ class Retention:
         return self.policies is not None or self.optimizers is not None
 
 
+def check(params: Params, recorder) -> Retention:
+    """The run's retention setting, checked before any work: with `dvc: remote` in a
+    DVC-recorded run the repository must have a default remote to push removed outputs to."""
+    rule = Retention.from_params(params)
+    if rule.active and rule.dvc == "remote":
+        recorder.check_remote()
+    return rule
+
+
 def _count(section: dict, key: str) -> int | None:
     value = section.get(key, "all")
     if value in ("all", None):
@@ -109,7 +118,8 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
     return [(d, n) for (d, _), n in zip(doomed, sizes)]
 
 
-def describe(removed: list[tuple[Path, int]], root: Path, pushed: bool) -> str:
+def describe(removed: list[tuple[Path, int]], root: Path, rule: Retention, recorder) -> str:
+    pushed = recorder.enabled and rule.dvc == "remote"
     where = " (in the DVC remote: `dvc pull PATH` restores)" if pushed else ""
     names = ", ".join(str(d.relative_to(root)) for d, _ in removed)
     return f"retention: removed {names}, {sum(n for _, n in removed) / 1e9:.2f} GB{where}"

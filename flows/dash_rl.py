@@ -69,9 +69,7 @@ def dash_rl(
     forced = {parse_stage_ref(r) for r in (rerun or [])} | (stages_from(from_stage, n) if from_stage else set())
     dvc = Recorder(params, params_path, overrides)
     print(dvc.describe())
-    keep = retention.Retention.from_params(params)
-    if keep.active and keep.dvc == "remote":
-        dvc.check_remote()  # before hours of work, not after the first iteration
+    keep = retention.check(params, dvc)  # before hours of work, not after the first iteration
 
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
@@ -105,7 +103,7 @@ def dash_rl(
                 dvc.flush()  # removed outputs must be in dvc.lock first
                 removed = retention.apply(params, i, dvc)
                 if removed:
-                    print(retention.describe(removed, params.layout.root, pushed=dvc.enabled and keep.dvc == "remote"))
+                    print(retention.describe(removed, params.layout.root, keep, dvc))
         dvc.flush()
         summary = metrics.run_summary(params, history)
         summary["report"] = report_task(params.layout.root)

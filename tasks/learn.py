@@ -108,7 +108,6 @@ class Tally:
         return self.sums[name] / self.counts[name] if self.counts.get(name) else None
 
 
-
 class Context(NamedTuple):
     """What one learn@i reads and how, derived from the parameters."""
 
@@ -307,7 +306,6 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                   "tokens_per_s": tokens_seen / max(t2 - t1, 1e-9)},
         "timing": {"load_s": t1 - t0, "work_s": t2 - t1, "save_s": time.perf_counter() - t2},
     }
-
 
 
 def _tally_mismatch(tally: Tally, learner: list[list[float]], sampler: list[list[float]] | None) -> None:

@@ -200,25 +200,23 @@ def run_stage(
                 f"with `dvc pull {inputs[name]}` (or `dvc checkout` while the DVC cache holds it), "
                 "or keep more checkpoints (params.yaml `retention:`)")
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    _remove(tmp)
-    for path in side.values():
-        _remove(path.parent / f".{path.name}.tmp")
+    tmp = _staging(out_dir)
+    for path in (tmp, *map(_staging, side.values())):
+        _remove(path)
     tmp.mkdir(parents=True)
     started = time.perf_counter()
     try:
         result = build(tmp) or {}
         landing = {}
         for name, path in side.items():
-            staged = path.parent / f".{path.name}.tmp"
+            staged = _staging(path)
             if not (tmp / name).is_dir():
                 raise StageError(f"{label}: wrote no {name}/ output")
             os.replace(tmp / name, staged)
             landing[path] = staged
     except BaseException:
-        _remove(tmp)  # nothing half-written survives; the previous output (if any) is untouched
-        for path in side.values():
-            _remove(path.parent / f".{path.name}.tmp")
+        for path in (tmp, *map(_staging, side.values())):
+            _remove(path)  # nothing half-written survives; the previous output (if any) is untouched
         raise
     timing = dict(result.get("timing", {}))
     timing["total_s"] = time.perf_counter() - started
@@ -234,6 +232,12 @@ def run_stage(
         _swap(staged, path)
     _swap(tmp, out_dir)
     return manifest
+
+
+def _staging(path: Path) -> Path:
+    """The hidden sibling where a file or an output directory is written before it is
+    renamed into place (readers see the old one or the new one, never half)."""
+    return path.parent / f".{path.name}.tmp"
 
 
 def _contents(directory: Path) -> dict:
@@ -304,7 +308,7 @@ def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema,
         table = validate(table, schema, stage=stage, path=path)
     except SchemaError as exc:
         raise StageError(str(exc)) from exc
-    partial = path.with_name(f".{path.name}.tmp")
+    partial = _staging(path)
     pq.write_table(table, partial)
     os.replace(partial, path)  # a shard is whole or absent, even when its writer dies mid-write
     return path
@@ -340,7 +344,7 @@ def map_shards(src: Path, dst: Path, transform: Callable[[pa.Table, Path], pa.Ta
 def write_json(path: Path, obj: Any) -> None:
     """Write a small JSON file atomically (readers see the old or the new file, never half)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _staging(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
     os.replace(tmp, path)
 
