@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -19,23 +21,36 @@ STAGES = ("prepare", "sample", "reward", "advantage", "filter", "reference", "le
 
 # The DASH paper's arms, selectable with `run.preset` (or `--preset`). A preset sets every
 # knob its arm is about, on top of params.yaml; `--set` overrides still win over it.
-_ARM = {"sample.batching": "packed", "filter.enabled": True, "learn.mode": "rl", "learn.update": "multi",
-        "learn.steps": 1, "learn.kl_coef": 0.0}
+# Every arm is what the authors' code (shuoli90/efficient_reasoning, a fork of TRL 0.16's
+# GRPOTrainer; scripts/run_grpo.sh) runs: G completions per prompt with a std-normalised
+# group advantage (epsilon 1e-4), ONE on-policy optimizer step per sampled batch (ratio 1:
+# their 256 completions per step = 4 per device x 2 GPUs x 32 accumulation steps), the
+# Dr.GRPO constant normaliser (`loss_type dr_grpo`: completion tokens / (sequences x max new
+# tokens)), the k3 KL at beta 0.04, bf16 autocast over float32 master weights, temperature
+# 0.9 and top_k 50. The arms differ in exactly what the paper varies: how many groups one
+# generation call samples (grpo: one; the others: the whole batch), the gradient filter
+# (dash: |A| > 0.1), the KL term (dash-nokl) and the number of updates per batch (multi,
+# mini). The batch size itself (`sample.prompts_per_iteration` x G) is the scale of a run,
+# not an arm: the default config is sized for a CPU, params/paper.yaml for the paper.
+_ARM = {"sample.batching": "packed", "sample.temperature": 0.9, "sample.top_k": 50, "sample.top_p": 1.0,
+        "advantage.estimator": "grpo", "advantage.epsilon": 1.0e-4,
+        "filter.enabled": True, "filter.threshold": 0.1,
+        "learn.mode": "rl", "learn.update": "multi", "learn.steps": 1, "learn.loss_agg": "constant",
+        "learn.kl_coef": 0.04, "learn.kl_estimator": "k3", "learn.tis_cap": 0, "learn.precision": "bf16-mixed"}
 PRESETS: dict[str, dict] = {
-    # standard GRPO: one prompt group per generation call, one optimizer step per group, KL, no filter
-    "grpo": {**_ARM, "sample.batching": "per_group", "learn.update": "per_group", "learn.kl_coef": 0.04,
-             "filter.enabled": False},
-    # preemptive sampling alone: one large sampled batch, accumulated micro-batches, one step, KL, no filter
-    "preemptive": {**_ARM, "learn.kl_coef": 0.04, "filter.enabled": False},
-    # DASH: preemptive sampling + gradient filtering, K = 1, with the paper's KL term
-    "dash": {**_ARM, "learn.kl_coef": 0.04},
-    # DASH without KL (the paper's best arm; params.yaml's defaults)
-    "dash-nokl": dict(_ARM),
+    # standard GRPO: one prompt group per generation call, one on-policy step over the whole batch, KL, no filter
+    "grpo": {**_ARM, "sample.batching": "per_group", "filter.enabled": False},
+    # preemptive sampling alone: the whole batch in large generation calls, otherwise GRPO
+    "preemptive": {**_ARM, "filter.enabled": False},
+    # DASH: preemptive sampling + gradient filtering (|A| > 0.1), with the paper's KL term
+    "dash": dict(_ARM),
+    # DASH without KL (the paper's best arm)
+    "dash-nokl": {**_ARM, "learn.kl_coef": 0.0},
     # PPO-style off-policy updates on each sampled batch: K = 3 passes / K = 3 mini-batches
-    "multi": {**_ARM, "learn.kl_coef": 0.04, "learn.update": "multi", "learn.steps": 3},
-    "mini": {**_ARM, "learn.kl_coef": 0.04, "learn.update": "mini", "learn.steps": 3},
+    "multi": {**_ARM, "learn.update": "multi", "learn.steps": 3},
+    "mini": {**_ARM, "learn.update": "mini", "learn.steps": 3},
     # SFT on the dataset's reference solutions (the paper's SFT-H), same prompts and micro-batching
-    "sft": {**_ARM, "learn.mode": "sft"},
+    "sft": {**_ARM, "learn.mode": "sft", "learn.kl_coef": 0.0},
 }
 
 
@@ -58,6 +73,121 @@ TINY = {
 
 class ParamsError(ValueError):
     pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: `2e-5` and `1E3` are floats (YAML 1.1, which PyYAML
+    follows, needs a dot -- `2.0e-5` -- and reads `2e-5` as the string "2e-5")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse params YAML (a file or a `--set` value) with `_Loader`."""
+    return yaml.load(text, Loader=_Loader)
+
+
+# ---------------------------------------------------------------- validation
+# Every parameter a stage reads, checked when params are loaded (after presets and
+# overrides, for every `stage@i` slice too): one message naming the key, the value and
+# what is allowed, before any stage runs.
+
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+            return False
+        if not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+    kind = "an integer" if integer else "a finite number"
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return check, kind + (" " + " and ".join(parts) if parts else "")
+
+
+def _choice(*options):
+    return (lambda v: v in options), "one of " + ", ".join(map(str, options))
+
+
+_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
+_BETAS = ((lambda v: isinstance(v, list) and len(v) == 2 and all(_num(0, 1, hi_open=True)[0](b) for b in v)),
+          "a list of two numbers in [0, 1)")
+RULES: dict[str, tuple] = {
+    "run.seed": _num(0, integer=True),
+    "model.dtype": _choice("float32", "bfloat16", "float16"),
+    "sample.backend": _choice("hf", "vllm"),
+    "sample.prompts_per_iteration": _num(1, integer=True),
+    "sample.samples_per_prompt": _num(1, integer=True),
+    "sample.max_new_tokens": _num(1, integer=True),
+    "sample.temperature": _num(0, lo_open=True),
+    "sample.top_p": _num(0, 1, lo_open=True),
+    "sample.top_k": _num(0, integer=True),
+    "sample.token_budget": _num(1, integer=True),
+    "sample.batching": _choice("packed", "per_group"),
+    "sample.max_batch_size": _num(1, integer=True),
+    "sample.groups_per_shard": _num(1, integer=True),
+    "sample.workers": _num(1, integer=True),
+    "reward.timeout_s": _num(1, integer=True),
+    "reward.max_chars": _num(1, integer=True),
+    "advantage.epsilon": _num(0, lo_open=True),
+    "filter.enabled": _BOOL,
+    "filter.threshold": _num(0),
+    "learn.lr": _num(0, lo_open=True),
+    "learn.betas": _BETAS,
+    "learn.weight_decay": _num(0),
+    "learn.max_grad_norm": _num(0),
+    "learn.micro_batch_tokens": _num(1, integer=True),
+    "learn.mode": _choice("rl", "sft"),
+    "learn.update": _choice("multi", "mini", "per_group"),
+    "learn.steps": _num(1, integer=True),
+    "learn.clip_eps": _num(0, lo_open=True),
+    "learn.clip_eps_high": _num(0, lo_open=True),
+    "learn.kl_coef": _num(0),
+    "learn.tis_cap": _num(0),
+    "learn.precision": _choice("fp32", "bf16-mixed"),
+    "learn.lr_schedule": _choice("constant", "linear", "cosine"),
+    "learn.warmup_steps": _num(0, integer=True),
+    "learn.gradient_checkpointing": _BOOL,
+    "learn.launcher": _choice("local", "torchrun"),
+    "learn.nproc": _num(1, integer=True),
+    "evaluate.num_prompts": _num(1, integer=True),
+    "evaluate.max_new_tokens": _num(1, integer=True),
+    "evaluate.sampled": _BOOL,
+}
+
+
+def validate(tree: dict, scoped: dict, source: str = "params.yaml") -> None:
+    """Check every RULES key present in the tree and in each `stage@i` slice."""
+    slices = [("", tree)] + [(name, {name.split("@")[0]: values}) for name, values in scoped.items()]
+    for prefix, node in slices:
+        for key, (ok, allowed) in RULES.items():
+            section, _, name = key.partition(".")
+            values = node.get(section)
+            if not isinstance(values, Mapping) or name not in values:
+                continue
+            value = values[name]
+            if not ok(value):
+                shown = f"{prefix}.{name}" if prefix else key
+                hint = (" (a quoted number is a string; write numbers unquoted)" if isinstance(value, str)
+                        and _looks_numeric(value) else "")
+                raise ParamsError(f"{source}: {shown} = {value!r} is not allowed: expected {allowed}{hint}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _reschedule(tree: dict, key: str, value: Any) -> dict:
@@ -120,7 +250,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ParamsError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), load_yaml(raw)
 
 
 def _set_dotted(tree: dict, key: str, value: Any, known: Mapping | None) -> None:
@@ -158,7 +288,7 @@ class Params:
         path = Path(path)
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml(path.read_text()) or {}
         items = _items(overrides)
         preset = dict(items).get("run.preset", (tree.get("run") or {}).get("preset"))
         base = cls(tree, {})
@@ -168,6 +298,7 @@ class Params:
             base = base.with_overrides(PRESETS[preset])
         params = base.with_overrides(items)
         check_schedule(params.tree, str(path))
+        validate(params.tree, params.scoped, str(path) if not items else f"{path} with overrides")
         return params
 
     def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":

@@ -10,7 +10,7 @@ The learner's per-token loss is built from these pieces:
     loss_bt = max(-A_b r_bt, -A_b clip(r_bt, 1 - eps_low, 1 + eps_high)) * w_bt + beta * KL_bt
     r_bt = exp(logp_bt - old_logp_bt)                       (PPO ratio; 1 when on-policy)
     w_bt = min(exp(old_logp_bt - sampler_logp_bt), cap)     (truncated IS, optional)
-    KL_bt = k1 or k3 estimate of KL(policy || reference)    (optional, off by default)
+    KL_bt = k1, k2 or k3 estimate on completion tokens only  (optional, off by default)
 
 and reduced over the optimizer batch by one of the LOSS_AGGREGATIONS. With one optimizer
 step per sampled batch (DASH, K = 1) old_logp = logp.detach(), so r = 1, clipping never
@@ -19,6 +19,7 @@ triggers and the gradient is exactly plain policy gradient.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -101,24 +102,50 @@ def pack_by_tokens(lengths: list[int], token_budget: int, max_rows: int | None =
     return out
 
 
-def plan_steps(groups: list[str], update: str, steps: int) -> list[list[int]]:
-    """Row indices of each optimizer step over one sampled batch (rows listed group by group).
+def plan_steps(groups: list[str], update: str, steps: int) -> list[list[str]]:
+    """The prompt groups of each optimizer step over one sampled batch. `groups` lists every
+    group the sampler produced, in order -- including groups the filter dropped whole, so a
+    step's normaliser and the number of steps do not depend on what was filtered.
 
-    multi: `steps` passes over all rows (PPO epochs; the paper's "Multi")
+    multi: `steps` passes over all groups (PPO epochs; the paper's "Multi"; K = 1: one step)
     mini: the groups split into `steps` contiguous mini-batches of whole groups ("Mini")
-    per_group: one step per prompt group (standard GRPO)
+    per_group: one step per prompt group (an option, not one of the paper's arms)
     """
     order: list[str] = list(dict.fromkeys(groups))
-    members = {g: [i for i, x in enumerate(groups) if x == g] for g in order}
     if update == "multi":
-        return [list(range(len(groups))) for _ in range(max(steps, 1))]
+        return [list(order) for _ in range(max(steps, 1))]
     if update == "per_group":
-        return [members[g] for g in order]
+        return [[g] for g in order]
     if update == "mini":
         k = max(1, min(steps, len(order)))
         cuts = [round(j * len(order) / k) for j in range(k + 1)]
-        return [[i for g in order[cuts[j]:cuts[j + 1]] for i in members[g]] for j in range(k)]
+        return [order[cuts[j]:cuts[j + 1]] for j in range(k)]
     raise ValueError(f"unknown learn.update {update!r}; choose multi, mini or per_group")
+
+
+def planned_steps(update: str, steps: int, groups: int) -> int:
+    """Optimizer steps one sampled batch of `groups` prompt groups gives (see plan_steps)."""
+    return len(plan_steps([str(g) for g in range(groups)], update, steps))
+
+
+# ---------------------------------------------------------------- learning-rate schedule
+
+
+def lr_factor(schedule: str, step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based, counted over
+    the whole run), as transformers' get_{constant,linear,cosine}_schedule_with_warmup:
+    step / warmup during warm-up, then 1 (constant), (total - step) / (total - warmup)
+    (linear, to 0 at `total_steps`) or half a cosine from 1 to 0 (cosine)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown learn.lr_schedule {schedule!r}; choose constant, linear or cosine")
 
 
 # ---------------------------------------------------------------- gradient filter
@@ -140,6 +167,38 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     """
     logits = logits.float() / temperature
     return torch.gather(torch.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def processed_logprobs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the distribution a sampler draws from: logits / temperature, then top-k,
+    then top-p (the smallest set of most likely tokens whose probability reaches top_p),
+    renormalised; -inf outside. [..., V] -> [..., V]. The order and meaning of transformers'
+    warpers and of vLLM's sampler (whose `processed_logprobs` are these values)."""
+    scores = logits.float() / temperature
+    vocab = scores.shape[-1]
+    if top_k and 0 < top_k < vocab:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, index = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p     # mass before this token already reaches top_p
+        drop[..., 0] = False
+        scores = scores.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(scores, dim=-1)
+
+
+@torch.no_grad()
+def processed_target_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float,
+                              top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """`processed_logprobs` of each target token, computed at the mask's positions only (no
+    gradient; -inf where the token lies outside top-k/top-p). logits [B, T, V], targets and
+    mask [B, T] -> [B, T], 0 off the mask."""
+    at = mask.bool()
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    lp = processed_logprobs(logits.detach()[at], temperature, top_k, top_p)
+    out[at] = lp.gather(-1, targets[at].unsqueeze(-1)).squeeze(-1)
+    return out
 
 
 def policy_gradient_loss(
@@ -182,16 +241,40 @@ def clipped_surrogate(
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
+# Each takes log-probs under the policy and the reference, [B, T], and the completion mask
+# [B, T], and returns the per-token estimate [B, T], 0 off the mask. Only completion tokens
+# enter (padding and prompt positions hold meaningless log-probs: exp() of them overflows,
+# and inf x 0 is NaN), and the log-ratio is clamped to +-20 as verl does.
+# What matters for a loss is the gradient (x ~ pi, d = logp_ref - logp):
+#   k1 = -d                  E[grad] = E[grad logp] = 0: as a loss it regularises nothing
+#   k2 = d^2 / 2             E[grad] = grad KL(pi || ref)           (the KL that PPO-RLHF penalises)
+#   k3 = exp(d) - d - 1      E[grad] = grad KL(ref || pi)           (GRPO's and the DASH code's choice)
+# All three are estimates of KL(pi || ref) in value (k2 biased, k1 and k3 unbiased).
+
+
+def _log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d = logp_ref - logp on the mask, clamped to [-20, 20]; exactly 0 elsewhere."""
+    on = mask > 0
+    d = torch.where(on, ref_logprobs, logprobs.detach()) - logprobs
+    return torch.where(on, d.clamp(-20.0, 20.0), torch.zeros_like(d))
+
+
 @_register(KL_ESTIMATORS, "k1")
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k1 = log pi(x) - log pi_ref(x): unbiased per-token estimate of KL(pi || pi_ref), can be < 0."""
-    return logprobs - ref_logprobs
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi - log pi_ref. Unbiased value of KL(pi || ref); zero expected gradient."""
+    return -_log_ratio(logprobs, ref_logprobs, mask)
+
+
+@_register(KL_ESTIMATORS, "k2")
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k2 = (log pi - log pi_ref)^2 / 2. Its expected gradient is that of KL(pi || ref)."""
+    return 0.5 * _log_ratio(logprobs, ref_logprobs, mask) ** 2
 
 
 @_register(KL_ESTIMATORS, "k3")
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(d) - d - 1 with d = log pi_ref(x) - log pi(x): unbiased, always >= 0 (GRPO's choice)."""
-    d = ref_logprobs - logprobs
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(d) - d - 1, d = log pi_ref - log pi: unbiased, >= 0; expected gradient that of KL(ref || pi)."""
+    d = _log_ratio(logprobs, ref_logprobs, mask)
     return torch.exp(d) - d - 1.0
 
 
@@ -203,9 +286,10 @@ def tis_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, 
 
 # ---------------------------------------------------------------- loss aggregation
 # Each reduces a per-token loss [B, T] over completion tokens (mask [B, T]) of one
-# micro-batch, normalised by constants of the whole optimizer batch (num_sequences
-# rows, num_tokens completion tokens), so summing the micro-batch results (gradient
-# accumulation) gives the aggregate over the optimizer batch exactly.
+# micro-batch, normalised by constants of the whole optimizer batch as it was sampled
+# (num_sequences rows, num_tokens completion tokens, counted before the gradient filter),
+# so summing the micro-batch results (gradient accumulation) gives the aggregate over the
+# optimizer batch exactly, and dropping rows changes the update by their own terms only.
 
 
 @_register(LOSS_AGGREGATIONS, "token_mean")

@@ -58,7 +58,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         rows, stats = [], {}
         for mode in modes:
             comps = sampler.generate(ids, max_new_tokens=cfg["max_new_tokens"], temperature=sample_cfg["temperature"],
-                                     top_p=sample_cfg["top_p"], seed=params["run"]["seed"] + 7919,
+                                     top_p=sample_cfg["top_p"], top_k=int(sample_cfg.get("top_k") or 0),
+                                     seed=params["run"]["seed"] + 7919,
                                      greedy=mode == "greedy", desc=f"{label} {mode}")
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
             scored = reward.score_many(list(zip(texts, [p["answer"] for p in prompts])), reward_cfg, desc=label)
@@ -76,7 +77,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         "evaluate", iteration, out_dir,
         inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
         extra_inputs=None if stage_output else checkpoint_identity(policy_dir),
-        params={"evaluate": cfg, "sample": {k: sample_cfg[k] for k in ("backend", "temperature", "top_p")},
+        params={"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
                 "reward": reward_cfg, "seed": params["run"]["seed"]},
         code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
     )

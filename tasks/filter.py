@@ -4,13 +4,22 @@ Those rows contribute (almost) nothing to the policy gradient, so the learner ne
 runs a forward pass on them. A group whose rewards are all equal has advantage 0 on
 every row and is dropped whole. The manifest records how many rows were dropped and why.
 
-Input : iter-i/advantaged   Output: iter-i/kept (schema.KEPT), shard for shard (possibly empty)
+Filtering only saves compute: it must not change the gradient of the rows it keeps. The
+learner normalises its loss by counts of the batch as it was sampled, so `sampled.json`
+carries them: every prompt group in sampled order with its rows and completion tokens
+(groups dropped whole included). Dropping a zero-advantage row then leaves the update
+exactly as it was, and dropping a small-|A| row changes it by that row's own term only.
+
+Input : iter-i/advantaged   Output: iter-i/kept (schema.KEPT), shard for shard (possibly
+        empty), and kept/sampled.json
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -28,6 +37,34 @@ def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Tab
     return table.filter(pa.array(mask.tolist(), pa.bool_()))
 
 
+SAMPLED = "sampled.json"
+
+
+def sampled_groups(table: pa.Table) -> list[dict[str, Any]]:
+    """Each prompt group of an (unfiltered) shard in order: {prompt_id, rows, completion_tokens}."""
+    groups: dict[str, dict[str, Any]] = {}
+    for pid, tokens in zip(table.column("prompt_id").to_pylist(), table.column("completion_token_ids").to_pylist()):
+        g = groups.setdefault(pid, {"prompt_id": pid, "rows": 0, "completion_tokens": 0})
+        g["rows"] += 1
+        g["completion_tokens"] += len(tokens)
+    return list(groups.values())
+
+
+def write_sampled(directory: Path, groups: list[dict[str, Any]]) -> None:
+    """kept/sampled.json: the sampled batch's groups, in order (see the module docstring)."""
+    data = {"sequences": sum(g["rows"] for g in groups), "groups": groups}
+    (Path(directory) / SAMPLED).write_text(json.dumps(data, indent=1))
+
+
+def read_sampled(kept_dir: Path, *, needed_by: str) -> list[dict[str, Any]]:
+    """The sampled batch's groups recorded by filter@i (see the module docstring)."""
+    path = Path(kept_dir) / SAMPLED
+    if not path.is_file():
+        raise store.StageError(f"{needed_by}: {path} is missing: the filter output predates the sampled-batch "
+                               f"record; rerun it (`dashflow stage filter@N --force`)")
+    return json.loads(path.read_text())["groups"]
+
+
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
     cfg = params.stage("filter", iteration)
@@ -36,10 +73,13 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows_in = kept = 0
+        groups: list[dict[str, Any]] = []
         transform = lambda table, path: keep_rows(table, cfg["threshold"], cfg["enabled"])  # noqa: E731
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
+            groups += sampled_groups(table)
+        write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
                           "dropped": {f"abs_advantage_le_{cfg['threshold']}" if cfg["enabled"] else "filter_disabled":
                                       rows_in - kept}}}

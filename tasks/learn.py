@@ -1,16 +1,32 @@
 """Stage `learn`: the policy update from one sampled batch, in small accumulated micro-batches.
 
 RL mode (default): the kept rows (after gradient filtering) are planned into optimizer
-steps (`learn.update`, `learn.steps`: DASH takes one step; "Multi" takes K passes,
-"Mini" K mini-batches, standard GRPO one step per prompt group). Each step's rows are
-packed into micro-batches of at most `learn.micro_batch_tokens` padded tokens; the
-per-token loss (clipped surrogate x optional TIS weight + optional beta x KL to the
-reference, see tasks/algorithms.py) is aggregated with constants of the whole step, so
-accumulating the micro-batch gradients gives exactly the step's loss.
+steps over the prompt groups as they were sampled (`learn.update`, `learn.steps`: the
+paper's GRPO, preemptive sampling and DASH all take one on-policy step per sampled batch;
+"Multi" takes K passes, "Mini" K mini-batches of whole groups; `per_group`, one step per
+group, is an option that is none of the paper's arms). Each step's rows are packed into
+micro-batches of at most `learn.micro_batch_tokens` padded tokens; the per-token loss
+(clipped surrogate x optional TIS weight + optional beta x KL to the reference, see
+tasks/algorithms.py) is aggregated with constants of the whole step *as sampled* -- rows
+and completion tokens counted before the filter (kept/sampled.json) -- so accumulating the
+micro-batch gradients gives exactly the step's loss, and the filter saves compute without
+rescaling the gradient of the rows it keeps. A step whose groups were all filtered still
+steps AdamW with zero gradient, as the unfiltered update would.
 
 With more than one step, the log-probs of the sampling policy ("old") are computed once,
 before the first step, by a no-grad pass; with one step they are the step's own
 log-probs, detached (identical values, no extra pass).
+
+Precision (`learn.precision`): the weights and AdamW's state are float32 (master
+weights) in both modes; `bf16-mixed` runs forward and backward under bfloat16 autocast
+(CUDA and CPU), as every trainer does. Pure bf16 weights would round updates below half a
+bf16 unit away (at lr 3e-6, nearly all of them). `model.dtype` is the samplers' dtype only.
+
+The learning rate follows `learn.lr_schedule` (warm-up, then constant, linear or cosine)
+over the optimizer steps of the whole run; the position is derived from the plan of the
+earlier iterations. The previous iteration's AdamW moments are loaded, then this
+iteration's lr, betas and weight decay are applied (the saved state would otherwise
+override them).
 
 SFT mode (`learn.mode: sft`, the paper's SFT-H): the iteration's prompts with the
 dataset's reference solutions as completions, cross-entropy with the same micro-batching,
@@ -20,13 +36,12 @@ aggregation and checkpoint format; RL vs SFT is one parameter apart.
 (DDP; see `train` and `launch_torchrun`), each computing the gradients of its own kept
 shards; the result equals the single-process update up to float rounding.
 
-The AdamW state is saved beside the weights and loaded by the next iteration. If no row
-was kept, the policy is passed on unchanged and the manifest says so. A non-finite loss
-or gradient stops the stage before anything is written, so a good checkpoint is never
-replaced by a bad one.
+A non-finite loss or gradient stops the stage before anything is written, so a good
+checkpoint is never replaced by a bad one.
 
-Inputs : iter-i/kept (or iter-i/reference when the KL penalty is on; the prompts in SFT
-         mode), the policy and optimizer state written by iteration i-1 (none before the first)
+Inputs : iter-i/kept with kept/sampled.json (and iter-i/reference when the KL penalty is
+         on; the prompts in SFT mode), the policy and optimizer state written by iteration
+         i-1 (none before the first)
 Output : iter-i/policy/ (model.safetensors, config, tokenizer) and iter-i/optimizer/
          (optimizer.pt, AdamW's state: twice the weights' size, needed only by the next
          learn, so the retention setting can drop old ones while keeping the policies)
@@ -50,6 +65,7 @@ from tqdm.auto import tqdm
 
 from dashflow.config import Params
 from tasks import algorithms, problems, reference, schema, store
+from tasks import filter as filter_stage
 from tasks import policy as policy_mod
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
@@ -60,11 +76,13 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 @dataclass
 class Batch:
-    """The rows one sampled batch gives the learner, in group order."""
+    """The rows one sampled batch gives the learner, in group order, and the batch as it was
+    sampled (every group with its rows and completion tokens, before the gradient filter)."""
 
     prompts: list[list[int]]
     completions: list[list[int]]
-    groups: list[str]
+    groups: list[str]                               # each row's prompt group
+    sampled: list[dict]                             # [{prompt_id, rows, completion_tokens}] in sampled order
     advantages: torch.Tensor | None = None          # [N]; None in SFT mode
     sampler_logprobs: list[list[float]] | None = None
     ref_logprobs: list[list[float]] | None = None
@@ -73,9 +91,9 @@ class Batch:
         return len(self.prompts)
 
 
-def rl_batch(table) -> Batch:
+def rl_batch(table, sampled: list[dict]) -> Batch:
     col = lambda name: table.column(name).to_pylist()  # noqa: E731
-    return Batch(col("prompt_token_ids"), col("completion_token_ids"), col("prompt_id"),
+    return Batch(col("prompt_token_ids"), col("completion_token_ids"), col("prompt_id"), sampled,
                  torch.tensor(col("advantage"), dtype=torch.float32), col("sampler_logprobs"),
                  col("ref_logprobs") if "ref_logprobs" in table.column_names else None)
 
@@ -90,7 +108,9 @@ def sft_batch(params: Params, iteration: int, tokenizer) -> Batch:
         target = problems.sft_target(row["solution"], row["answer"])
         prompts.append(policy_mod.chat_prompt(tokenizer, row["prompt"]))
         completions.append(tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    return Batch(prompts, completions, [r["prompt_id"] for r in rows])
+    groups = [r["prompt_id"] for r in rows]
+    sampled = [{"prompt_id": g, "rows": 1, "completion_tokens": len(c)} for g, c in zip(groups, completions)]
+    return Batch(prompts, completions, groups, sampled)
 
 
 class Tally:
@@ -117,6 +137,7 @@ class Context(NamedTuple):
     sft: bool
     temperature: float
     with_kl: bool
+    kept: Path
     src: Path
     prev: Path
     prev_opt: Path | None
@@ -128,22 +149,37 @@ def context(params: Params, iteration: int) -> Context:
     cfg = params.stage("learn", iteration)
     sample_cfg = params.stage("sample", iteration)
     sft = cfg["mode"] == "sft"
-    if cfg["mode"] not in ("rl", "sft"):
-        raise store.StageError(f"learn@{iteration}: unknown learn.mode {cfg['mode']!r}; choose rl or sft")
-    if cfg.get("launcher", "local") not in ("local", "torchrun"):
-        raise store.StageError(f"learn@{iteration}: unknown learn.launcher {cfg['launcher']!r}; choose local or torchrun")
     with_kl = reference.needed(params, iteration)
-    return Context(layout, cfg, sample_cfg, sft, 1.0 if sft else sample_cfg["temperature"], with_kl,
-                   layout.stage_dir("reference" if with_kl else "filter", iteration),
+    kept = layout.stage_dir("filter", iteration)
+    return Context(layout, cfg, sample_cfg, sft, 1.0 if sft else sample_cfg["temperature"], with_kl, kept,
+                   layout.stage_dir("reference", iteration) if with_kl else kept,
                    layout.policy(iteration - 1), layout.optimizer(iteration - 1), f"learn@{iteration}")
 
 
-# How the learner runs, not what it computes: not part of the stage key.
-EXECUTION_ONLY = ("launcher", "nproc")
+# How the learner runs, not what it computes: not part of the stage key (gradient
+# checkpointing recomputes the same activations; the result is the same).
+EXECUTION_ONLY = ("launcher", "nproc", "gradient_checkpointing")
+
+
+def schedule_position(params: Params, iteration: int) -> tuple[int, int]:
+    """(optimizer steps taken before learn@i, optimizer steps of the whole run): where the
+    learning-rate schedule stands. Derived from the plan of every iteration (the steps one
+    sampled batch gives do not depend on what the filter kept), so it needs no state."""
+    from tasks.prepare import read_prompts as _read
+
+    groups_available = None
+    counts = []
+    for i in range(params.iterations):
+        cfg, sample_cfg = params.stage("learn", i), params.stage("sample", i)
+        if groups_available is None:
+            groups_available = _read(params, "train").num_rows
+        groups = min(int(sample_cfg["prompts_per_iteration"]), groups_available)
+        counts.append(algorithms.planned_steps(cfg["update"], int(cfg["steps"]), groups))
+    return sum(counts[:iteration]), sum(counts)
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
-    layout, cfg, sample_cfg, sft, temperature, with_kl, src, prev, prev_opt, label = context(params, iteration)
+    layout, cfg, sample_cfg, sft, temperature, with_kl, kept, src, prev, prev_opt, label = context(params, iteration)
     nproc = int(cfg.get("nproc") or 1)
 
     def build(tmp: Path) -> dict:
@@ -152,9 +188,13 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         return train(params, iteration, tmp)
 
     inputs = {"policy": prev, **({"optimizer": prev_opt} if prev_opt else {}),
-              **({"prompts": layout.base / "prompts"} if sft else {"kept": src})}
+              **({"prompts": layout.base / "prompts"} if sft else {"kept": kept}),
+              **({"reference": src} if with_kl and not sft else {})}
     slice_ = {"learn": {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}, "temperature": temperature,
-              "dtype": params["model"]["dtype"], "max_new_tokens": sample_cfg["max_new_tokens"]}
+              "max_new_tokens": sample_cfg["max_new_tokens"],
+              "sampling": {k: sample_cfg.get(k) for k in ("top_k", "top_p")}}
+    if cfg["lr_schedule"] != "constant" or cfg["warmup_steps"]:
+        slice_["schedule_steps"] = schedule_position(params, iteration)
     if sft:
         slice_.update(prompts_per_iteration=sample_cfg["prompts_per_iteration"], seed=params["run"]["seed"])
     return store.run_stage(
@@ -164,63 +204,85 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     )
 
 
+def make_optimizer(model, cfg: dict, prev_opt: Path | None, device: torch.device, label: str) -> torch.optim.AdamW:
+    """AdamW over the float32 master weights, continuing the previous iteration's moments.
+    The previous state carries the hyper-parameters it was saved with; those of this
+    iteration's parameters (lr, betas, weight decay) are applied after loading it."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg["betas"]),
+                                  weight_decay=float(cfg["weight_decay"]))
+    if prev_opt is not None:
+        path = prev_opt / OPTIMIZER_FILE
+        if not path.is_file():
+            raise store.StageError(f"{label}: {path} is missing: the previous iteration's optimizer state is "
+                                   f"needed to continue AdamW; rerun learn of that iteration")
+        optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        for group in optimizer.param_groups:
+            group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
+    return optimizer
+
+
 def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int = 1) -> dict:
     """The update, written into tmp (policy files) and tmp/optimizer. With world > 1 this is
     one rank of a torch.distributed job (see launch_torchrun): the rank computes the
     gradients of the rows of its own kept shards (shard k belongs to rank k % world), DDP
     sums them across ranks at each optimizer step, and rank 0 writes the checkpoint."""
-    layout, cfg, sample_cfg, sft, temperature, with_kl, src, prev, prev_opt, label = context(params, iteration)
+    layout, cfg, sample_cfg, sft, temperature, with_kl, kept, src, prev, prev_opt, label = context(params, iteration)
     aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
     kl_fn = algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
+    top_k, top_p = (0, 1.0) if sft else (int(sample_cfg.get("top_k") or 0), float(sample_cfg.get("top_p", 1.0)))
+    truncated = bool(top_k) or top_p < 1.0
     t0 = time.perf_counter()
     tokenizer = policy_mod.load_tokenizer(prev)
     if sft:
         batch = sft_batch(params, iteration, tokenizer)
     else:
-        batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label))
-    if len(batch) == 0:
-        print(f"{label}: no rows kept after filtering -- no update; the policy is passed on unchanged")
-        if rank > 0:
-            return {}
-        (tmp / "optimizer").mkdir()
-        for src_dir, dst_dir in ((prev, tmp), (prev_opt, tmp / "optimizer")):
-            for f in src_dir.iterdir() if src_dir else ():
-                if f.is_file() and f.name != store.MANIFEST:
-                    store.link_or_copy(f, dst_dir / f.name)
-        return {"stats": {"updated": False, "reason": "no rows kept", "rows": 0}, "timing": {"work_s": 0.0}}
+        batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label),
+                         filter_stage.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
-    model = policy_mod.load_model(prev, device, params["model"]["dtype"])
+    model = policy_mod.load_model(prev, device, "float32")     # float32 master weights, whatever the precision
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed")
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     owner = row_owners(batch, src, world, sft)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                                  weight_decay=cfg["weight_decay"])
-    if prev_opt is not None and (prev_opt / OPTIMIZER_FILE).exists():
-        optimizer.load_state_dict(torch.load(prev_opt / OPTIMIZER_FILE, map_location=device))
-    plan = algorithms.plan_steps(batch.groups, cfg["update"], int(cfg["steps"]))
+    optimizer = make_optimizer(model, cfg, prev_opt, device, label)
+    offset, total_steps = (schedule_position(params, iteration) if cfg["lr_schedule"] != "constant"
+                           or cfg["warmup_steps"] else (0, 0))
+    plan = algorithms.plan_steps([g["prompt_id"] for g in batch.sampled], cfg["update"], int(cfg["steps"]))
+    sampled = {g["prompt_id"]: g for g in batch.sampled}
+    rows_of: dict[str, list[int]] = {}
+    for i, g in enumerate(batch.groups):
+        rows_of.setdefault(g, []).append(i)
     t1 = time.perf_counter()
 
     tally = Tally()
     old = None
-    if len(plan) > 1 and not sft:
+    if len(plan) > 1 and not sft and len(batch):
         # the sampling policy's log-probs, once, before the first step changes the weights
         model.eval()
-        old = policy_mod.completion_logprobs(
-            model, batch.prompts, batch.completions, pad_id=tokenizer.pad_token_id, temperature=temperature,
-            token_budget=cfg["micro_batch_tokens"], desc=f"{label} old log-probs")
+        with autocast:
+            old = policy_mod.completion_logprobs(
+                model, batch.prompts, batch.completions, pad_id=tokenizer.pad_token_id, temperature=temperature,
+                token_budget=cfg["micro_batch_tokens"], desc=f"{label} old log-probs", top_k=top_k, top_p=top_p)
         model.train()
-        _tally_mismatch(tally, old, batch.sampler_logprobs)
+        _tally_mismatch(tally, old[1], batch.sampler_logprobs)
     seen: set[int] = set()
     tokens_seen = 0
-    bar = tqdm(total=sum(len(s) for s in plan), desc=label, unit="seq", leave=False, disable=rank > 0)
-    for rows in plan:
-        # the step's constants are those of all its rows, on every rank: the ranks' losses add up to the step's
-        consts = {"num_sequences": len(rows), "num_tokens": sum(len(batch.completions[i]) for i in rows),
+    bar = tqdm(total=sum(len(rows_of.get(g, ())) for step in plan for g in step), desc=label, unit="seq",
+               leave=False, disable=rank > 0)
+    for step_index, step_groups in enumerate(plan):
+        rows = [i for g in step_groups for i in rows_of.get(g, ())]
+        # The step's normaliser counts the batch as it was sampled (the filter's dropped rows
+        # included), on every rank: filtering changes the update by the dropped rows' own terms only.
+        consts = {"num_sequences": sum(sampled[g]["rows"] for g in step_groups),
+                  "num_tokens": sum(sampled[g]["completion_tokens"] for g in step_groups),
                   "max_new_tokens": sample_cfg["max_new_tokens"]}
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -238,34 +300,42 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                 ps, [batch.completions[i] for i in idx], tokenizer.pad_token_id)
             width = mask.shape[1]
             values = lambda lists: policy_mod.place([lists[i] for i in idx], ps, width).to(device)  # noqa: E731
-            mask = mask.to(device)
-            with sync():
+            mask, targets = mask.to(device), targets.to(device)
+            with sync(), autocast:
                 logits = net(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
             # entropy is a metric, over the completion tokens of rows not yet counted
             first = torch.tensor([i not in seen for i in idx], dtype=mask.dtype, device=device)
             fm = mask * first[:, None]
-            logp, ent = algorithms.token_logprobs_and_entropy(logits, targets.to(device), temperature, fm.bool())
+            logp, ent = algorithms.token_logprobs_and_entropy(logits, targets, temperature, fm.bool())
             if ent.numel():
                 tally.add("entropy", ent.sum(), fm.sum())
             if sft:
                 per_token = -logp
             else:
-                old_lp = logp.detach() if old is None else values(old)
+                old_lp = logp.detach() if old is None else values(old[0])
+                # the sampler's distribution (temperature, top-k, top-p) under the learner's weights
+                # before the step: what the recorded sampler log-probs are to be compared with
+                if old is not None:
+                    sampling_lp = values(old[1])
+                elif truncated:
+                    sampling_lp = algorithms.processed_target_logprobs(logits, targets, mask, temperature, top_k, top_p)
+                else:
+                    sampling_lp = old_lp
                 per_token, clipped = algorithms.clipped_surrogate(
                     logp, old_lp, batch.advantages[idx].to(device), cfg["clip_eps"], cfg["clip_eps_high"])
                 with torch.no_grad():
                     tally.add("clip_fraction", (clipped.float() * mask).sum(), mask.sum())
-                    tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp) * mask).sum(), mask.sum())
+                    tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp, mask) * mask).sum(), mask.sum())
                 if old is None:
-                    _tally_mismatch(tally, policy_mod.take(logp.detach().cpu(), mask.cpu(), ps),
+                    _tally_mismatch(tally, policy_mod.take(sampling_lp.cpu(), mask.cpu(), ps),
                                     [batch.sampler_logprobs[i] for i in idx])
                 if cfg["tis_cap"]:
-                    weights = algorithms.tis_weights(old_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
+                    weights = algorithms.tis_weights(sampling_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
                     per_token = per_token * weights
                     with torch.no_grad():
                         tally.add("tis_weight", (weights * mask).sum(), mask.sum())
                 if with_kl:
-                    kl = kl_fn(logp, values(batch.ref_logprobs))
+                    kl = kl_fn(logp, values(batch.ref_logprobs), mask)
                     per_token = per_token + float(cfg["kl_coef"]) * kl
                     with torch.no_grad():
                         tally.add("kl_to_reference", (kl * mask).sum(), mask.sum())
@@ -276,6 +346,9 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
             tokens_seen += int(attention.sum())
             seen.update(idx)
             bar.update(len(idx))
+        for p in model.parameters():
+            if p.grad is None:  # a step whose rows were all filtered: AdamW still steps, as without the filter
+                p.grad = torch.zeros_like(p)
         if world > 1:
             step_loss = _all_sum(step_loss)
         max_norm = cfg["max_grad_norm"] or float("inf")
@@ -283,9 +356,14 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             raise store.StageError(f"{label}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
                                    f"the previous checkpoint {prev} is kept and nothing is written")
+        lr = float(cfg["lr"]) * algorithms.lr_factor(cfg["lr_schedule"], offset + step_index,
+                                                     int(cfg["warmup_steps"]), total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         tally.add("loss", step_loss, 1)
         tally.add("grad_norm", grad_norm, 1)
+        tally.add("lr", lr, 1)
     bar.close()
     t2 = time.perf_counter()
     if world > 1:
@@ -297,10 +375,11 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     tokenizer.save_pretrained(tmp)
     (tmp / "optimizer").mkdir()
     torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
-    names = ("loss", "grad_norm", "entropy", "clip_fraction", "approx_kl_to_sampling",
+    names = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
              "sampler_mismatch", "tis_weight", "kl_to_reference")
     return {
-        "stats": {"updated": True, "mode": cfg["mode"], "rows": len(batch), "optimizer_steps": len(plan),
+        "stats": {"updated": bool(len(batch)), "mode": cfg["mode"], "precision": cfg["precision"], "rows": len(batch),
+                  "sampled_rows": sum(g["rows"] for g in batch.sampled), "optimizer_steps": len(plan),
                   "completion_tokens": sum(len(c) for c in batch.completions),
                   **{n: tally.mean(n) for n in names},
                   "tokens_per_s": tokens_seen / max(t2 - t1, 1e-9)},
@@ -311,9 +390,9 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 def _tally_mismatch(tally: Tally, learner: list[list[float]], sampler: list[list[float]] | None) -> None:
     """Sampler/learner mismatch: mean |logp_learner - logp_sampler| over the sampled tokens."""
     for lr, sp in zip(learner, sampler or []):
-        n = min(len(lr), len(sp))
-        if n:
-            tally.add("sampler_mismatch", sum(abs(a - b) for a, b in zip(lr[:n], sp[:n])), n)
+        pairs = [(a, b) for a, b in zip(lr, sp) if math.isfinite(a)]  # -inf: left the learner's top-k/top-p
+        if pairs:
+            tally.add("sampler_mismatch", sum(abs(a - b) for a, b in pairs), len(pairs))
 
 
 def row_owners(batch: Batch, src: Path, world: int, sft: bool) -> list[int]:

@@ -179,20 +179,29 @@ def take(values: torch.Tensor, mask: torch.Tensor, prompts: list[list[int]]) -> 
 
 @torch.no_grad()
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], *, pad_id: int,
-                        temperature: float, token_budget: int, desc: str) -> list[list[float]]:
-    """Log-prob of every completion token under `model` (no gradient), batched by a token budget."""
+                        temperature: float, token_budget: int, desc: str, top_k: int = 0,
+                        top_p: float = 1.0) -> tuple[list[list[float]], list[list[float]]]:
+    """Log-prob of every completion token under `model` (no gradient), batched by a token
+    budget: (under logits / temperature, under the sampler's processed distribution with
+    top_k / top_p). The two are the same lists when neither truncates."""
     from tqdm.auto import tqdm
 
-    from tasks.algorithms import pack_by_tokens, token_logprobs
+    from tasks.algorithms import pack_by_tokens, processed_target_logprobs, token_logprobs
 
     device = next(model.parameters()).device
-    out: list[list[float]] = [[] for _ in prompts]
+    truncated = bool(top_k) or top_p < 1.0
+    plain: list[list[float]] = [[] for _ in prompts]
+    processed: list[list[float]] = [[] for _ in prompts] if truncated else plain
     batches = pack_by_tokens([len(p) + len(c) for p, c in zip(prompts, completions)], token_budget)
     for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
         ps = [prompts[i] for i in idx]
         input_ids, attention, targets, mask = collate(ps, [completions[i] for i in idx], pad_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, :-1]
-        lp = token_logprobs(logits, targets.to(device), temperature).cpu()
-        for i, row in zip(idx, take(lp, mask, ps)):
-            out[i] = row
-    return out
+        targets, mask_d = targets.to(device), mask.to(device)
+        for i, row in zip(idx, take(token_logprobs(logits, targets, temperature).cpu(), mask, ps)):
+            plain[i] = row
+        if truncated:
+            lp = processed_target_logprobs(logits, targets, mask_d, temperature, top_k, top_p)
+            for i, row in zip(idx, take(lp.cpu(), mask, ps)):
+                processed[i] = row
+    return plain, processed

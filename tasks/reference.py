@@ -49,7 +49,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         def transform(table: pa.Table, path: Path) -> pa.Table:
             if table.num_rows == 0:
                 return schema.REFERENCED.empty_table()
-            ref = policy_mod.completion_logprobs(
+            ref, _ = policy_mod.completion_logprobs(
                 model, table.column("prompt_token_ids").to_pylist(), table.column("completion_token_ids").to_pylist(),
                 pad_id=pad_id, temperature=temperature, token_budget=budget, desc=label)
             return table.append_column("ref_logprobs", pa.array(ref, pa.list_(pa.float32())))

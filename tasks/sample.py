@@ -31,12 +31,26 @@ from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The train split's prompt order in one epoch: a fresh seeded permutation per epoch."""
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
 def iteration_prompts(prompts: pa.Table, iteration: int, count: int, seed: int) -> list[dict]:
-    """The `count` prompts of iteration i: a seeded permutation of the train split, walked in order."""
+    """The `count` prompts of iteration i: the train split walked epoch by epoch, each epoch
+    in its own seeded permutation (every prompt once per epoch, a new order each epoch)."""
     rows = prompts.to_pylist()
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    return [rows[order[(iteration * count + k) % len(rows)]] for k in range(min(count, len(rows)))]
+    n = len(rows)
+    orders: dict[int, list[int]] = {}
+    out = []
+    for k in range(min(count, n)):
+        epoch, pos = divmod(iteration * count + k, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        out.append(rows[orders[epoch][pos]])
+    return out
 
 
 def sample_seed(seed: int, iteration: int) -> int:
@@ -79,7 +93,7 @@ def sample_shards(job: ShardJob) -> dict:
     t1 = time.perf_counter()
     completions = sampler.generate(
         requests, max_new_tokens=cfg["max_new_tokens"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-        seed=job.seed, desc=job.label, request_ids=[row.pop("request_id") for row in rows])
+        top_k=int(cfg.get("top_k") or 0), seed=job.seed, desc=job.label, request_ids=[row.pop("request_id") for row in rows])
     t2 = time.perf_counter()
     for row, comp in zip(rows, completions):
         row.update(completion_token_ids=comp.token_ids, sampler_logprobs=comp.logprobs,

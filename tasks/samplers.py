@@ -13,8 +13,14 @@ requests share its generation batch, on the token budget, or on how the requests
 across workers (`sample.workers`): the same seed gives the same rows (up to floating-point
 differences between batch shapes).
 
-Sampler log-probs are those of the distribution actually sampled from (logits divided
-by the temperature, after top-p), one per completion token.
+Both backends sample from exactly the distribution params.yaml names -- logits / temperature,
+then top-k, then top-p (tasks/algorithms.processed_logprobs) -- and nothing else: a
+checkpoint's own generation_config (Qwen2.5-Instruct sets repetition_penalty, top_k, ...)
+is not applied, because the learner cannot apply it and the recorded log-probs would then
+describe a distribution the learner never scores. The sampler log-prob of each completion
+token is under that processed (truncated, renormalised) distribution, on both backends
+(vLLM's `logprobs_mode="processed_logprobs"`); the learner compares it with its own
+log-prob under the same processing (TIS, sampler_mismatch).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tasks.algorithms import pack_by_tokens
+from tasks.algorithms import pack_by_tokens, processed_logprobs
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Sampler(Protocol):
         temperature: float,
         top_p: float,
         seed: int,
+        top_k: int = 0,
         greedy: bool = False,
         desc: str = "sample",
         request_ids: Sequence[int] | None = None,
@@ -55,17 +62,6 @@ def request_seed(seed: int, request_id: int) -> int:
     return (seed * 1_000_003 + request_id * 7_919 + 1) % (1 << 63)
 
 
-def processed_logprobs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Log-probs of the distribution sampled from: scores / T, then top-p (transformers' own
-    warpers, as `generate(do_sample=True)` applies them), normalised."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    scores = TemperatureLogitsWarper(temperature)(None, scores.float())
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.log_softmax(scores, dim=-1)
-
-
 class SeededSampling:
     """A transformers logits processor that samples each row from its own random stream.
 
@@ -73,13 +69,13 @@ class SeededSampling:
     generator, is a sample from softmax(logp). The processor returns scores that make the
     (greedy) generation loop pick exactly that token, and records its log-prob."""
 
-    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, device: torch.device):
+    def __init__(self, seeds: Sequence[int], temperature: float, top_k: int, top_p: float, device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.logprobs: list[torch.Tensor] = []   # one [B] tensor per step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = processed_logprobs(scores, self.temperature, self.top_p)
+        logp = processed_logprobs(scores, self.temperature, self.top_k, self.top_p)
         noise = torch.stack([torch.empty(logp.shape[-1], device=logp.device).exponential_(generator=g)
                              for g in self.generators])
         choice = (logp - noise.log()).argmax(dim=-1, keepdim=True)
@@ -97,6 +93,12 @@ def _cut(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
 class HFSampler:
     def __init__(self, model, tokenizer, stop_ids: list[int], *, token_budget: int, max_batch_size: int,
                  group_size: int | None = None):
+        from transformers import GenerationConfig
+
+        # only our own processor: none of the checkpoint's generation_config (repetition
+        # penalty, top_k, ...) may reach the distribution we sample from
+        model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                                   eos_token_id=sorted(set(stop_ids)), pad_token_id=tokenizer.pad_token_id)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
@@ -114,7 +116,7 @@ class HFSampler:
         return pack_by_tokens(lengths, self.token_budget, self.max_batch_size)
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample",
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, top_k=0, greedy=False, desc="sample",
                  request_ids=None):
         from transformers import LogitsProcessorList
 
@@ -130,7 +132,7 @@ class HFSampler:
                 input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attention[row, width - len(prompts[i]) :] = 1
             sampling = None if greedy else SeededSampling(
-                [request_seed(seed, ids[i]) for i in idx], temperature, top_p, device)
+                [request_seed(seed, ids[i]) for i in idx], temperature, top_k, top_p, device)
             out = self.model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
@@ -157,8 +159,8 @@ def completions_from_vllm(outputs, greedy: bool) -> list[Completion]:
 
     `CompletionOutput.logprobs` holds, per generated token, a dict token id -> `Logprob`
     that contains the sampled token; with the engine's `logprobs_mode="processed_logprobs"`
-    that is its log-prob after temperature and top-p, the same quantity the hf backend
-    records. vLLM keeps the stop token in `token_ids` when it stops on `stop_token_ids`."""
+    that is its log-prob after temperature, top-k and top-p, the same quantity the hf
+    backend records. vLLM keeps the stop token in `token_ids` when it stops on `stop_token_ids`."""
     results = []
     for request in outputs:
         c = request.outputs[0]
@@ -185,15 +187,17 @@ class VLLMSampler:
 
         self.llm = LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel,
                        gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
+                       generation_config="vllm",    # not the checkpoint's sampling defaults (see module doc)
                        enable_prefix_caching=True)  # a group's G requests share their prompt
         self.stop_ids = stop_ids
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, greedy=False, desc="sample",
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, top_k=0, greedy=False, desc="sample",
                  request_ids=None):
         from vllm import SamplingParams, TokensPrompt  # noqa: PLC0415
 
         ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
         params = [SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                                 top_k=-1 if greedy or not top_k else top_k, repetition_penalty=1.0,
                                  max_tokens=max_new_tokens, logprobs=None if greedy else 0,
                                  seed=None if greedy else request_seed(seed, i), stop_token_ids=self.stop_ids)
                   for i in ids]
