@@ -221,6 +221,16 @@ def make_optimizer(model, cfg: dict, prev_opt: Path | None, device: torch.device
     return optimizer
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (transformers' own switch)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
 def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int = 1) -> dict:
     """The update, written into tmp (policy files) and tmp/optimizer. With world > 1 this is
     one rank of a torch.distributed job (see launch_torchrun): the rank computes the
@@ -242,8 +252,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     device = policy_mod.pick_device(params["run"]["device"])
     model = policy_mod.load_model(prev, device, "float32")     # float32 master weights, whatever the precision
     if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed")
     net = model

@@ -24,6 +24,18 @@ def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:
     return Params.load(ROOT / "params.yaml", overrides)
 
 
+def fork_run(src_params: Params, params: Params, iteration_stages=("sample", "reward", "advantage", "filter")) -> None:
+    """Give `params`' run the prepared base and iteration 0's outputs of another run (hard links)."""
+    from tasks import store
+
+    for name in ("policy", "prompts"):
+        for f in (src_params.layout.base / name).iterdir():
+            store.link_or_copy(f, params.layout.base / name / f.name)
+    for s in iteration_stages:
+        for f in src_params.layout.stage_dir(s, 0).iterdir():
+            store.link_or_copy(f, params.layout.stage_dir(s, 0) / f.name)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect API server (SQLite, loopback) for the session; yields its URL."""

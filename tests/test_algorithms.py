@@ -51,6 +51,24 @@ def test_unknown_estimator_is_a_clear_error():
         algorithms.get(ADVANTAGE_ESTIMATORS, "ppo", "advantage estimator")
 
 
+def test_processed_logprobs_apply_temperature_then_top_k_then_top_p():
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    # T = 2: softmax([1, .5, 0, -.5]) = [2.7183, 1.6487, 1, .6065] / 5.9735 = [.4551, .2760, .1674, .1015]
+    full = algorithms.processed_logprobs(scores, 2.0).exp()
+    assert torch.allclose(full, torch.tensor([[0.4551, 0.2760, 0.1674, 0.1015]]), atol=1e-3)
+    # top_p 0.6: the smallest set reaching 0.6 is {0, 1} (.4551 + .2760 = .7311), renormalised
+    top = algorithms.processed_logprobs(scores, 2.0, top_p=0.6).exp()
+    assert torch.allclose(top, torch.tensor([[0.4551 / 0.7311, 0.2760 / 0.7311, 0.0, 0.0]]), atol=1e-3)
+    # top_k 3: [2.7183, 1.6487, 1] / 5.3670 = [.5065, .3072, .1863, 0]
+    k3 = algorithms.processed_logprobs(scores, 2.0, top_k=3).exp()
+    assert torch.allclose(k3, torch.tensor([[0.5065, 0.3072, 0.1863, 0.0]]), atol=1e-3)
+    # top_k 3 then top_p 0.8: .5065 + .3072 = .8137 reaches 0.8 -> {0, 1}
+    both = algorithms.processed_logprobs(scores, 2.0, top_k=3, top_p=0.8).exp()
+    assert torch.allclose(both, torch.tensor([[0.5065 / 0.8137, 0.3072 / 0.8137, 0.0, 0.0]]), atol=1e-3)
+    # top_p smaller than the top token's mass still keeps that token
+    assert algorithms.processed_logprobs(scores, 2.0, top_p=0.1).exp()[0, 0].item() == pytest.approx(1.0)
+
+
 def test_filter_keeps_strictly_above_threshold():
     mask = filter_mask(torch.tensor([0.0, 0.1, -0.1, 0.1001, -1.5, 0.05]), 0.1)
     assert mask.tolist() == [False, False, False, True, True, False]
@@ -117,12 +135,55 @@ def test_clipped_surrogate_inside_and_outside_the_clip_range_for_both_signs():
     approx(logp.grad, [[-1.1, 0.0, -0.5], [1.1, 1.5, 0.0]])
 
 
-def test_k1_and_k3_estimators():
-    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0])
-    approx(algorithms.KL_ESTIMATORS["k1"](logp, ref), [1.0, -1.0])
+def test_k1_k2_k3_estimators():
+    logp, ref, on = torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -1.0]), torch.ones(2)
+    approx(algorithms.KL_ESTIMATORS["k1"](logp, ref, on), [1.0, -1.0])
+    # k2 = (logp - ref)^2 / 2 = [0.5, 0.5]
+    approx(algorithms.KL_ESTIMATORS["k2"](logp, ref, on), [0.5, 0.5])
     # k3: d = ref - logp = [-1, 1] -> exp(d) - d - 1 = [e^-1, e - 2]
-    approx(algorithms.KL_ESTIMATORS["k3"](logp, ref), [math.exp(-1), math.e - 2])
-    assert algorithms.kl_k3(ref, ref).abs().max() == 0
+    approx(algorithms.KL_ESTIMATORS["k3"](logp, ref, on), [math.exp(-1), math.e - 2])
+    assert algorithms.kl_k3(ref, ref, on).abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+def test_kl_is_computed_on_completion_tokens_only(name):
+    """Padding and prompt positions hold meaningless log-probs (the reference column is 0
+    there, the policy's may be -100): exp(100) overflows float32, and inf x 0 is NaN. The
+    estimate must be exactly 0 off the mask, with a finite gradient everywhere."""
+    logp = torch.tensor([[-1.0, -100.0, -120.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0]])
+    kl = algorithms.KL_ESTIMATORS[name](logp, ref, mask)
+    assert torch.isfinite(kl).all() and kl[0, 1:].abs().max() == 0
+    loss = (kl * mask).sum()
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 1:].abs().max() == 0
+    # a huge gap on a completion token is clamped (d to +-20), not inf
+    far = algorithms.KL_ESTIMATORS[name](torch.tensor([[-200.0]]), torch.tensor([[0.0]]), torch.ones(1, 1))
+    assert torch.isfinite(far).all()
+
+
+def _expected_gradient(name, theta, ref_logits):
+    """E_{x ~ pi}[grad_theta k(x)] exactly: sum_x pi(x) (no gradient) * k(x) over the support."""
+    logp = torch.log_softmax(theta, -1)
+    k = algorithms.KL_ESTIMATORS[name](logp, torch.log_softmax(ref_logits, -1), torch.ones_like(logp))
+    (g,) = torch.autograd.grad((logp.exp().detach() * k).sum(), theta)
+    return g
+
+
+def test_kl_estimator_gradients_are_what_params_yaml_says():
+    """k1's expected gradient is 0, k2's is that of KL(pi || ref), k3's that of KL(ref || pi),
+    on a 5-token categorical policy computed exactly (no sampling)."""
+    theta = torch.tensor([0.3, -1.2, 2.0, 0.0, -0.4], dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.tensor([1.0, 0.5, -1.0, 0.2, 0.0], dtype=torch.float64)
+    pi, log_pi = torch.softmax(theta, -1), torch.log_softmax(theta, -1)
+    ref, log_ref = torch.softmax(ref_logits, -1), torch.log_softmax(ref_logits, -1)
+    (forward_kl,) = torch.autograd.grad((pi * (log_pi - log_ref)).sum(), theta, retain_graph=True)  # KL(pi || ref)
+    (reverse_kl,) = torch.autograd.grad((ref * (log_ref - log_pi)).sum(), theta)  # KL(ref || pi)
+    assert forward_kl.abs().max() > 0.05 and (forward_kl - reverse_kl).abs().max() > 0.05  # they differ
+    assert torch.allclose(_expected_gradient("k1", theta, ref_logits), torch.zeros(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(_expected_gradient("k2", theta, ref_logits), forward_kl, atol=1e-12)
+    assert torch.allclose(_expected_gradient("k3", theta, ref_logits), reverse_kl, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode,expected", [("token_mean", 15 / 5), ("seq_mean", (6 / 3 + 9 / 2) / 2),
@@ -146,13 +207,39 @@ def test_tis_weights_are_truncated_and_carry_no_gradient():
 
 
 def test_plan_steps_multi_mini_per_group():
-    groups = ["a", "a", "b", "b", "c", "c"]
-    assert algorithms.plan_steps(groups, "multi", 3) == [[0, 1, 2, 3, 4, 5]] * 3
-    assert algorithms.plan_steps(groups, "mini", 2) == [[0, 1, 2, 3], [4, 5]]
-    assert algorithms.plan_steps(groups, "mini", 9) == [[0, 1], [2, 3], [4, 5]]  # at most one step per group
-    assert algorithms.plan_steps(groups, "per_group", 1) == [[0, 1], [2, 3], [4, 5]]
+    groups = ["a", "b", "c"]   # every sampled group, in order (filtered ones included)
+    assert algorithms.plan_steps(groups, "multi", 1) == [["a", "b", "c"]]   # GRPO / preemptive / DASH
+    assert algorithms.plan_steps(groups, "multi", 3) == [["a", "b", "c"]] * 3
+    assert algorithms.plan_steps(groups, "mini", 2) == [["a", "b"], ["c"]]
+    assert algorithms.plan_steps(groups, "mini", 9) == [["a"], ["b"], ["c"]]  # at most one step per group
+    assert algorithms.plan_steps(groups, "per_group", 1) == [["a"], ["b"], ["c"]]
+    assert [algorithms.planned_steps(u, 3, 16) for u in ("multi", "mini", "per_group")] == [3, 3, 16]
     with pytest.raises(ValueError, match="unknown learn.update 'ppo'"):
         algorithms.plan_steps(groups, "ppo", 1)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    # lr factors at steps 0..5 of a 6-step run with 2 warm-up steps (transformers' convention:
+    # step 0 of a warm-up has factor 0; the decay reaches 0 at step `total`)
+    ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+])
+def test_lr_schedule_factors_by_hand_and_as_transformers(schedule, expected):
+    from transformers import get_scheduler
+
+    got = [algorithms.lr_factor(schedule, s, 2, 6) for s in range(6)]
+    assert got == pytest.approx(expected)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    sched = get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=6)
+    reference = []
+    for _ in range(6):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(reference)
+    assert algorithms.lr_factor("linear", 0, 0, 4) == 1.0 and algorithms.lr_factor("linear", 3, 0, 4) == 0.25
 
 
 def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_model():

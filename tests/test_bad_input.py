@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow
 def _fake_output(params, stage, iteration, table, schema_name="bad"):
     def build(tmp):
         pq.write_table(table, tmp / "part-00000.parquet")
+        if stage == "filter":
+            filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
         return {}
     return store.run_stage(stage, iteration, params.layout.stage_dir(stage, iteration), inputs={}, params={},
                            code=schema_name, build=build)

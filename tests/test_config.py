@@ -40,7 +40,7 @@ def test_stage_refs():
 
 def test_preset_fills_parameters_and_explicit_overrides_win():
     grpo = Params.load(ROOT / "params.yaml", {"run.preset": "grpo"})
-    assert grpo["sample"]["batching"] == "per_group" and grpo["learn"]["update"] == "per_group"
+    assert grpo["sample"]["batching"] == "per_group" and (grpo["learn"]["update"], grpo["learn"]["steps"]) == ("multi", 1)
     assert grpo["learn"]["kl_coef"] == 0.04 and grpo["filter"]["enabled"] is False
     assert grpo["learn"]["lr"] == Params.load(ROOT / "params.yaml")["learn"]["lr"]  # untouched knobs stay
     mine = Params.load(ROOT / "params.yaml", ["run.preset=grpo", "learn.kl_coef=0.01"])
@@ -107,3 +107,54 @@ def test_write_schedule_replaces_only_that_section(tmp_path):
     head = old[: old.index("# The schedule:")]
     assert new.startswith(head)  # every other line and comment as it was
     assert new.count("schedule:\n") == 1 and "{i: 9, dir: iter-0009, policy: iter-0008/policy}" in new
+
+
+def test_numbers_are_read_the_way_people_write_them(tmp_path):
+    """YAML 1.1 (PyYAML) reads `2e-5` as a string; it reached torch and crashed learn@0."""
+    p = Params.load(ROOT / "params.yaml", ["learn.lr=2e-5", "filter@1.threshold=1E-1", "advantage.epsilon=+1e-4"])
+    assert p["learn"]["lr"] == 2e-5 and isinstance(p["learn"]["lr"], float)
+    assert p.stage("filter", 1)["threshold"] == 0.1 and p["advantage"]["epsilon"] == 1e-4
+    text = (ROOT / "params.yaml").read_text().replace("lr: 2.0e-5", "lr: 3e-6")
+    assert "lr: 3e-6" in text
+    (tmp_path / "params.yaml").write_text(text)
+    assert Params.load(tmp_path / "params.yaml")["learn"]["lr"] == 3e-6
+    # other strings stay strings
+    assert Params.load(ROOT / "params.yaml", ["run.name=e5"])["run"]["name"] == "e5"
+
+
+BAD_PARAMETERS = [
+    ("learn.lr", "'2e-5'", "learn.lr = '2e-5' is not allowed: expected a finite number > 0 (a quoted number is a string"),
+    ("learn.lr", "0", "learn.lr = 0 is not allowed: expected a finite number > 0"),
+    ("learn.max_grad_norm", "-1", "learn.max_grad_norm = -1 is not allowed: expected a finite number >= 0"),
+    ("learn.max_grad_norm", ".nan", "learn.max_grad_norm = nan is not allowed: expected a finite number >= 0"),
+    ("learn.tis_cap", "-1", "learn.tis_cap = -1 is not allowed: expected a finite number >= 0"),
+    ("filter.threshold", ".nan", "filter.threshold = nan is not allowed: expected a finite number >= 0"),
+    ("advantage.epsilon", "0", "advantage.epsilon = 0 is not allowed: expected a finite number > 0"),
+    ("sample.prompts_per_iteration", "0", "sample.prompts_per_iteration = 0 is not allowed: expected an integer >= 1"),
+    ("sample.samples_per_prompt", "0", "sample.samples_per_prompt = 0 is not allowed: expected an integer >= 1"),
+    ("sample.groups_per_shard", "0", "sample.groups_per_shard = 0 is not allowed: expected an integer >= 1"),
+    ("sample.groups_per_shard", "2.5", "sample.groups_per_shard = 2.5 is not allowed: expected an integer >= 1"),
+    ("sample.top_p", "0", "sample.top_p = 0 is not allowed: expected a finite number > 0 and <= 1"),
+    ("sample.temperature", "0", "sample.temperature = 0 is not allowed: expected a finite number > 0"),
+    ("reward.timeout_s", "0", "reward.timeout_s = 0 is not allowed: expected an integer >= 1"),
+    ("reward.timeout_s", "0.5", "reward.timeout_s = 0.5 is not allowed: expected an integer >= 1"),
+    ("reward.max_chars", "0", "reward.max_chars = 0 is not allowed: expected an integer >= 1"),
+    ("learn.precision", "bf16", "learn.precision = 'bf16' is not allowed: expected one of fp32, bf16-mixed"),
+    ("learn.betas", "[0.9]", "learn.betas = [0.9] is not allowed: expected a list of two numbers in [0, 1)"),
+    ("filter.enabled", "'yes'", "filter.enabled = 'yes' is not allowed: expected true or false"),
+    ("learn@2.lr", "-1", "learn@2.lr = -1 is not allowed: expected a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_PARAMETERS, ids=[f"{k}={v}" for k, v, _ in BAD_PARAMETERS])
+def test_bad_parameters_are_refused_when_loaded_with_key_value_and_what_is_allowed(key, value, message):
+    with pytest.raises(ParamsError) as err:
+        Params.load(ROOT / "params.yaml", [f"{key}={value}"])
+    assert message in str(err.value)
+
+
+def test_a_bad_value_in_the_file_names_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace(
+        "samples_per_prompt: 4", "samples_per_prompt: four"))
+    with pytest.raises(ParamsError, match=r"params.yaml: sample.samples_per_prompt = 'four' is not allowed"):
+        Params.load(tmp_path / "params.yaml")

@@ -38,12 +38,12 @@ def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
         assert lm["grad_norm"] > 0
     else:  # every group's rewards are equal: zero advantages, and the KL to the (identical) reference has zero slope
         assert lm["grad_norm"] == 0.0 and lm["loss"] == 0.0
-    expected_steps = {"per_group": groups, "multi": cfg["learn.steps"],
-                      "mini": cfg["learn.steps"]}[cfg["learn.update"]]
-    if cfg["learn.update"] == "mini":  # mini-batches hold whole groups: at most one per kept group
-        expected_steps = min(expected_steps, kept_rows // TINY["sample.samples_per_prompt"])
-    assert lm["optimizer_steps"] == expected_steps
+    # every arm of the paper steps once per sampled batch (grpo too); Multi/Mini K = 3 times
+    expected_steps = 3 if preset in ("multi", "mini") else 1
+    assert lm["optimizer_steps"] == expected_steps and lm["precision"] == "bf16-mixed"
+    assert lm["sampled_rows"] == m["rows"]   # the loss is normalised by the batch as sampled
     has_kl = cfg["learn.kl_coef"] > 0 and cfg["learn.mode"] == "rl"
+    assert has_kl == (preset not in ("dash-nokl", "sft"))
     assert (lm["kl_to_reference"] is not None) == has_kl
     # the reference stage runs in every iteration; it scores the kept rows only when KL is on
     ref = json.loads((run / "iter-0000" / "reference" / "_manifest.json").read_text())["stats"]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_params
+from conftest import fork_run, tiny_params
 from tasks import policy as policy_mod
 from tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
 
@@ -137,7 +137,9 @@ def test_learn_moves_logprobs_in_the_direction_of_the_advantage(tmp_path, run0):
     rows[0]["advantage"], rows[1]["advantage"] = 1.0, -1.0
 
     def build(tmp):
-        store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.KEPT), schema.KEPT, stage="test")
+        table = pa.Table.from_pylist(rows, schema=schema.KEPT)
+        store.write_shard(tmp, 0, table, schema.KEPT, stage="test")
+        filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
         return {}
 
     for f in src_params.layout.policy(-1).iterdir():  # reuse the prepared base policy
@@ -162,7 +164,9 @@ def test_nothing_kept_passes_the_policy_on_unchanged(tmp_path, run0):
     for module in (sample, reward, advantage, filter_stage):
         module.run(params, 0)
     m = learn.run(params, 0)
-    assert m.stats == {"updated": False, "reason": "no rows kept", "rows": 0}
+    assert not m.stats["updated"] and m.stats["rows"] == 0 and m.stats["sampled_rows"] == 12
+    # the step still happens (as without the filter): zero gradient from a fresh AdamW moves nothing
+    assert m.stats["optimizer_steps"] == 1 and m.stats["grad_norm"] == 0.0
     base = load_file(params.layout.policy(-1) / "model.safetensors")
     new = load_file(params.layout.policy(0) / "model.safetensors")
     assert all(torch.equal(base[k], new[k]) for k in base)
@@ -195,22 +199,12 @@ def test_evaluate_base_greedy_and_sampled(run0):
     assert evaluate.run(params, -1).cached
 
 
-def _fork(src_params, params, iteration_stages=("sample", "reward", "advantage", "filter")):
-    """Give `params`' run the prepared base and iteration 0's outputs of the run0 fixture (hard links)."""
-    for name in ("policy", "prompts"):
-        for f in (src_params.layout.base / name).iterdir():
-            store.link_or_copy(f, params.layout.base / name / f.name)
-    for s in iteration_stages:
-        for f in src_params.layout.stage_dir(s, 0).iterdir():
-            store.link_or_copy(f, params.layout.stage_dir(s, 0) / f.name)
-
-
 def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
     """At iteration 0 the sampler *is* the base model, so the reference log-probs must match
     the sampler's log-probs token for token (up to batching numerics)."""
     src_params, m = run0
     params = tiny_params(tmp_path, **{"learn.kl_coef": 0.04})
-    _fork(src_params, params)
+    fork_run(src_params, params)
     assert reference.needed(params, 0) and not reference.needed(src_params, 0)
     ref_m = reference.run(params, 0)
     table = store.read_stage(params.layout.stage_dir("reference", 0), schema.REFERENCED, stage="test")
@@ -228,14 +222,14 @@ def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
 def test_learn_with_three_passes_goes_off_policy(tmp_path, run0):
     src_params, m = run0
     params = tiny_params(tmp_path, **{"learn.steps": 3, "learn.update": "multi", "learn.lr": 1e-4})
-    _fork(src_params, params)
+    fork_run(src_params, params)
     stats = learn.run(params, 0).stats
     assert stats["optimizer_steps"] == 3 and stats["rows"] == m["filter"].stats["rows_kept"]
     # the first pass is on-policy (KL 0), the next two are not: the mean over passes is > 0
     assert stats["approx_kl_to_sampling"] > 0 and 0 <= stats["clip_fraction"] <= 1
     assert stats["sampler_mismatch"] < 1e-3  # old log-probs (learner) vs sampler log-probs, same weights
     one_params = tiny_params(tmp_path / "one", **{"learn.lr": 1e-4})
-    _fork(src_params, one_params)
+    fork_run(src_params, one_params)
     one = learn.run(one_params, 0)
     assert one.stats["optimizer_steps"] == 1 and one.stats["approx_kl_to_sampling"] == pytest.approx(0.0, abs=1e-7)
     assert one.stats["clip_fraction"] == 0.0
@@ -251,7 +245,7 @@ def test_sft_learns_the_reference_solutions(tmp_path, run0):
 
     src_params, _ = run0
     params = tiny_params(tmp_path, **{"learn.mode": "sft", "learn.lr": 1e-4})
-    _fork(src_params, params, iteration_stages=())
+    fork_run(src_params, params, iteration_stages=())
     stats = learn.run(params, 0).stats
     assert stats["mode"] == "sft" and stats["rows"] == 4 and stats["optimizer_steps"] == 1
     tok = policy.load_tokenizer(params.layout.policy(-1))
