@@ -1,16 +1,20 @@
 """Benchmark: the DASH paper's arms side by side on one machine (the paper's Table 3).
 
 Every arm is a preset (`grpo`, `preemptive`, `dash`, `dash-nokl`, `multi`, `mini`, `sft`)
-run through the real flow with the same model, task, seed, prompts and samples per
-iteration and max tokens. The arms are interleaved: iteration i of every arm runs before
-iteration i+1 of any (the flow resumes each run), so machine noise hits all arms alike.
-Per arm it prints wall time per iteration split into sampling / reward / learner /
-overhead, rollouts per second, reward, eval accuracy after the last iteration (base model
-first), mean completion length, kept fraction, and the time reduction against `grpo`.
+run through the real flow with the same model, task, prompts and samples per iteration and
+max tokens, once per seed. The runs are interleaved: iteration i of every (seed, arm) runs
+before iteration i+1 of any (the flow resumes each run), so machine noise hits all arms
+alike. Per arm it prints wall time per iteration split into sampling / reward / learner /
+overhead, the time reduction against `grpo` (ratio of the arms' mean times in this one
+invocation), reward, held-out accuracy of the last policy (base model first), mean
+completion length and kept fraction -- each as the mean over seeds with the spread
+(min..max) across seeds, since an arm comparison without it says nothing.
 
-    python bench/arms.py                                   # all arms, 3 iterations, default config
-    python bench/arms.py --presets grpo,preemptive,dash -n 4
+    python bench/arms.py --presets grpo,preemptive,dash,dash-nokl -n 4 --seeds 0,1
     python bench/arms.py --tiny                            # seconds; what CI runs
+
+Old checkpoints are pruned as the runs go (retention: the last policy, the evaluated ones
+and the last optimizer state), and --root is removed at the end unless --keep.
 
 Writes the table's numbers as JSON (--out). Runs live under --root (one directory per arm;
 a second invocation with the same root resumes them: pass a fresh --root to re-measure).
@@ -19,6 +23,7 @@ a second invocation with the same root resumes them: pass a fresh --root to re-m
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,47 +34,65 @@ import typer
 from _common import ROOT, gpu_overrides, machine
 
 
-def _row(name: str, run: Path, iterations: int) -> dict:
+def _one(run: Path, iterations: int) -> dict:
+    """One (arm, seed) run's numbers."""
     from dashflow.config import RunLayout
 
     layout = RunLayout(run)
     metrics = [json.loads(layout.metrics(i).read_text()) for i in range(iterations)]
     base = json.loads(layout.eval_json(-1).read_text())
-    final = json.loads(layout.eval_json(iterations - 1).read_text()) if layout.eval_json(iterations - 1).exists() else {}
+    final = json.loads(layout.eval_json(iterations - 1).read_text())
     mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)  # noqa: E731
-    total = mean("total")
     return {
-        "arm": name, "iterations": iterations,
         "time_s": {k: mean(k) for k in ("sampling", "reward", "learner", "overhead", "total")},
-        "rollouts_per_s": statistics.fmean(m["rows"] for m in metrics) / total if total else None,
         "reward_mean": statistics.fmean(m["reward_mean"] for m in metrics),
         "reward_last": metrics[-1]["reward_mean"],
-        "eval_greedy": (base.get("greedy_accuracy"), final.get("greedy_accuracy")),
-        "eval_sampled": (base.get("sampled_accuracy"), final.get("sampled_accuracy")),
+        "greedy_base": base.get("greedy_accuracy"), "greedy_last": final.get("greedy_accuracy"),
+        "sampled_base": base.get("sampled_accuracy"), "sampled_last": final.get("sampled_accuracy"),
         "mean_completion_tokens": statistics.fmean(m["mean_completion_tokens"] for m in metrics),
         "kept_fraction": statistics.fmean(m["kept_fraction"] for m in metrics),
         "optimizer_steps": [m.get("learner", {}).get("optimizer_steps") for m in metrics],
     }
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
+    """An arm over its seeds: every number as {mean, min, max} across seeds."""
+    per_seed = {seed: _one(run, iterations) for seed, run in runs.items()}
+
+    def spread(get) -> dict:
+        values = [get(r) for r in per_seed.values()]
+        return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+    keys = ("reward_mean", "reward_last", "greedy_base", "greedy_last", "sampled_base", "sampled_last",
+            "mean_completion_tokens", "kept_fraction")
+    return {"arm": name, "iterations": iterations, "seeds": sorted(per_seed),
+            "time_s": {k: spread(lambda r, k=k: r["time_s"][k])
+                       for k in ("sampling", "reward", "learner", "overhead", "total")},
+            **{k: spread(lambda r, k=k: r[k]) for k in keys}, "per_seed": per_seed}
+
+
+def _ms(x: dict, pct: bool = False, digits: int = 1) -> str:
+    scale, unit = (100, "%") if pct else (1, "")
+    if x["min"] == x["max"]:
+        return f"{scale * x['mean']:.{digits}f}{unit}"
+    return f"{scale * x['mean']:.{digits}f}{unit} ({scale * x['min']:.{digits}f}..{scale * x['max']:.{digits}f})"
 
 
 def table(rows: list[dict]) -> str:
     grpo = next((r for r in rows if r["arm"] == "grpo"), None)
-    out = ["| arm | s/iter | sampling | reward | learner | overhead | rollouts/s | time saved vs grpo | reward (mean / last) "
-           "| eval greedy base → last | eval sampled base → last | len | kept |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| arm | s/iter | sampling | reward | learner | overhead | time saved vs grpo | reward (mean over iters) "
+           "| greedy acc base → last | sampled acc base → last | len | kept |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_s"]
-        cut = "-" if grpo is None or r is grpo else f"{100 * (1 - t['total'] / grpo['time_s']['total']):.0f}%"
+        cut = ("-" if grpo is None or r is grpo
+               else f"{100 * (1 - t['total']['mean'] / grpo['time_s']['total']['mean']):.0f}%")
         out.append(
-            f"| {r['arm']} | {t['total']:.1f} | {t['sampling']:.1f} | {t['reward']:.1f} | {t['learner']:.1f} "
-            f"| {t['overhead']:.1f} | {r['rollouts_per_s']:.2f} | {cut} | {r['reward_mean']:.3f} / {r['reward_last']:.3f} "
-            f"| {_pct(r['eval_greedy'][0])} → {_pct(r['eval_greedy'][1])} "
-            f"| {_pct(r['eval_sampled'][0])} → {_pct(r['eval_sampled'][1])} "
-            f"| {r['mean_completion_tokens']:.1f} | {_pct(r['kept_fraction'])} |")
+            f"| {r['arm']} | {_ms(t['total'])} | {_ms(t['sampling'])} | {_ms(t['reward'])} | {_ms(t['learner'])} "
+            f"| {_ms(t['overhead'])} | {cut} | {_ms(r['reward_mean'], digits=3)} "
+            f"| {_ms(r['greedy_base'], True)} → {_ms(r['greedy_last'], True)} "
+            f"| {_ms(r['sampled_base'], True)} → {_ms(r['sampled_last'], True)} "
+            f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} |")
     return "\n".join(out)
 
 
@@ -78,8 +101,10 @@ def main(
     iterations: int = typer.Option(3, "--iterations", "-n"),
     tiny: bool = typer.Option(False, help="the tiny configuration (seconds per arm)"),
     gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
+    seeds: str = typer.Option("0", help="comma-separated run.seed values: every arm runs once per seed"),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value for every arm"),
     root: Path = typer.Option(Path("data/bench/arms"), help="where the arms' runs live"),
+    keep: bool = typer.Option(False, help="keep --root afterwards (checkpoints: GBs)"),
     out: Path = typer.Option(Path("bench/results/arms.json"), help="JSON with the table's numbers"),
 ):
     from dashflow.config import PRESETS, TINY, _parse_override
@@ -89,22 +114,33 @@ def main(
     unknown = [a for a in arms if a not in PRESETS]
     if unknown:
         raise typer.BadParameter(f"unknown arm(s) {unknown}; choose from {', '.join(PRESETS)}")
+    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     base = dict(TINY) if tiny else gpu_overrides() if gpu else {}
+    base.update({"retention.policies": 1, "retention.optimizers": 1, "retention.dvc": "drop"})
     base.update(dict(_parse_override(s) for s in set_ or []))
     started = time.perf_counter()
-    for i in range(iterations):  # interleaved: iteration i of every arm, then i + 1
-        for arm in arms:
-            overrides = dict(base, **{"run.root": str(root), "run.name": arm, "evaluate.every": 0})
-            typer.echo(f"== {arm}: iteration {i}")
-            dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=i + 1, preset=arm)
-    rows = [_row(arm, root / arm, iterations) for arm in arms]
+    name = lambda arm, seed: f"{arm}-seed{seed}"  # noqa: E731
+    try:
+        for i in range(iterations):  # interleaved: iteration i of every run, then i + 1
+            for seed in seed_list:
+                for arm in arms:
+                    overrides = dict(base, **{"run.root": str(root), "run.name": name(arm, seed), "run.seed": seed})
+                    typer.echo(f"== {arm} seed {seed}: iteration {i}")
+                    # the whole schedule (the base and the last policy evaluated), run up to iteration i
+                    dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=iterations,
+                            preset=arm, until=i)
+        rows = [_row(arm, {seed: root / name(arm, seed) for seed in seed_list}, iterations) for arm in arms]
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
     text = table(rows)
-    typer.echo(f"\n{len(arms)} arms x {iterations} iterations in {time.perf_counter() - started:.0f} s "
-               f"({'tiny' if tiny else 'default'} config{', ' + ', '.join(set_) if set_ else ''}; {machine()})\n")
+    typer.echo(f"\n{len(arms)} arms x {len(seed_list)} seeds x {iterations} iterations in "
+               f"{time.perf_counter() - started:.0f} s ({'tiny' if tiny else 'default'} config"
+               f"{', ' + ', '.join(set_) if set_ else ''}; {machine()}); mean (min..max) over seeds {seed_list}\n")
     typer.echo(text)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"iterations": iterations, "tiny": tiny, "overrides": base, "machine": machine(),
-                               "arms": rows}, indent=2))
+    out.write_text(json.dumps({"iterations": iterations, "seeds": seed_list, "tiny": tiny, "overrides": base,
+                               "machine": machine(), "arms": rows}, indent=2, default=str))
     typer.echo(f"\nwrote {out}")
 
 

@@ -3,6 +3,7 @@ forward+backward loop at the same micro-batch, over micro-batch sizes; and the l
 time against the number of kept rows (it must scale with kept rows, not sampled rows).
 
     python bench/learner.py                 # 32 rows x (prompt + 64 tokens), micro-batch 1..16 rows
+    python bench/learner.py --precisions fp32,bf16-mixed   # learn.precision side by side
     python bench/learner.py --tiny          # seconds; what CI runs
 
 The stage number is `learn.run` on a kept table of identical-length rows (real prompt
@@ -44,21 +45,25 @@ def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, se
 def write_kept(params, table) -> None:
     from tasks import schema, store
 
+    from tasks import filter as filter_stage
+
     def build(tmp):
         store.write_shard(tmp, 0, table, schema.KEPT, stage="bench")
+        filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
         return {"stats": {"rows_kept": table.num_rows}}
 
     store.run_stage("filter", 0, params.layout.stage_dir("filter", 0), inputs={}, params={"rows": table.num_rows},
                     code="bench", build=build, force=True)
 
 
-def bare_step(path, table, rows_per_micro: int, device, dtype: str = "float32",
+def bare_step(path, table, rows_per_micro: int, device, precision: str = "fp32",
               temperature: float = 0.9) -> tuple[float, int]:
     import torch
 
     from tasks import algorithms, policy
 
-    model = policy.load_model(path, device, dtype)
+    model = policy.load_model(path, device, "float32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     prompts = table.column("prompt_token_ids").to_pylist()
@@ -69,7 +74,8 @@ def bare_step(path, table, rows_per_micro: int, device, dtype: str = "float32",
     for s in range(0, len(prompts), rows_per_micro):
         idx = list(range(s, min(s + rows_per_micro, len(prompts))))
         ids, att, tgt, mask = policy.collate([prompts[i] for i in idx], [comps[i] for i in idx], 0)
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
+        with autocast:
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
         logp = algorithms.token_logprobs(logits, tgt.to(device), temperature)
         algorithms.policy_gradient_loss(logp, adv[idx].to(device), mask.to(device), n_tokens).backward()
         seen += int(att.sum())
@@ -83,6 +89,7 @@ def main(
     micro: str = typer.Option("1,2,4,8,16", help="rows per micro-batch"),
     kept: str = typer.Option("8,16,32,64", help="kept-row counts for the scaling table"),
     sampled: int = typer.Option(64, help="rows the sampler produced (constant in the scaling table)"),
+    precisions: str = typer.Option("fp32", help="comma-separated learn.precision values to compare"),
     tiny: bool = typer.Option(False),
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/learner.json")),
@@ -108,17 +115,19 @@ def main(
         table_rows = []
         table = kept_table(prompt, rows, completion_len, tokenizer.vocab_size)
         write_kept(params, table)
-        for b in sizes:
-            p = params.with_overrides({"learn.micro_batch_tokens": b * seq})
-            stats = learn.run(p, 0, force=True).stats
-            bare_s, bare_tokens = bare_step(path, table, b, device, params["model"]["dtype"])
-            bare = bare_tokens / bare_s
-            table_rows.append([b, b * seq, round(stats["tokens_per_s"], 1), round(bare, 1),
-                               f"{100 * stats['tokens_per_s'] / bare:.0f}%"])
-            print(f"micro-batch {b} rows: stage {stats['tokens_per_s']:.1f} tok/s, bare {bare:.1f} tok/s", flush=True)
+        for precision in [x.strip() for x in precisions.split(",")]:
+            for b in sizes:
+                p = params.with_overrides({"learn.micro_batch_tokens": b * seq, "learn.precision": precision})
+                stats = learn.run(p, 0, force=True).stats
+                bare_s, bare_tokens = bare_step(path, table, b, device, precision)
+                bare = bare_tokens / bare_s
+                table_rows.append([precision, b, b * seq, round(stats["tokens_per_s"], 1), round(bare, 1),
+                                   f"{100 * stats['tokens_per_s'] / bare:.0f}%"])
+                print(f"{precision} micro-batch {b} rows: stage {stats['tokens_per_s']:.1f} tok/s, "
+                      f"bare {bare:.1f} tok/s", flush=True)
         emit(f"Learner throughput: {rows} rows x {seq} tokens ({device})",
-             ["rows / micro-batch", "tokens / micro-batch", "learn stage tok/s", "bare fwd+bwd tok/s", "stage / bare"],
-             table_rows, out)
+             ["precision", "rows / micro-batch", "tokens / micro-batch", "learn stage tok/s", "bare fwd+bwd tok/s",
+              "stage / bare"], table_rows, out)
 
         scaling = []
         for k in kept_sizes:

@@ -4,6 +4,7 @@ sizes. The curve that motivates preemptive sampling: throughput grows with the b
 
     python bench/sampler.py                       # batch 1..64, 64 new tokens, CPU
     python bench/sampler.py --batches 1,8,32,128  # any sizes (GPU: --device cuda)
+    python bench/sampler.py --dtypes float32,bfloat16   # the policy's weights in each dtype, one table
     python bench/sampler.py --tiny                # seconds; what CI runs
 
 The stage path is `tasks.samplers.HFSampler.generate` (left padding, the per-batch seed,
@@ -52,6 +53,7 @@ def main(
     temperature: float = typer.Option(0.9),
     reps: int = typer.Option(2, help="timed repetitions per size and path (median)"),
     device: str = typer.Option("auto"),
+    dtypes: str = typer.Option("", help="comma-separated weight dtypes to compare (default: float32; --gpu: bfloat16)"),
     tiny: bool = typer.Option(False, help="batch 1,2,4 and 8 new tokens"),
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/sampler.json")),
@@ -64,29 +66,32 @@ def main(
     cfg = gpu_overrides() if gpu else {"model.name": "embedded:smollm2-135m-instruct", "model.dtype": "float32"}
     path = base_policy_path(cfg["model.name"])
     dev = policy.pick_device("cuda" if gpu else device)
-    model, tokenizer = policy.load_model(path, dev, cfg["model.dtype"]), policy.load_tokenizer(path)
-    stops = set(policy.stop_token_ids(tokenizer, model.generation_config))
+    tokenizer = policy.load_tokenizer(path)
     all_prompts = arithmetic_prompts(tokenizer, max(sizes))
     rows = []
-    for b in sizes:
-        prompts = all_prompts[:b]
-        sampler = HFSampler(model, tokenizer, sorted(stops), token_budget=10**9, max_batch_size=b)
-        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
-        sampler.generate(prompts[:1], top_p=1.0, desc="warm-up", **kw)
-        stage_t, bare_t, stage_tok, bare_tok = [], [], 0, 0
-        for _ in range(reps):  # alternate so drift hits both paths alike
-            t0 = time.perf_counter()
-            comps = sampler.generate(prompts, top_p=1.0, desc=f"batch {b}", **kw)
-            stage_t.append(time.perf_counter() - t0)
-            stage_tok = sum(len(c.token_ids) for c in comps)
-            t0 = time.perf_counter()
-            bare_tok = bare_generate(model, tokenizer, prompts, stops, **kw)
-            bare_t.append(time.perf_counter() - t0)
-        s, r = stage_tok / statistics.median(stage_t), bare_tok / statistics.median(bare_t)
-        rows.append([b, stage_tok, bare_tok, round(s, 1), round(r, 1), f"{100 * s / r:.0f}%"])
-        print(f"batch {b}: stage {s:.1f} tok/s, bare {r:.1f} tok/s", flush=True)
+    for dtype in [d.strip() for d in (dtypes or cfg["model.dtype"]).split(",")]:
+        model = policy.load_model(path, dev, dtype)
+        stops = set(policy.stop_token_ids(tokenizer, model.generation_config))
+        for b in sizes:
+            prompts = all_prompts[:b]
+            sampler = HFSampler(model, tokenizer, sorted(stops), token_budget=10**9, max_batch_size=b)
+            kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+            sampler.generate(prompts[:1], top_p=1.0, desc="warm-up", **kw)
+            stage_t, bare_t, stage_tok, bare_tok = [], [], 0, 0
+            for _ in range(reps):  # alternate so drift hits both paths alike
+                t0 = time.perf_counter()
+                comps = sampler.generate(prompts, top_p=1.0, desc=f"batch {b}", **kw)
+                stage_t.append(time.perf_counter() - t0)
+                stage_tok = sum(len(c.token_ids) for c in comps)
+                t0 = time.perf_counter()
+                bare_tok = bare_generate(model, tokenizer, prompts, stops, **kw)
+                bare_t.append(time.perf_counter() - t0)
+            s, r = stage_tok / statistics.median(stage_t), bare_tok / statistics.median(bare_t)
+            rows.append([dtype, b, stage_tok, bare_tok, round(s, 1), round(r, 1), f"{100 * s / r:.0f}%"])
+            print(f"{dtype} batch {b}: stage {s:.1f} tok/s, bare {r:.1f} tok/s", flush=True)
     emit(f"Sampler throughput, {max_new_tokens} new tokens, T={temperature} ({dev})",
-         ["batch", "stage tokens", "bare tokens", "stage tok/s", "bare generate tok/s", "stage / bare"], rows, out)
+         ["weights", "batch", "stage tokens", "bare tokens", "stage tok/s", "bare generate tok/s", "stage / bare"],
+         rows, out)
 
 
 if __name__ == "__main__":

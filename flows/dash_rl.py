@@ -61,7 +61,10 @@ def dash_rl(
     iterations: int | None = None,
     preset: str | None = None,
     from_stage: str | None = None,
+    until: int | None = None,
 ) -> dict:
+    """`until`: run iterations 0..until of the schedule and stop (a later call resumes; the
+    schedule, and so what is evaluated, stays that of the whole run)."""
     overrides = {**(overrides or {}), **({"run.preset": preset} if preset else {}),
                  **({"run.iterations": iterations} if iterations is not None else {})}
     params = Params.load(params_path, overrides)
@@ -80,7 +83,7 @@ def dash_rl(
             dvc(evaluate_task(params, -1, force=force("evaluate", -1)))
         dvc.flush()
         history = []
-        for i in range(n):
+        for i in range(n if until is None else min(n, until + 1)):
             started = time.perf_counter()
             ran = [
                 dvc(sample_task(params, i, force=force("sample", i))),
