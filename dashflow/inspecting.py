@@ -8,7 +8,10 @@ are read whole. `--rev` reads a stage output as it was at a git revision, throug
 
 from __future__ import annotations
 
+import ast
+import functools
 import io
+import operator
 import random
 from pathlib import Path
 
@@ -78,19 +81,78 @@ def _scalar_table(dataset: ds.Dataset) -> pa.Table:
     return table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
 
 
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
+WHERE_GRAMMAR = ("columns, literals (numbers, 'strings', True, False, None), comparisons "
+                 "(== != < <= > >=, `in [..]`), and / or / not, parentheses")
+
+
+def compile_where(text: str, columns: list[str]) -> pc.Expression:
+    """`--where` as a pyarrow.compute expression. The text is parsed (never evaluated) and
+    only the grammar above is accepted: no names but columns, no calls, no attributes, so an
+    expression can select rows and nothing else."""
+    def refuse(why: str):
+        return InspectError(f"--where {text!r}: {why}; allowed: {WHERE_GRAMMAR}; columns are {columns}")
+
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError as exc:
+        raise refuse(f"not an expression ({exc.msg})") from None
+
+    def literal(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, (str, int, float, bool, type(None))):
+            return n.value
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant) \
+                and isinstance(n.operand.value, (int, float)) and not isinstance(n.operand.value, bool):
+            return -n.operand.value
+        raise refuse(f"{ast.unparse(n)!r} is not a column or a literal")
+
+    def value(n):
+        if isinstance(n, ast.Name):
+            if n.id not in columns:
+                raise refuse(f"unknown column {n.id!r}")
+            return pc.field(n.id)
+        return pc.scalar(literal(n))
+
+    def condition(n) -> pc.Expression:
+        if isinstance(n, ast.BoolOp):
+            parts = [condition(v) for v in n.values]
+            return functools.reduce(operator.and_ if isinstance(n.op, ast.And) else operator.or_, parts)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not):
+            return ~condition(n.operand)
+        if isinstance(n, ast.Name):   # a boolean column on its own: `correct`, `not correct`
+            return value(n)
+        if isinstance(n, ast.Compare):
+            terms, out = [n.left, *n.comparators], None
+            for left, op, right in zip(terms, n.ops, terms[1:]):
+                if isinstance(op, (ast.In, ast.NotIn)):
+                    if not isinstance(right, (ast.List, ast.Tuple, ast.Set)):
+                        raise refuse("`in` takes a list of literals")
+                    test = value(left).isin([literal(e) for e in right.elts])
+                    test = ~test if isinstance(op, ast.NotIn) else test
+                elif type(op) in _COMPARE:
+                    test = _COMPARE[type(op)](value(left), value(right))
+                else:
+                    raise refuse(f"operator {type(op).__name__} is not allowed")
+                out = test if out is None else out & test
+            return out
+        raise refuse(f"{ast.unparse(n)!r} is not a condition")
+
+    return condition(tree)
+
+
 def select(table: pa.Table, where: str | None = None, prompt_id: str | None = None) -> pa.Table:
-    """Rows matching `--prompt-id` and a pandas-style `--where` expression (e.g. "reward < 0.5")."""
+    """Rows matching `--prompt-id` and a `--where` expression (e.g. "reward < 0.5 and not correct")."""
     if prompt_id is not None:
         if "prompt_id" not in table.column_names:
             raise InspectError("--prompt-id: this table has no prompt_id column")
         table = table.filter(pc.equal(table.column("prompt_id"), prompt_id))
     if where:
-        frame = table.to_pandas()
+        expr = compile_where(where, [c for c in table.column_names if c != "_row"])
         try:
-            rows = frame.query(where, engine="python")["_row"].tolist()
-        except Exception as exc:  # noqa: BLE001 - a user's expression: report it, don't trace back
-            raise InspectError(f"--where {where!r}: {exc}; columns are {[c for c in table.column_names if c != '_row']}") from exc
-        table = table.filter(pc.is_in(table.column("_row"), pa.array(rows, pa.int64())))
+            table = table.filter(expr)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError) as exc:
+            raise InspectError(f"--where {where!r}: {exc}") from exc
     return table
 
 

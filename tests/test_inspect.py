@@ -68,6 +68,31 @@ def test_filters(stage_dir):
     with pytest.raises(InspectError, match=r"--where 'rewrd < 1'.*columns are"):
         summarize(stage_dir, where="rewrd < 1")
     assert set(summarize(stage_dir, limit=1)["examples"]) == {"best"}
+    # the rest of the grammar: or, not, a boolean column alone, `in`, chained comparison, negatives
+    both = summarize(stage_dir, where="reward < 0.5 or prompt_id == 'p1'")["rows"]
+    assert both == summarize(stage_dir, where="not (reward >= 0.5 and prompt_id != 'p1')")["rows"] > 3
+    assert summarize(stage_dir, where="correct")["rows"] == 3 == summarize(stage_dir, where="not correct")["rows"]
+    assert summarize(stage_dir, where="prompt_id in ['p0', 'p2']")["rows"] == 4
+    assert summarize(stage_dir, where="3 <= completion_tokens < 7")["rows"] == \
+        summarize(stage_dir, where="completion_tokens >= 3 and completion_tokens < 7")["rows"]
+    assert summarize(stage_dir, where="reward > -1")["rows"] == 6
+
+
+@pytest.mark.parametrize("where", [
+    "@store.os.system('touch {f}')==0",                       # the pandas-query injection that ran
+    "__import__('os').system('touch {f}') == 0",
+    "reward.__class__ == 1",
+    "open('{f}', 'w') is None",
+    "[x for x in ()] == []",
+    "reward < (lambda: __import__('os').system('touch {f}'))()",
+])
+def test_where_runs_no_code_and_says_what_is_allowed(stage_dir, tmp_path, where):
+    marker = tmp_path / "pwned"
+    with pytest.raises(InspectError, match=r"--where .*allowed: columns, literals"):
+        summarize(stage_dir, where=where.format(f=marker))
+    result = CliRunner().invoke(app, ["inspect", str(stage_dir), "--where", where.format(f=marker)])
+    assert result.exit_code != 0 and "allowed" in result.output
+    assert not marker.exists()
 
 
 def test_cli_json_schema_and_errors(stage_dir, tmp_path):
