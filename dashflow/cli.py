@@ -34,9 +34,13 @@ def run(
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
     preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft"),
     from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
+    verify: bool = typer.Option(False, "--verify", help="rehash every output file against its manifest (default: "
+                                                          "only files whose size, mtime or inode changed)"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    if verify:
+        os.environ["DASHFLOW_VERIFY"] = "1"
     # the temporary local server's telemetry write races its own start-up ("database is locked")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from dashflow.config import ParamsError

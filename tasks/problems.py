@@ -120,8 +120,14 @@ def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield i, row
         return
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProblemError(
+                    f"{path}: row {lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                    f"JSONL must be UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8 {path.name}`") from None
             if not line.strip():
                 continue
             try:

@@ -5,10 +5,18 @@ checkpoint) plus `_manifest.json`, the single source of truth for "is this stage
 The manifest holds the stage key -- a hash of the inputs' content digests, the stage's
 parameter slice and the code version -- and every output file's sha256, size and rows.
 
-`run_stage` skips a stage whose manifest key matches and whose files are all present with
-their recorded sizes; otherwise it builds the output in a temporary sibling directory and
+`run_stage` skips a stage whose manifest key matches and whose files all hold the bytes the
+manifest records; otherwise it builds the output in a temporary sibling directory and
 renames it into place only when complete, so a crash (Ctrl-C, kill -9) never leaves a
 half-written stage that looks finished, and a failed rerun never replaces a good output.
+An input whose files do not hold their recorded bytes stops the stage that reads it.
+
+Checking content must not rehash gigabytes of checkpoints on every resume: beside each
+output, `.<dir>.verified.json` records (size, mtime_ns, inode) of every file as last
+hashed. A file whose stat matches its record is trusted; any other file is rehashed
+(sha256) and compared with the manifest -- so damage written in place, which changes the
+mtime, is caught, while an untouched run resumes with a stat per file. `DASHFLOW_VERIFY=1`
+(`dashflow run --verify`) rehashes every file regardless.
 
 A stage may write a second output directory beside its main one (`side`: the learner's
 optimizer state), with its own manifest under the same key. An output removed by the
@@ -126,16 +134,54 @@ def stage_key(stage: str, iteration: int | None, inputs: dict[str, str], params:
     return _hash_json({"stage": stage, "iteration": iteration, "inputs": inputs, "params": params, "code": code})
 
 
-def outputs_verify(directory: Path, manifest: Manifest) -> bool:
-    """Every recorded output file is present with its recorded size (cheap; no rehash);
-    a pruned output counts as present (its record keeps what it held)."""
+def _verified_record(directory: Path) -> Path:
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}.verified.json"
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def content_problem(directory: Path, manifest: Manifest) -> str | None:
+    """None when every recorded output file holds its recorded bytes; else what is wrong.
+    A pruned output (retention) has no files to check. See the module docstring for when
+    a file is rehashed."""
     if manifest.pruned:
-        return True
+        return None
+    directory = Path(directory)
+    record_path = _verified_record(directory)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    full = os.environ.get("DASHFLOW_VERIFY") == "1"
+    fresh, changed = {}, False
     for name, info in manifest.outputs.items():
         path = directory / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return False
-    return True
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{path} is missing"
+        if st.st_size != info["bytes"]:
+            return f"{path} has {st.st_size} bytes, its manifest says {info['bytes']}"
+        key = _stat_key(st)
+        if full or record.get(name) != key:
+            if file_sha256(path) != info["sha256"]:
+                return f"{path} does not hold the bytes its manifest records (sha256 differs; modified in place?)"
+            changed = True
+        fresh[name] = key
+    if changed or set(record) != set(fresh):
+        try:
+            write_json(record_path, fresh)
+        except OSError:
+            pass  # a read-only copy: verified, just not remembered
+    return None
+
+
+def outputs_verify(directory: Path, manifest: Manifest) -> bool:
+    """Every recorded output file is present with its recorded content (see content_problem)."""
+    return content_problem(directory, manifest) is None
 
 
 def _describe_outputs(directory: Path) -> dict[str, dict]:
@@ -181,6 +227,11 @@ def run_stage(
     side = {name: Path(path) for name, path in (side or {}).items()}
     label = stage if iteration is None or iteration < 0 else f"{stage}@{iteration}"
     manifests = {name: require_output(path, needed_by=label) for name, path in inputs.items()}
+    for name, m in manifests.items():
+        problem = content_problem(inputs[name], m)
+        if problem:
+            raise StageError(f"{label}: input {inputs[name]} is not what its manifest says: {problem}; "
+                             f"rerun the stage that wrote it (`dashflow run` does, or `dashflow stage ... --force`)")
     input_digests = {name: m.digest for name, m in manifests.items()}
     input_digests.update(extra_inputs or {})
     key = stage_key(stage, iteration, input_digests, params, code)
@@ -222,16 +273,26 @@ def run_stage(
     timing["total_s"] = time.perf_counter() - started
     fields = dict(stage=stage, iteration=iteration, key=key, params=params, inputs=input_digests,
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    for staged in landing.values():
-        _seal(staged, Manifest(**fields, **_contents(staged)))
+    landed = {}
+    for path, staged in landing.items():
+        landed[path] = Manifest(**fields, **_contents(staged))
+        _seal(staged, landed[path])
     manifest = Manifest(**fields, **_contents(tmp), timing=timing, stats=result.get("stats", {}))
     _seal(tmp, manifest)
     # Swap into place: each finished output is either the old one or the new one, never a
     # mix; the main output (whose manifest says the stage is done) lands last.
     for path, staged in landing.items():
         _swap(staged, path)
+        _remember(path, landed[path])
     _swap(tmp, out_dir)
+    _remember(out_dir, manifest)
     return manifest
+
+
+def _remember(directory: Path, manifest: Manifest) -> None:
+    """Record the stats of files just hashed (the swap keeps inodes and mtimes)."""
+    write_json(_verified_record(directory),
+               {name: _stat_key((Path(directory) / name).stat()) for name in manifest.outputs})
 
 
 def _staging(path: Path) -> Path:

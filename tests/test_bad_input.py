@@ -68,6 +68,16 @@ def test_bad_dataset_row_stops_prepare_with_file_row_field(tmp_path):
     assert not (params.layout.base / "prompts").exists()
 
 
+def test_non_utf8_dataset_names_the_file_row_and_fix(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_bytes('{"question": "1+1?", "answer": "#### 2"}\n'.encode()
+                     + '{"question": "caf\u00e9 costs 3+3?", "answer": "#### 6"}\n'.encode("latin-1"))
+    params = tiny_params(tmp_path, **{"task.kind": "gsm8k", "task.path": str(data)})
+    with pytest.raises(store.StageError, match=r"gsm.jsonl: row 2: not UTF-8 \(byte 0xe9 at column 18\).*iconv"):
+        prepare.prepare_prompts(params)
+    assert not (params.layout.base / "prompts").exists()
+
+
 def test_sample_without_a_policy_says_what_to_run(tmp_path):
     from tasks import sample
 

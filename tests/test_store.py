@@ -103,3 +103,58 @@ def test_run_lock_is_exclusive(tmp_path):
                 pass
     with store.run_lock(tmp_path):  # released
         pass
+
+
+def _damage_in_place(path, offset=100):
+    """Overwrite bytes of a file in place: same size, different content."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(8)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in old))
+
+
+def test_same_size_damage_to_an_output_is_not_cached(tmp_path):
+    calls = []
+    out = tmp_path / "stage"
+    first = store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    good = (out / "part-00000.parquet").read_bytes()
+    _damage_in_place(out / "part-00000.parquet")
+    assert (out / "part-00000.parquet").stat().st_size == len(good)
+    again = store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    assert calls == [3, 3] and not again.cached and again.digest == first.digest
+    assert (out / "part-00000.parquet").read_bytes() == good
+
+
+def test_damaged_or_missing_input_stops_the_reader_naming_the_file(tmp_path):
+    calls = []
+    up, down = tmp_path / "up", tmp_path / "down"
+    store.run_stage("up", 0, up, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    _damage_in_place(up / "part-00000.parquet")
+    with pytest.raises(store.StageError, match=r"down@0: input .*up is not what its manifest says: .*part-00000.parquet "
+                                               r"does not hold the bytes its manifest records"):
+        store.run_stage("down", 0, down, inputs={"up": up}, params={}, code="c", build=_build_rows(1, calls))
+    (up / "part-00000.parquet").unlink()
+    with pytest.raises(store.StageError, match=r"part-00000.parquet is missing"):
+        store.run_stage("down", 0, down, inputs={"up": up}, params={}, code="c", build=_build_rows(1, calls))
+    assert calls == [3] and not down.exists()
+
+
+def test_an_untouched_output_is_trusted_by_its_stat_and_rehashed_when_it_changes(tmp_path, monkeypatch):
+    calls, hashed = [], []
+    out = tmp_path / "stage"
+    store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    real = store.file_sha256
+    monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
+    assert hashed == []                      # resume: a stat per file, no rehash
+    import os
+    path = out / "part-00000.parquet"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # touched, bytes unchanged
+    assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
+    assert hashed == ["part-00000.parquet"]  # rehashed once, found good, remembered
+    assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
+    assert hashed == ["part-00000.parquet"]
+    monkeypatch.setenv("DASHFLOW_VERIFY", "1")  # dashflow run --verify: every file, every time
+    assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
+    assert hashed == ["part-00000.parquet"] * 2 and calls == [3]
