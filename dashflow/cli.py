@@ -101,9 +101,12 @@ def stage(
     import importlib
 
     module = importlib.import_module(f"tasks.{name}")
+    from tasks.store import run_lock
+
     try:
         p = Params.load(params, _overrides(set_))
-        manifest = module.run(p, None if name == "prepare" else iteration, force=force)
+        with run_lock(p.layout.root):  # a flow or another stage writing this run: fail clearly, never mix
+            manifest = module.run(p, None if name == "prepare" else iteration, force=force)
     except (ParamsError, StageError) as exc:
         _fail(exc)
     state = "cached (up to date)" if manifest.cached else f"ran in {manifest.timing.get('total_s', 0):.1f}s"
@@ -122,8 +125,12 @@ def metrics(
     from tasks import metrics as metrics_mod
     from tasks.store import StageError
 
+    from tasks.store import run_lock
+
     try:
-        row = metrics_mod.write_metrics(Params.load(params, _overrides(set_)), iteration)
+        p = Params.load(params, _overrides(set_))
+        with run_lock(p.layout.root):
+            row = metrics_mod.write_metrics(p, iteration)
     except (ParamsError, StageError) as exc:
         _fail(exc)
     typer.echo(json.dumps(row, indent=2, default=str))
@@ -167,7 +174,8 @@ def prune(
             raise ParamsError(f"{p.layout.root}: no finished iteration to prune")
         recorder = Recorder(p, params, overrides)
         keep = retention.check(p, recorder)
-        removed = retention.apply(p, done[-1], recorder)
+        with store.run_lock(p.layout.root):
+            removed = retention.apply(p, done[-1], recorder)
     except (ParamsError, DvcError, store.StageError) as exc:
         _fail(exc)
     if not keep.active:

@@ -50,11 +50,20 @@ class Retention:
         return self.policies is not None or self.optimizers is not None
 
 
+# how a pruned record says its files are gone for good (run_stage's message reads it)
+DELETED = "deleted for good"
+
+
 def check(params: Params, recorder) -> Retention:
     """The run's retention setting, checked before any work: with `dvc: remote` in a
     DVC-recorded run the repository must have a default remote to push removed outputs to."""
     rule = Retention.from_params(params)
     if rule.active and rule.dvc == "remote":
+        if not recorder.enabled:
+            raise ParamsError(
+                f"retention.dvc is `remote`, but this run is not recorded in DVC ({recorder.reason}): the "
+                "checkpoints retention removes could not be restored with `dvc pull`. Set retention.dvc: drop "
+                "to delete them for good, or run it recorded in DVC (its params.yaml as it is, in a DVC repository)")
         recorder.check_remote()
     return rule
 
@@ -105,6 +114,9 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
                                   f"removed after iteration {done}"))
     if not doomed:
         return []
+    pushed = recorder is not None and recorder.enabled and rule.dvc == "remote"
+    fate = "pushed to the DVC remote" if pushed else DELETED
+    doomed = [(d, f"{why}; {fate}") for d, why in doomed]
     sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d, _ in doomed]
     for directory, why in doomed:
         # the record lands before anything is removed: after a crash in between the output's

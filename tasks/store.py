@@ -27,12 +27,15 @@ keys downstream, but a stage that must read the files stops with how to restore 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import inspect
 import json
 import os
 import shutil
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,6 +248,11 @@ def run_stage(
         existing.cached = True
         return existing
     for name, m in manifests.items():
+        if m.pruned and "deleted for good" in m.pruned:
+            raise StageError(
+                f"{label}: input {inputs[name]} was removed by the retention setting ({m.pruned}); it cannot be "
+                f"restored: rebuild it (`dashflow run --from-stage` the stage that wrote it), or keep more "
+                "checkpoints (params.yaml `retention:`)")
         if m.pruned:
             raise StageError(
                 f"{label}: input {inputs[name]} was removed by the retention setting ({m.pruned}); restore it "
@@ -295,9 +303,14 @@ def _remember(directory: Path, manifest: Manifest) -> None:
                {name: _stat_key((Path(directory) / name).stat()) for name in manifest.outputs})
 
 
-def _staging(path: Path) -> Path:
+def _staging(path: Path, unique: bool = False) -> Path:
     """The hidden sibling where a file or an output directory is written before it is
-    renamed into place (readers see the old one or the new one, never half)."""
+    renamed into place (readers see the old one or the new one, never half). Output
+    directories have one fixed name (their writers hold the run lock, and a stale one is
+    removed before a rebuild); files get a name of their own per writer (`unique`), so two
+    attempts of one Ray job can never write into each other's partial file."""
+    if unique:
+        return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     return path.parent / f".{path.name}.tmp"
 
 
@@ -313,16 +326,47 @@ def _seal(directory: Path, manifest: Manifest) -> None:
     _fsync_dir(directory)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # a file system or kernel without it: the two-rename fallback
+    raise OSError(err, f"renameat2({a}, {b}): {os.strerror(err)}")
+
+
 def _swap(staged: Path, out_dir: Path) -> None:
-    old = out_dir.parent / f".{out_dir.name}.old"
-    _remove(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staged, out_dir)
-    _remove(old)
+    """Put a finished output in place. Where an old one exists the two are exchanged in one
+    atomic step, so a kill at any moment leaves the old output or the new one, never
+    neither; the old one, now at the staging name, is removed after."""
+    if out_dir.exists() and _exchange(staged, out_dir):
+        _remove(staged)
+    else:
+        old = out_dir.parent / f".{out_dir.name}.old"
+        _remove(old)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(staged, out_dir)
+        _remove(old)
+    _fsync_parent(out_dir)
     record = pruned_record(out_dir)
     if record.exists():
         record.unlink()  # the output is back: its record is stale
+
+
+def _fsync_parent(path: Path) -> None:
+    """Make a rename in `path`'s directory durable (the directory entry itself)."""
+    fd = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -369,7 +413,7 @@ def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema,
         table = validate(table, schema, stage=stage, path=path)
     except SchemaError as exc:
         raise StageError(str(exc)) from exc
-    partial = _staging(path)
+    partial = _staging(path, unique=True)
     pq.write_table(table, partial)
     os.replace(partial, path)  # a shard is whole or absent, even when its writer dies mid-write
     return path
@@ -405,9 +449,13 @@ def map_shards(src: Path, dst: Path, transform: Callable[[pa.Table, Path], pa.Ta
 def write_json(path: Path, obj: Any) -> None:
     """Write a small JSON file atomically (readers see the old or the new file, never half)."""
     path = Path(path)
-    tmp = _staging(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+    tmp = _staging(path, unique=True)
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_parent(path)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

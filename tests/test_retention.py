@@ -39,6 +39,13 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
 
     keep = {"retention.policies": 1, "retention.optimizers": 1, "dvc.track": "off"}
     overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": "tiny"}, **keep)
+    # `remote` promises `dvc pull`: a run that is not recorded in DVC cannot keep that promise
+    with pytest.raises(ParamsError, match=r"retention.dvc is `remote`, but this run is not recorded in DVC "
+                                          r"\(dvc.track is off\).*retention.dvc: drop"):
+        dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
+    assert not (tmp_path / "tiny" / "iter-0000").exists()
+    keep["retention.dvc"] = "drop"
+    overrides.update(keep)
     dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
     params = tiny_params(tmp_path, **keep)
     layout = params.layout
@@ -48,13 +55,14 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     assert (layout.policy(-1) / "model.safetensors").exists()
     record = json.loads(store.pruned_record(layout.policy(0)).read_text())
     assert record["stage"] == "learn" and record["iteration"] == 0 and "model.safetensors" in record["outputs"]
-    assert record["pruned"] == "retention.policies: 1, removed after iteration 1"
+    assert record["pruned"] == "retention.policies: 1, removed after iteration 1; deleted for good"
     # the record stands in for the output: its digest still feeds sample@1's key, so a rerun skips everything
     manifests = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("_manifest.json")}
     dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("_manifest.json")} == manifests
     # a stage that must read a removed output stops, naming it and how to restore it
-    with pytest.raises(store.StageError, match=r"iter-0000/policy was removed by the retention setting .* `dvc pull"):
+    with pytest.raises(store.StageError, match=r"iter-0000/policy was removed by the retention setting .*deleted for "
+                                               r"good\); it cannot be restored: rebuild it"):
         learn.run(params, 1, force=True)
     assert (layout.policy(1) / "model.safetensors").exists()  # and the good checkpoint stays
     # rebuilding a removed output brings it back and drops its record

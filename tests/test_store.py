@@ -158,3 +158,18 @@ def test_an_untouched_output_is_trusted_by_its_stat_and_rehashed_when_it_changes
     monkeypatch.setenv("DASHFLOW_VERIFY", "1")  # dashflow run --verify: every file, every time
     assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
     assert hashed == ["part-00000.parquet"] * 2 and calls == [3]
+
+
+def test_replacing_an_output_is_one_atomic_exchange(tmp_path):
+    """The old output and the new one trade places in one step (renameat2 RENAME_EXCHANGE):
+    no moment without an output, and nothing left beside it."""
+    out, staged = tmp_path / "out", tmp_path / ".out.tmp"
+    out.mkdir()
+    (out / "a").write_text("old")
+    staged.mkdir()
+    (staged / "a").write_text("new")
+    assert store._exchange(staged, out)          # supported here (Linux, glibc >= 2.28)
+    assert (out / "a").read_text() == "new" and (staged / "a").read_text() == "old"
+    store._exchange(staged, out)
+    store._swap(staged, out)
+    assert (out / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
