@@ -16,8 +16,9 @@ from dashflow.config import Params
 from tasks import reference, store
 
 TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
-LEARNER_METRICS = ("loss", "grad_norm", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
-                   "sampler_mismatch", "tis_weight", "kl_to_reference", "optimizer_steps")
+LEARNER_METRICS = ("loss", "grad_norm", "lr", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
+                   "sampler_mismatch", "tis_weight", "kl_to_reference", "optimizer_steps", "precision", "rows",
+                   "sampled_rows")
 
 
 def iteration_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:

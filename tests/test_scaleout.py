@@ -96,9 +96,11 @@ def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
         assert math.isclose(one.stats[name], two.stats[name], rel_tol=1e-5), (name, one.stats[name], two.stats[name])
     # the mismatch is float noise (~4e-6) from batch shapes: equal in absolute terms
     assert math.isclose(one.stats["sampler_mismatch"], two.stats["sampler_mismatch"], abs_tol=1e-6)
-    step = max((w1[k] - base[k]).abs().max().item() for k in w1)
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert step > 1e-6 and diff < 1e-6, (step, diff)
+    # the same update up to float rounding, relative to the update's size (AdamW's first step is
+    # g / (|g| + eps): an element with |g| near eps may differ by a fraction of lr, the whole does not)
+    d1 = torch.cat([(w1[k] - base[k]).flatten() for k in w1])
+    d2 = torch.cat([(w2[k] - base[k]).flatten() for k in w1])
+    assert d1.abs().max() > 1e-6 and ((d1 - d2).norm() / d1.norm()).item() < 1e-3
     s1 = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
     assert len(s1["state"]) == len(w1)
 

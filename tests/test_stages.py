@@ -200,8 +200,9 @@ def test_evaluate_base_greedy_and_sampled(run0):
 
 
 def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
-    """At iteration 0 the sampler *is* the base model, so the reference log-probs must match
-    the sampler's log-probs token for token (up to batching numerics)."""
+    """The reference log-probs are the base model's (temperature-scaled, untruncated) log-probs
+    of every kept completion token, as the learner computes its own; at iteration 0 the
+    policy *is* the base model, so the KL is 0 and the learner matches the sampler."""
     src_params, m = run0
     params = tiny_params(tmp_path, **{"learn.kl_coef": 0.04})
     fork_run(src_params, params)
@@ -209,11 +210,18 @@ def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
     ref_m = reference.run(params, 0)
     table = store.read_stage(params.layout.stage_dir("reference", 0), schema.REFERENCED, stage="test")
     assert table.num_rows == m["filter"].stats["rows_kept"] == ref_m.stats["rows"] > 0
-    diffs = []
-    for row in table.to_pylist():
+    base = policy_mod.load_model(params.layout.policy(-1), torch.device("cpu"))
+    rows = table.to_pylist()
+    plain, _ = policy_mod.completion_logprobs(base, [r["prompt_token_ids"] for r in rows],
+                                              [r["completion_token_ids"] for r in rows], pad_id=2,
+                                              temperature=params["sample"]["temperature"], token_budget=4096, desc="t")
+    diffs, gaps = [], []
+    for row, expected in zip(rows, plain):
         assert len(row["ref_logprobs"]) == len(row["completion_token_ids"])
-        diffs += [abs(a - b) for a, b in zip(row["ref_logprobs"], row["sampler_logprobs"])]
+        diffs += [abs(a - b) for a, b in zip(row["ref_logprobs"], expected)]
+        gaps += [a - b for a, b in zip(row["ref_logprobs"], row["sampler_logprobs"])]
     assert max(diffs) < 1e-3, max(diffs)
+    assert max(gaps) < 1e-3  # untruncated <= the sampler's top-k renormalised log-probs
     lm = learn.run(params, 0)
     assert lm.stats["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the step
     assert lm.stats["sampler_mismatch"] < 1e-3
