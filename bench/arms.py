@@ -60,7 +60,9 @@ def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
     per_seed = {seed: _one(run, iterations) for seed, run in runs.items()}
 
     def spread(get) -> dict:
-        values = [get(r) for r in per_seed.values()]
+        values = [v for v in (get(r) for r in per_seed.values()) if v is not None]  # e.g. no sampled eval
+        if not values:
+            return {"mean": None, "min": None, "max": None}
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
     keys = ("reward_mean", "reward_last", "greedy_base", "greedy_last", "sampled_base", "sampled_last",
@@ -73,6 +75,8 @@ def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
 
 def _ms(x: dict, pct: bool = False, digits: int = 1) -> str:
     scale, unit = (100, "%") if pct else (1, "")
+    if x["mean"] is None:
+        return "-"
     if x["min"] == x["max"]:
         return f"{scale * x['mean']:.{digits}f}{unit}"
     return f"{scale * x['mean']:.{digits}f}{unit} ({scale * x['min']:.{digits}f}..{scale * x['max']:.{digits}f})"
