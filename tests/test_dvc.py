@@ -54,8 +54,11 @@ def run_flow(repo: Path) -> dict:
 
 
 def digests(directory: Path) -> dict[str, str]:
+    """Bytes of every file DVC versions (not dashflow's local stat records, `.X.verified.json`,
+    which describe inodes of this checkout and are rebuilt by the next verification)."""
     return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".gitignore"}
+            for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != ".gitignore" and not p.name.endswith(".verified.json")}
 
 
 def write_params(repo: Path, **changes) -> None:
