@@ -47,8 +47,8 @@ def _one(run: Path, iterations: int) -> dict:
         "time_s": {k: mean(k) for k in ("sampling", "reward", "learner", "overhead", "total")},
         "reward_mean": statistics.fmean(m["reward_mean"] for m in metrics),
         "reward_last": metrics[-1]["reward_mean"],
-        "greedy_base": base.get("greedy_accuracy"), "greedy_last": final.get("greedy_accuracy"),
-        "sampled_base": base.get("sampled_accuracy"), "sampled_last": final.get("sampled_accuracy"),
+        "strict_base": base.get("greedy_strict"), "strict_last": final.get("greedy_strict"),
+        "flexible_base": base.get("greedy_flexible"), "flexible_last": final.get("greedy_flexible"),
         "mean_completion_tokens": statistics.fmean(m["mean_completion_tokens"] for m in metrics),
         "kept_fraction": statistics.fmean(m["kept_fraction"] for m in metrics),
         "optimizer_steps": [m.get("learner", {}).get("optimizer_steps") for m in metrics],
@@ -65,7 +65,7 @@ def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
             return {"mean": None, "min": None, "max": None}
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
-    keys = ("reward_mean", "reward_last", "greedy_base", "greedy_last", "sampled_base", "sampled_last",
+    keys = ("reward_mean", "reward_last", "strict_base", "strict_last", "flexible_base", "flexible_last",
             "mean_completion_tokens", "kept_fraction")
     return {"arm": name, "iterations": iterations, "seeds": sorted(per_seed),
             "time_s": {k: spread(lambda r, k=k: r["time_s"][k])
@@ -85,7 +85,7 @@ def _ms(x: dict, pct: bool = False, digits: int = 1) -> str:
 def table(rows: list[dict]) -> str:
     grpo = next((r for r in rows if r["arm"] == "grpo"), None)
     out = ["| arm | s/iter | sampling | reward | learner | overhead | time saved vs grpo | reward (mean over iters) "
-           "| greedy acc base → last | sampled acc base → last | len | kept |",
+           "| greedy acc strict base → last | greedy acc flexible base → last | len | kept |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_s"]
@@ -94,8 +94,8 @@ def table(rows: list[dict]) -> str:
         out.append(
             f"| {r['arm']} | {_ms(t['total'])} | {_ms(t['sampling'])} | {_ms(t['reward'])} | {_ms(t['learner'])} "
             f"| {_ms(t['overhead'])} | {cut} | {_ms(r['reward_mean'], digits=3)} "
-            f"| {_ms(r['greedy_base'], True)} → {_ms(r['greedy_last'], True)} "
-            f"| {_ms(r['sampled_base'], True)} → {_ms(r['sampled_last'], True)} "
+            f"| {_ms(r['strict_base'], True)} → {_ms(r['strict_last'], True)} "
+            f"| {_ms(r['flexible_base'], True)} → {_ms(r['flexible_last'], True)} "
             f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} |")
     return "\n".join(out)
 

@@ -68,6 +68,7 @@ TINY = {
     "learn.micro_batch_tokens": 256,
     "evaluate.num_prompts": 4,
     "evaluate.max_new_tokens": 12,
+    "evaluate.samples": 2,
 }
 
 
@@ -161,7 +162,9 @@ RULES: dict[str, tuple] = {
     "learn.nproc": _num(1, integer=True),
     "evaluate.num_prompts": _num(1, integer=True),
     "evaluate.max_new_tokens": _num(1, integer=True),
-    "evaluate.sampled": _BOOL,
+    "evaluate.samples": _num(0, integer=True),
+    "reward.functions": ((lambda v: isinstance(v, dict) and bool(v) and all(isinstance(x, dict) for x in v.values())),
+                         "a mapping of names to {function, weight, extraction} (see params.yaml)"),
 }
 
 

@@ -11,15 +11,31 @@ def _pct(x: float | None) -> str:
     return "   - " if x is None else f"{100 * x:5.1f}%"
 
 
+def _sampled_key(stats: dict) -> str | None:
+    """The mean@n key of an evaluation's stats (n samples per prompt), if it sampled."""
+    return next((k.rsplit("_", 1)[0] for k in stats if k.startswith("mean@") and k.endswith("_strict")), None)
+
+
+def eval_line(ev: dict) -> str:
+    """Greedy (and mean@n) accuracy, strict next to flexible: `greedy 12.5% / 40.6%`."""
+    parts = [f"greedy {_pct(ev.get('greedy_strict'))} / {_pct(ev.get('greedy_flexible'))}"]
+    mean = _sampled_key(ev)
+    if mean:
+        n = mean.split("@")[1]
+        parts.append(f"{mean} {_pct(ev.get(mean + '_strict'))} / {_pct(ev.get(mean + '_flexible'))}")
+        parts.append(f"pass@{n} {_pct(ev.get(f'pass@{n}_strict'))} / {_pct(ev.get(f'pass@{n}_flexible'))}")
+    return "  ".join(parts) + " (strict / flexible)"
+
+
 def print_iteration(m: dict, cached: bool = False) -> None:
     t = m["time"]
     ev = m.get("eval", {})
     console.print(
         f"iter {m['iteration']:3d}{' (cached)' if cached else ''} | reward {m['reward_mean']:.3f} "
-        f"acc {_pct(m['accuracy'])} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} | "
+        f"acc {_pct(m.get('strict_accuracy'))} / {_pct(m.get('flexible_accuracy'))} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} | "
         f"time sample {t['sampling']:6.1f}s reward {t['reward']:5.1f}s learn {t['learner']:6.1f}s "
         f"overhead {t['overhead']:5.1f}s"
-        + (f" | eval greedy {_pct(ev.get('greedy_accuracy'))} sampled {_pct(ev.get('sampled_accuracy'))}" if ev else "")
+        + (f" | eval {eval_line(ev)}" if ev else "")
     )
     lm = m.get("learner") or {}
     if lm.get("loss") is not None:
@@ -35,11 +51,9 @@ def print_summary(s: dict) -> None:
     base, final = s.get("base_eval") or {}, s.get("final_eval") or {}
     console.print()
     if base and final:
-        console.print(
-            f"eval accuracy (greedy): base {_pct(base.get('greedy_accuracy'))} -> "
-            f"iteration {s['final_eval_iteration']} {_pct(final.get('greedy_accuracy'))};  "
-            f"sampled: base {_pct(base.get('sampled_accuracy'))} -> {_pct(final.get('sampled_accuracy'))}"
-        )
+        console.print(f"eval accuracy, strict (the DASH paper's checker) / flexible (last box, else last number):")
+        console.print(f"  base        : {eval_line(base)}")
+        console.print(f"  iteration {s['final_eval_iteration']:<2d}: {eval_line(final)}")
     root = s["run"]
     console.print(f"rollouts    : {root}/iter-*/{{rollouts,rewarded,advantaged,kept}}/part-*.parquet")
     console.print(f"checkpoints : {root}/iter-*/policy/  (final: {s.get('final_policy')})")

@@ -22,9 +22,12 @@ import pyarrow.dataset as ds
 from tasks import store
 
 SCALARS = ("prompt_id", "sample_index", "iteration", "mode", "reward", "correct", "parsed_answer", "answer",
-           "reward_error", "finish_reason", "advantage", "group_mean", "group_std", "completion_tokens")
+           "strict_correct", "flexible_correct", "strict_answer", "flexible_answer", "reward_error", "finish_reason", "advantage", "group_mean", "group_std", "completion_tokens")
 EXAMPLE_COLUMNS = ("prompt_id", "sample_index", "mode", "prompt", "answer", "completion", "parsed_answer", "reward",
-                   "correct", "advantage", "finish_reason", "reward_error")
+                   "correct", "strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "advantage",
+                   "finish_reason", "reward_error")
+# what counts as a row's correctness: the reward's check (rollouts), else the strict checker (evaluations)
+CORRECT = ("correct", "strict_correct")
 
 
 class InspectError(ValueError):
@@ -178,10 +181,10 @@ def _distribution(values: pa.Array) -> dict:
     return {f"[{edges[i]:.2f},{edges[i + 1]:.2f})": int(hist[i]) for i in range(10)}
 
 
-def _groups(table: pa.Table) -> dict:
-    by = table.group_by("prompt_id").aggregate([("correct", "all"), ("correct", "any")])
-    all_correct = pc.sum(by.column("correct_all")).as_py() or 0
-    any_correct = pc.sum(by.column("correct_any")).as_py() or 0
+def _groups(table: pa.Table, correct: str) -> dict:
+    by = table.group_by("prompt_id").aggregate([(correct, "all"), (correct, "any")])
+    all_correct = pc.sum(by.column(f"{correct}_all")).as_py() or 0
+    any_correct = pc.sum(by.column(f"{correct}_any")).as_py() or 0
     return {"groups": by.num_rows, "all_correct": all_correct, "all_wrong": by.num_rows - any_correct,
             "mixed": any_correct - all_correct}
 
@@ -202,10 +205,15 @@ def summarize(path: Path | str, *, rev: str | None = None, where: str | None = N
     if "reward" in cols and table.num_rows:
         out["reward_mean"] = pc.mean(table.column("reward")).as_py()
         out["reward_distribution"] = _distribution(table.column("reward").combine_chunks())
-    if "correct" in cols and table.num_rows:
-        out["accuracy"] = pc.mean(pc.cast(table.column("correct"), pa.float64())).as_py()
+    correct = next((c for c in CORRECT if c in cols), None)
+    if correct and table.num_rows:
+        if correct == "correct":
+            out["accuracy"] = pc.mean(pc.cast(table.column("correct"), pa.float64())).as_py()
+        for c in ("strict_correct", "flexible_correct"):
+            if c in cols:
+                out[c.replace("correct", "accuracy")] = pc.mean(pc.cast(table.column(c), pa.float64())).as_py()
         if "sample_index" in cols:
-            out.update(_groups(table))
+            out.update(_groups(table, correct))
     if "advantage" in cols and table.num_rows:
         out["advantage_abs_mean"] = pc.mean(pc.abs(table.column("advantage"))).as_py()
     if rev is None and path.is_dir():
@@ -229,7 +237,7 @@ def _examples(dataset: ds.Dataset, table: pa.Table, limit: int, seed: int) -> di
     """Best, worst and a random row (by reward, else correctness), read whole."""
     if table.num_rows == 0 or limit <= 0:
         return {}
-    key = next((k for k in ("reward", "correct") if k in table.column_names), None)
+    key = next((k for k in ("reward", *CORRECT) if k in table.column_names), None)
     rows = table.column("_row").to_pylist()
     picks: dict[str, int] = {}
     if key:
@@ -261,15 +269,17 @@ def render(s: dict) -> str:
     title = f"{s['path']}" + (f" @ {s['rev']}" if s.get("rev") else "")
     table = Table(title=title, show_header=False, box=None)
     for key in ("filter", "rows", "prompts", "groups", "all_correct", "all_wrong", "mixed", "reward_mean",
-                "reward_distribution", "accuracy", "advantage_abs_mean", "kept_fraction", "completion_tokens",
+                "reward_distribution", "accuracy", "strict_accuracy", "flexible_accuracy", "advantage_abs_mean", "kept_fraction", "completion_tokens",
                 "finish_reasons", "reward_errors", "reward_error_examples"):
         if key in s:
             table.add_row(key, _fmt(s[key]))
     console.print(table)
     for name, row in s.get("examples", {}).items():
-        score = row.get("reward", row.get("correct"))
+        score = row.get("reward", row.get("correct", row.get("strict_correct")))
+        parsed = (f"parsed={row.get('parsed_answer')}" if "parsed_answer" in row else
+                  f"strict={row.get('strict_answer')} flexible={row.get('flexible_answer')}")
         console.print(f"[bold]── {name}[/bold]  {row.get('prompt_id')}  reward={_fmt(score)}  "
-                      f"answer={row.get('answer')}  parsed={row.get('parsed_answer')}")
+                      f"answer={row.get('answer')}  {parsed}")
         console.print(f"  Q: {(row.get('prompt') or '')[:200]}", markup=False)
         console.print(f"  A: {(row.get('completion') or '')[:400]!r}", markup=False)
     return console.export_text()
@@ -282,12 +292,14 @@ def _per_prompt(path: Path, mode: str | None) -> dict[str, dict]:
     table = _scalar_table(open_dataset(path))
     if mode and "mode" in table.column_names:
         table = table.filter(pc.equal(table.column("mode"), mode))
-    score = "reward" if "reward" in table.column_names else "correct"
+    score = next(c for c in ("reward", *CORRECT) if c in table.column_names)
+    answer = "parsed_answer" if "parsed_answer" in table.column_names else "flexible_answer"
     table = table.append_column("_score", pc.cast(table.column(score), pa.float64()))
+    table = table.append_column("_answer", table.column(answer))
     by = table.group_by("prompt_id").aggregate([("_score", "mean"), ("completion_tokens", "mean"),
-                                                ("parsed_answer", "list")])
+                                                ("_answer", "list")])
     return {r["prompt_id"]: {"score": r["_score_mean"], "tokens": r["completion_tokens_mean"],
-                             "answers": r["parsed_answer_list"]} for r in by.to_pylist()}
+                             "answers": r["_answer_list"]} for r in by.to_pylist()}
 
 
 def diff(a: Path, b: Path, *, mode: str | None = "greedy", limit: int = 10) -> dict:

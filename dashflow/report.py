@@ -1,7 +1,7 @@
 """`dashflow report`: one PNG (and an HTML page embedding it) that shows a run at a glance.
 
-Panels: reward of the rollouts and eval accuracy (greedy, sampled; the base model at
-iteration -1) per iteration; mean completion length; kept fraction after gradient
+Panels: reward of the rollouts and eval accuracy (greedy and mean@n, strict solid and flexible
+dashed; the base model at iteration -1) per iteration; mean completion length; kept fraction after gradient
 filtering; a stacked bar of each iteration's time split (sampling / reward / learner /
 overhead), like DASH's timing figure. The data behind the plot is returned and written
 beside it as report.json.
@@ -33,15 +33,19 @@ def collect(run_dir: Path) -> dict:
         "kept_fraction": [m["kept_fraction"] for m in metrics],
         "mean_completion_tokens": [m["mean_completion_tokens"] for m in metrics],
         "time": {k: [m["time"][k] for m in metrics] for k in ("sampling", "reward", "learner", "overhead")},
-        "eval": {"iteration": [], "greedy_accuracy": [], "sampled_accuracy": []},
+        "strict_accuracy": [m.get("strict_accuracy") for m in metrics],
+        "flexible_accuracy": [m.get("flexible_accuracy") for m in metrics],
+        "eval": {"iteration": []},
     }
     evals = [(-1, run_dir / "base" / "eval")] + [(m["iteration"], f.parent / "eval") for m, f in zip(metrics, files)]
     for it, path in evals:
         manifest = store.read_manifest(path) if path.exists() else None
         if manifest is not None:
             data["eval"]["iteration"].append(it)
-            for k in ("greedy_accuracy", "sampled_accuracy"):
-                data["eval"][k].append(manifest.stats.get(k))
+            mean = next((k.rsplit("_", 1)[0] for k in manifest.stats if k.startswith("mean@")), "mean@n")
+            for metric, key in (("greedy", "greedy"), ("mean@n", mean)):
+                for ex in ("strict", "flexible"):
+                    data["eval"].setdefault(f"{metric}_{ex}", []).append(manifest.stats.get(f"{key}_{ex}"))
     return data
 
 
@@ -56,10 +60,12 @@ def plot(data: dict, path: Path):
     ax = axes[0][0]
     ax.plot(its, data["reward_mean"], marker="o", label="rollout reward")
     ev = data["eval"]
-    for key, style in (("greedy_accuracy", "s-"), ("sampled_accuracy", "^--")):
-        pts = [(i, v) for i, v in zip(ev["iteration"], ev[key]) if v is not None]
+    # strict (the paper's checker) solid, flexible dashed, in the same colour per metric
+    for key, style, color in (("greedy_strict", "s-", "tab:red"), ("greedy_flexible", "s--", "tab:red"),
+                              ("mean@n_strict", "^-", "tab:green"), ("mean@n_flexible", "^--", "tab:green")):
+        pts = [(i, v) for i, v in zip(ev["iteration"], ev.get(key, [])) if v is not None]
         if pts:
-            ax.plot(*zip(*pts), style, label=f"eval {key.split('_')[0]} accuracy")
+            ax.plot(*zip(*pts), style, color=color, label=f"eval {key.replace('_', ' ')}")
     ax.set(title="Reward and eval accuracy", xlabel="iteration (-1 = base model)", ylim=(0, 1))
     ax.legend(fontsize=8)
     axes[0][1].plot(its, data["mean_completion_tokens"], marker="o", color="tab:purple")

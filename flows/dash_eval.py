@@ -17,6 +17,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from dashflow.config import Params, ParamsError
+from dashflow.console import eval_line
 from tasks import store
 from tasks.evaluate import evaluate_task
 from tasks.prepare import prepare_task
@@ -57,6 +58,6 @@ def dash_eval(checkpoint: int | str = "base", params_path: str = "params.yaml", 
         result = evaluate_task(params, target.pop("iteration"), force=force, **target)
     artifact_task(params, checkpoint, result)
     stats = result["stats"]
-    print(f"checkpoint {checkpoint}: greedy {stats.get('greedy_accuracy')} sampled {stats.get('sampled_accuracy')} "
-          f"on {stats.get('prompts')} prompts ({'cached' if result['cached'] else 'evaluated'})")
+    print(f"checkpoint {checkpoint}: {eval_line(stats)} on {stats.get('prompts')} prompts "
+          f"({'cached' if result['cached'] else 'evaluated'})")
     return result

@@ -1,10 +1,14 @@
-"""Stage `evaluate`: accuracy of a policy on the held-out eval prompts.
+"""Stage `evaluate`: accuracy of a policy on the held-out eval prompts, as the field reports it.
 
-Greedy decoding (one completion per prompt) and, if `evaluate.sampled`, one sample per
-prompt at the training temperature. Answers are checked exactly as in `reward`.
+Greedy decoding (one completion per prompt) and, with `evaluate.samples` n > 0, n samples
+per prompt at the training temperature (top_k, top_p). Every completion is checked twice
+(tasks/answers.py): `strict` (the DASH paper's checker: a box in the last 4 lines) and
+`flexible` (the last box anywhere, else the last number). Per checker the stats are
+greedy accuracy and, over the n samples, mean@n, the unbiased pass@k for k = 1, 2, 4, .., n
+and maj@n -- strict next to flexible, never one alone.
 Runs for the policies `schedule.evaluate` in params.yaml lists (the base policy = -1).
-Beside its output directory it writes `eval.json` (the accuracies), which `dvc metrics`
-reads: <iter>/eval.json next to <iter>/eval/.
+Beside its output directory it writes `eval.json` (the stats), which `dvc metrics` reads:
+<iter>/eval.json next to <iter>/eval/.
 
 Inputs : base/prompts/eval.parquet, a policy   Output: <iter>/eval/part-00000.parquet (schema.EVAL)
 """
@@ -19,9 +23,35 @@ import pyarrow as pa
 
 from dashflow.config import Params
 from tasks import policy as policy_mod
-from tasks import reward, samplers, schema, store
+from tasks import answers, reward, samplers, schema, store
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
+
+
+ANSWER_COLUMNS = ("strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "reward_error")
+
+
+def accuracy_stats(rows: list[dict], n: int) -> dict[str, float]:
+    """Per checker: greedy accuracy; over n samples per prompt, mean@n, pass@k and maj@n."""
+    stats: dict[str, float] = {}
+    for ex in answers.EXTRACTIONS:
+        greedy = [r[f"{ex}_correct"] for r in rows if r["mode"] == "greedy"]
+        stats[f"greedy_{ex}"] = sum(greedy) / max(len(greedy), 1)
+        if not n:
+            continue
+        per_prompt: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["mode"] == "sampled":
+                per_prompt.setdefault(r["prompt_id"], []).append(r)
+        groups = [sorted(g, key=lambda r: r["sample_index"]) for g in per_prompt.values()]
+        correct = [[r[f"{ex}_correct"] for r in g] for g in groups]
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        stats[f"mean@{n}_{ex}"] = mean([mean(c) for c in correct])
+        for k in answers.ks(n):
+            stats[f"pass@{k}_{ex}"] = mean([answers.pass_at_k(len(c), sum(c), k) for c in correct])
+        stats[f"maj@{n}_{ex}"] = mean([answers.maj_at_k([r[f"{ex}_answer"] for r in g], c, n)
+                                       for g, c in zip(groups, correct)])
+    return stats
 
 
 def checkpoint_identity(path: Path) -> dict[str, str]:
@@ -54,21 +84,26 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
             max_batch_size=sample_cfg["max_batch_size"],
         )
         ids = [policy_mod.chat_prompt(tokenizer, p["prompt"]) for p in prompts]
-        modes = ["greedy"] + (["sampled"] if cfg["sampled"] else [])
+        n = int(cfg["samples"])
         rows, stats = [], {}
-        for mode in modes:
-            comps = sampler.generate(ids, max_new_tokens=cfg["max_new_tokens"], temperature=sample_cfg["temperature"],
-                                     top_p=sample_cfg["top_p"], top_k=int(sample_cfg.get("top_k") or 0),
-                                     seed=params["run"]["seed"] + 7919,
+        for mode, copies in (("greedy", 1), ("sampled", n)):
+            if not copies:
+                continue
+            order = [(p, j) for p in range(len(prompts)) for j in range(copies)]
+            comps = sampler.generate([ids[p] for p, _ in order], max_new_tokens=cfg["max_new_tokens"],
+                                     temperature=sample_cfg["temperature"], top_p=sample_cfg["top_p"],
+                                     top_k=int(sample_cfg.get("top_k") or 0), seed=params["run"]["seed"] + 7919,
                                      greedy=mode == "greedy", desc=f"{label} {mode}")
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            scored = reward.score_many(list(zip(texts, [p["answer"] for p in prompts])), reward_cfg, desc=label)
-            for p, c, text, (_, correct, parsed, error) in zip(prompts, comps, texts, scored):
-                rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "answer": p["answer"], "mode": mode,
-                             "completion": text, "completion_tokens": len(c.token_ids), "parsed_answer": parsed,
-                             "correct": correct, "reward_error": error})
-            stats[f"{mode}_accuracy"] = sum(s[1] for s in scored) / max(len(scored), 1)
+            scored = reward.score_many([{"completion": t, "answer": prompts[p]["answer"]} for t, (p, _) in zip(texts, order)],
+                                       [], reward_cfg, desc=label)
+            for (p, j), c, text, s in zip(order, comps, texts, scored):
+                rows.append({"prompt_id": prompts[p]["prompt_id"], "prompt": prompts[p]["prompt"],
+                             "answer": prompts[p]["answer"], "mode": mode, "sample_index": j, "completion": text,
+                             "completion_tokens": len(c.token_ids), **{k: s[k] for k in ANSWER_COLUMNS}})
             stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
+        stats.update(accuracy_stats(rows, n))
+        stats["samples"] = n
         stats["prompts"] = len(prompts)
         store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.EVAL), schema.EVAL, stage=label)
         return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
@@ -78,8 +113,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
         extra_inputs=None if stage_output else checkpoint_identity(policy_dir),
         params={"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
-                "reward": reward_cfg, "seed": params["run"]["seed"]},
-        code=store.code_digest(sys.modules[__name__], reward, samplers, policy_mod, schema), build=build, force=force,
+                "reward": {k: reward_cfg[k] for k in ("timeout_s", "max_chars")}, "seed": params["run"]["seed"]},
+        code=store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema), build=build, force=force,
     )
     if out is None and iteration is not None:
         # what `dvc metrics show` lists for an evaluation: accuracies, mean lengths, prompts

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from dashflow.config import Params
-from tasks import reference, store
+from tasks import answers, reference, store
 
 TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
 LEARNER_METRICS = ("loss", "grad_norm", "lr", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
@@ -35,6 +35,8 @@ def iteration_metrics(params: Params, iteration: int, wall_s: float | None = Non
         "iteration": iteration,
         "reward_mean": m["reward"].stats["reward_mean"],
         "accuracy": m["reward"].stats["accuracy"],
+        "strict_accuracy": m["reward"].stats.get("strict_accuracy"),
+        "flexible_accuracy": m["reward"].stats.get("flexible_accuracy"),
         "kept_fraction": m["filter"].stats["kept_fraction"],
         "mean_completion_tokens": m["sample"].stats["mean_completion_tokens"],
         "rows": m["sample"].stats["rows"],
@@ -46,7 +48,7 @@ def iteration_metrics(params: Params, iteration: int, wall_s: float | None = Non
     }
     ev = store.read_manifest(layout.eval(iteration))
     if ev is not None:
-        out["eval"] = {k: v for k, v in ev.stats.items() if k.endswith("accuracy")}
+        out["eval"] = {k: v for k, v in ev.stats.items() if answers.is_accuracy(k)}
     return out
 
 
@@ -65,7 +67,8 @@ def write_metrics(params: Params, iteration: int, wall_s: float | None = None) -
     return out
 
 
-HISTORY_FIELDS = ("reward_mean", "accuracy", "kept_fraction", "mean_completion_tokens")
+HISTORY_FIELDS = ("reward_mean", "accuracy", "strict_accuracy", "flexible_accuracy", "kept_fraction",
+                  "mean_completion_tokens")
 
 
 def write_history(params: Params) -> dict[str, Path]:
@@ -76,10 +79,10 @@ def write_history(params: Params) -> dict[str, Path]:
     for i in range(-1, params.iterations):
         if i >= 0 and layout.metrics(i).exists():
             m = json.loads(layout.metrics(i).read_text())
-            rows.append({"iteration": i, **{k: m[k] for k in HISTORY_FIELDS}})
+            rows.append({"iteration": i, **{k: m.get(k) for k in HISTORY_FIELDS}})
         ev = store.read_manifest(layout.eval(i))
         if ev is not None:
-            evals.append({"iteration": i, **{k: v for k, v in ev.stats.items() if k.endswith("accuracy")}})
+            evals.append({"iteration": i, **{k: v for k, v in ev.stats.items() if answers.is_accuracy(k)}})
     paths = {"history": Path(layout.root) / "history.json", "eval_history": Path(layout.root) / "eval_history.json"}
     store.write_json(paths["history"], rows)
     store.write_json(paths["eval_history"], evals)
@@ -95,6 +98,7 @@ def publish_artifact(params: Params, row: dict) -> None:
     t, ev = row["time"], row.get("eval", {})
     table = [{
         "iteration": row["iteration"], "reward": round(row["reward_mean"], 4), "accuracy": round(row["accuracy"], 4),
+        **{k: round(row[k], 4) for k in ("strict_accuracy", "flexible_accuracy") if row.get(k) is not None},
         "kept_fraction": round(row["kept_fraction"], 4), "mean_len": round(row["mean_completion_tokens"], 1),
         **{f"{k}_s": round(t[k], 2) for k in ("sampling", "reward", "learner", "overhead", "total")},
         **{f"eval_{k}": round(v, 4) for k, v in ev.items()},

@@ -21,6 +21,8 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
+from tasks.answers import last_boxed
+
 
 class ProblemError(ValueError):
     pass
@@ -68,27 +70,7 @@ def arithmetic(num_train: int, num_eval: int, *, seed: int, level_weights: list[
     return rows[num_eval:], rows[:num_eval]
 
 
-# ---------------------------------------------------------------- answer extraction
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) with balanced braces, else None."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    while start >= 0:
-        brace = text.find("{", start)
-        if brace < 0:
-            return None
-        depth = 0
-        for i in range(brace, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[brace + 1 : i].strip()
-        # unbalanced: try an earlier \boxed
-        start = max(text.rfind("\\boxed", 0, start), text.rfind("\\fbox", 0, start))
-    return None
+# ---------------------------------------------------------------- reference answers
 
 
 def sft_target(solution: str | None, answer: str) -> str:

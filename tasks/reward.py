@@ -1,103 +1,223 @@
-"""Stage `reward`: binary correctness reward from the final answer, checked with math-verify.
+"""Stage `reward`: the training reward of every rollout, one column per reward function.
 
-Answer extraction: the last \\boxed{...} in the completion (DASH's reference reward); if
-there is none, the fallback (`reward.fallback`): the last number in the text. The
-extracted answer and the reference are compared by math-verify (symbolic and numeric
-equivalence: `0.5` = `\\frac{1}{2}`). Checking one row is bounded by `reward.timeout_s`
-and by reading only the last `reward.max_chars` characters; a row whose check fails or
-times out gets reward 0 and its reason in `reward_error` instead of stopping the stage.
+`reward.functions` names the functions and their weights; the rewarded table gets each
+one's value as its own column `reward_<name>` (so `dashflow inspect` shows which one paid)
+and their weighted sum as `reward`:
+
+  math              built in: 1 if the answer extracted from the completion equals the
+                    reference (math-verify), else 0. `extraction: strict` is the DASH
+                    paper's checker, `flexible` the lenient one (tasks/answers.py).
+  module:function   yours: called as fn(prompt=..., completion=..., answer=...,
+                    metadata={prompt_id, sample_index, iteration, finish_reason,
+                    completion_tokens}) and returning a number (README "Rewards").
+
+Every row also gets `strict_correct` and `flexible_correct` (both checkers, whichever one
+pays), so training accuracy is reported strict next to flexible; `correct` and
+`parsed_answer` are those of the first `math` function's extraction (strict without one).
+
+Each call -- every reward function and each answer check -- runs under a per-row alarm of
+`reward.timeout_s` seconds. An exception, a timeout or a return that is not a finite
+number gives that function 0 and its reason in `reward_error` ("<name>: ..."); the stage
+goes on. (The alarm interrupts Python code; a function stuck inside a C call that never
+returns to the interpreter is not interrupted.)
 
 Input : iter-i/rollouts   Output: iter-i/rewarded (schema.REWARDED), shard for shard
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 import re
+import signal
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Callable
 
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from dashflow.config import Params
-from tasks import problems, schema, store
+from tasks import answers, schema, store
 from tasks.prefecting import stage_task
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+BUILTIN = ("math",)
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+METADATA = ("prompt_id", "sample_index", "iteration", "finish_reason")
 
 
-def extract_answer(text: str, fallback: str = "last_number", max_chars: int = 4000) -> str | None:
-    """The answer a completion gives: last \\boxed{} first, else the fallback, else None."""
-    text = text[-max_chars:]
-    boxed = problems.last_boxed(text)
-    if boxed is not None:
-        return boxed
-    if fallback == "last_number":
-        numbers = _NUMBER.findall(text)
-        return numbers[-1].replace(",", "") if numbers else None
-    return None
+class RewardTimeout(Exception):
+    pass
 
 
-def check(parsed: str, reference: str, timeout_s: int = 5) -> tuple[bool, str | None]:
-    """(correct, error) comparing an extracted answer with the reference via math-verify."""
-    from math_verify import parse, verify
+@contextmanager
+def time_bound(seconds: float):
+    """Raise RewardTimeout in the block after `seconds` (SIGALRM; main thread only). An
+    alarm already set by someone else (a Prefect task timeout) is put back with the time it
+    had left, and fires at once if that ran out meanwhile."""
+    def on_alarm(signum, frame):
+        raise RewardTimeout(f"timed out after {seconds:g} s")
 
-    # math-verify bounds its own work with SIGALRM, which only works in the main thread.
-    t = timeout_s if threading.current_thread() is threading.main_thread() else None
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if outer and outer < seconds:
+        signal.setitimer(signal.ITIMER_REAL, outer)
+    t0 = time.monotonic()
     try:
-        gold = parse(f"${reference}$", parsing_timeout=t)
-        if not gold:
-            return False, f"reference answer {reference!r} is not parseable"
-        pred = parse(f"${parsed}$", parsing_timeout=t)
-        if not pred:
-            return False, None  # an answer math-verify cannot read is simply wrong
-        return bool(verify(gold, pred, timeout_seconds=t)), None
-    except Exception as exc:  # noqa: BLE001 - a checker failure must not stop the stage
-        return False, f"{type(exc).__name__}: {exc}"[:500]
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - t0), 1e-3), interval)
 
 
-def score(completion: str, reference: str, *, fallback: str = "last_number", max_chars: int = 4000,
-          timeout_s: int = 5) -> tuple[float, bool, str | None, str | None]:
-    """(reward, correct, parsed_answer, reward_error) of one completion."""
-    parsed = extract_answer(completion, fallback, max_chars)
-    if parsed is None:
-        return 0.0, False, None, None
-    correct, error = check(parsed, reference, timeout_s)
-    return float(correct), correct, parsed, error
+# ---------------------------------------------------------------- the configured functions
 
 
-def _score_batch(items: list[tuple[str, str]], fallback: str, max_chars: int, timeout_s: int) -> list[tuple]:
-    return [score(c, a, fallback=fallback, max_chars=max_chars, timeout_s=timeout_s) for c, a in items]
+def functions(cfg: dict) -> list[dict[str, Any]]:
+    """reward.functions as a list of {name, function, weight, extraction}, checked."""
+    spec = cfg.get("functions")
+    where = "params.yaml reward.functions"
+    if not isinstance(spec, dict) or not spec:
+        raise store.StageError(f"{where} must map names to {{function, weight}}: got {spec!r}")
+    out = []
+    for name, item in spec.items():
+        item = {} if item is None else item
+        if not isinstance(item, dict) or set(item) - {"function", "weight", "extraction"}:
+            raise store.StageError(f"{where}.{name} = {item!r}: allowed keys are function, weight, extraction")
+        if not isinstance(name, str) or not _NAME.match(name) or name == "error":
+            raise store.StageError(f"{where}: name {name!r} must match [a-z][a-z0-9_]* (not 'error'): it names "
+                                   f"the column reward_<name>")
+        function = item.get("function", name)
+        if function not in BUILTIN and (not isinstance(function, str) or ":" not in function):
+            raise store.StageError(f"{where}.{name}.function = {function!r}: a built-in ({', '.join(BUILTIN)}) "
+                                   f"or an import path module:function")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise store.StageError(f"{where}.{name}.weight = {weight!r}: a finite number")
+        extraction = item.get("extraction", "strict" if function == "math" else None)
+        if function == "math" and extraction not in answers.EXTRACTIONS:
+            raise store.StageError(f"{where}.{name}.extraction = {extraction!r}: one of "
+                                   f"{', '.join(answers.EXTRACTIONS)}")
+        out.append({"name": name, "function": function, "weight": float(weight), "extraction": extraction})
+    return out
 
 
-def score_many(items: list[tuple[str, str]], cfg: dict, desc: str = "reward") -> list[tuple]:
-    """Score (completion, reference) pairs with a per-row time bound.
+def load_function(path: str, name: str = "?") -> Callable:
+    """`module:function` -> the callable, with an error naming the setting."""
+    module_name, _, attr = path.partition(":")
+    where = f"params.yaml reward.functions.{name}.function = {path!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+        raise store.StageError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+                               f"is it on PYTHONPATH?") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise store.StageError(f"{where}: {module_name} has no function {attr!r}")
+    return fn
 
-    In the main thread math-verify's own alarm bounds each row. Elsewhere (Prefect may run
-    tasks in worker threads) the rows are scored in a spawned process, whose main thread
-    can use the alarm.
-    """
-    args = (cfg["fallback"], cfg["max_chars"], int(cfg["timeout_s"]))
+
+def user_modules(fns: list[dict]) -> list:
+    """The modules of the user functions (their source is part of the stage's key)."""
+    return [sys.modules[load_function(f["function"], f["name"]).__module__] for f in fns if f["function"] not in BUILTIN]
+
+
+# ---------------------------------------------------------------- one row
+
+
+def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
+              loaded: dict[str, Callable] | None = None) -> dict:
+    """Every function's value, the weighted total, both checkers' verdicts and the errors."""
+    errors: list[str] = []
+    checked: dict[str, bool] = {}
+    completion, reference = row["completion"], row["answer"]
+
+    def verdict(extraction: str) -> tuple[str | None, bool]:
+        parsed = answers.extract(completion, extraction, max_chars)
+        if parsed is None:
+            return None, False
+        if parsed not in checked:
+            try:
+                with time_bound(timeout_s):
+                    ok, error = answers.check(parsed, reference)
+            except RewardTimeout as exc:
+                ok, error = False, f"answer check {exc}"
+            except Exception as exc:  # noqa: BLE001 - math-verify's failure is recorded, not raised
+                ok, error = False, f"answer check {type(exc).__name__}: {exc}"
+            checked[parsed] = ok
+            if error:
+                errors.append(f"{extraction}: {error}"[:500])
+        return parsed, checked[parsed]
+
+    strict, flexible = verdict("strict"), verdict("flexible")
+    out = {"strict_answer": strict[0], "strict_correct": strict[1],
+           "flexible_answer": flexible[0], "flexible_correct": flexible[1]}
+    first_math = next((f for f in fns if f["function"] == "math"), None)
+    out["parsed_answer"], out["correct"] = flexible if first_math and first_math["extraction"] == "flexible" else strict
+    total = 0.0
+    for f in fns:
+        if f["function"] == "math":
+            value = float((strict if f["extraction"] == "strict" else flexible)[1])
+        else:
+            fn = (loaded or {}).get(f["function"]) or load_function(f["function"], f["name"])
+            metadata = {k: row.get(k) for k in METADATA}
+            metadata["completion_tokens"] = len(row.get("completion_token_ids") or [])
+            try:
+                with time_bound(timeout_s):
+                    value = fn(prompt=row.get("prompt"), completion=completion, answer=reference, metadata=metadata)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise TypeError(f"returned {value!r}, not a finite number")
+                value = float(value)
+            except RewardTimeout as exc:
+                value = 0.0
+                errors.append(f"{f['name']}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a user function's failure is recorded per row
+                value = 0.0
+                errors.append(f"{f['name']}: {type(exc).__name__}: {exc}"[:500])
+        out[f"reward_{f['name']}"] = value
+        total += f["weight"] * value
+    out["reward"] = total
+    out["reward_error"] = "; ".join(errors) if errors else None
+    return out
+
+
+def _score_rows(rows: list[dict], fns: list[dict], timeout_s: float, max_chars: int) -> list[dict]:
+    loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
+    return [score_row(r, fns, timeout_s, max_chars, loaded) for r in rows]
+
+
+def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward") -> list[dict]:
+    """score_row over rows ({completion, answer, ...}; `fns` may be empty: the checks only).
+    The alarm needs a main thread: in one the rows are scored here; elsewhere (Prefect may
+    run tasks in worker threads) in a spawned process's."""
+    args = (fns, float(cfg["timeout_s"]), int(cfg["max_chars"]))
     if threading.current_thread() is threading.main_thread():
-        return [score(c, a, fallback=args[0], max_chars=args[1], timeout_s=args[2])
-                for c, a in tqdm(items, desc=desc, unit="row", leave=False)]
-    chunks = [items[i : i + 64] for i in range(0, len(items), 64)]
+        loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
+        return [score_row(r, *args, loaded) for r in tqdm(rows, desc=desc, unit="row", leave=False)]
+    chunks = [rows[i : i + 64] for i in range(0, len(rows), 64)]
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        results = list(tqdm(pool.map(_score_batch, chunks, *[[a] * len(chunks) for a in args]),
+        results = list(tqdm(pool.map(_score_rows, chunks, *[[a] * len(chunks) for a in args]),
                             total=len(chunks), desc=desc, unit="chunk", leave=False))
     return [r for chunk in results for r in chunk]
 
 
 def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward") -> pa.Table:
-    """Rollout table -> rewarded table (adds reward, correct, parsed_answer, reward_error)."""
-    scored = score_many(list(zip(table.column("completion").to_pylist(), table.column("answer").to_pylist())), cfg, desc)
-    columns = list(zip(*scored)) if scored else [[], [], [], []]
-    for name, values in zip(("reward", "correct", "parsed_answer", "reward_error"), columns):
-        table = table.append_column(name, pa.array(list(values), type=schema.REWARDED.field(name).type))
+    """Rollout table -> rewarded table (schema.REWARDED plus one reward_<name> column per function)."""
+    fields = ["prompt", "completion", "answer", "completion_token_ids", *METADATA]
+    fns = functions(cfg)
+    scored = score_many(table.select(fields).to_pylist(), fns, cfg, desc)
+    names = [f"reward_{f['name']}" for f in fns]
+    for name in ("reward", "correct", "parsed_answer", "reward_error", "strict_correct", "flexible_correct"):
+        table = table.append_column(name, pa.array([s[name] for s in scored], type=schema.REWARDED.field(name).type))
+    for name in names:
+        table = table.append_column(name, pa.array([s[name] for s in scored], type=pa.float32()))
     return table
 
 
@@ -106,11 +226,12 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     cfg = params.stage("reward", iteration)
     src = layout.stage_dir("sample", iteration)
     label = f"reward@{iteration}"
+    fns = functions(cfg)
 
     def build(tmp: Path) -> dict:
         work = 0.0
-        rows = correct = errors = 0
-        total = 0.0
+        sums: dict[str, float] = {}
+        rows = errors = 0
 
         def transform(table: pa.Table, path: Path) -> pa.Table:
             nonlocal work
@@ -119,20 +240,25 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             work += time.perf_counter() - t0
             return out
 
+        columns = ["reward", "correct", "strict_correct", "flexible_correct"] + [f"reward_{f['name']}" for f in fns]
         for _, out in store.map_shards(src, tmp, transform, reads=schema.ROLLOUTS, writes=schema.REWARDED, stage=label):
             rows += out.num_rows
-            total += sum(out.column("reward").to_pylist())
-            correct += sum(out.column("correct").to_pylist())
+            for c in columns:
+                sums[c] = sums.get(c, 0.0) + sum(float(v) for v in out.column(c).to_pylist())
             errors += out.num_rows - out.column("reward_error").null_count
+        mean = lambda c: sums.get(c, 0.0) / max(rows, 1)  # noqa: E731
         return {
-            "stats": {"rows": rows, "reward_mean": total / max(rows, 1), "accuracy": correct / max(rows, 1),
+            "stats": {"rows": rows, "reward_mean": mean("reward"), "accuracy": mean("correct"),
+                      "strict_accuracy": mean("strict_correct"), "flexible_accuracy": mean("flexible_correct"),
+                      **{f"reward_{f['name']}_mean": mean(f"reward_{f['name']}") for f in fns},
                       "reward_errors": errors},
             "timing": {"work_s": work},
         }
 
     return store.run_stage(
         "reward", iteration, layout.stage_dir("reward", iteration), inputs={"rollouts": src},
-        params=cfg, code=store.code_digest(sys.modules[__name__], problems, schema), build=build, force=force,
+        params=cfg, code=store.code_digest(sys.modules[__name__], answers, schema, *user_modules(fns)),
+        build=build, force=force,
     )
 
 

@@ -41,10 +41,12 @@ ROLLOUTS = pa.schema(
 REWARDED = pa.schema(
     list(ROLLOUTS)
     + [
-        ("reward", pa.float32()),
-        ("correct", pa.bool_()),
-        ("parsed_answer", pa.string()),   # null when no answer could be extracted
-        ("reward_error", pa.string()),    # null unless checking failed or timed out
+        ("reward", pa.float32()),         # the weighted sum of reward.functions (each also as reward_<name>)
+        ("correct", pa.bool_()),          # the answer the first `math` reward reads is right (strict without one)
+        ("parsed_answer", pa.string()),   # that answer; null when none could be extracted
+        ("reward_error", pa.string()),    # null unless a reward function or a check failed or timed out
+        ("strict_correct", pa.bool_()),   # the DASH paper's checker (tasks/answers.py)
+        ("flexible_correct", pa.bool_()), # last box anywhere, else the last number
     ]
 )
 
@@ -69,10 +71,13 @@ EVAL = pa.schema(
         ("prompt", pa.string()),
         ("answer", pa.string()),
         ("mode", pa.string()),           # greedy | sampled
+        ("sample_index", pa.int32()),    # 0 for greedy; 0..n-1 of the sampled completions
         ("completion", pa.string()),
         ("completion_tokens", pa.int32()),
-        ("parsed_answer", pa.string()),
-        ("correct", pa.bool_()),
+        ("strict_answer", pa.string()),  # the DASH paper's extraction (null: no box in the last 4 lines)
+        ("strict_correct", pa.bool_()),
+        ("flexible_answer", pa.string()),
+        ("flexible_correct", pa.bool_()),
         ("reward_error", pa.string()),
     ]
 )

@@ -30,6 +30,7 @@ def _rows(n_groups=1, g=2, **extra):
                    "prompt_token_ids": [1, 2], "completion_token_ids": [3, 2], "completion": "\\boxed{2}",
                    "sampler_logprobs": [-0.1, -0.2], "finish_reason": "stop", "policy_version": "x",
                    "reward": float(s == 0), "correct": s == 0, "parsed_answer": "2", "reward_error": None,
+                   "strict_correct": s == 0, "flexible_correct": s == 0,
                    "advantage": 1.0 if s == 0 else -1.0, "group_mean": 0.5, "group_std": 0.7}
             row.update(extra)
             rows.append(row)

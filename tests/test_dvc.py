@@ -122,7 +122,8 @@ def test_metrics_show_the_runs_numbers_and_plots_render(repo):
     assert files[str(RUN / "iter-0001/metrics.json")]["data"]["reward_mean"] == m1["reward_mean"]
     assert files[str(RUN / "iter-0001/metrics.json")]["data"]["kept_fraction"] == m1["kept_fraction"]
     ev = json.loads((repo / RUN / "base/eval.json").read_text())
-    assert files[str(RUN / "base/eval.json")]["data"]["greedy_accuracy"] == ev["greedy_accuracy"]
+    assert files[str(RUN / "base/eval.json")]["data"]["greedy_strict"] == ev["greedy_strict"]
+    assert files[str(RUN / "base/eval.json")]["data"]["greedy_flexible"] == ev["greedy_flexible"]
     history = json.loads((repo / RUN / "history.json").read_text())
     assert [r["iteration"] for r in history] == list(range(ITERS))
     dvc(repo, "plots", "show", "-o", "plots")

@@ -149,9 +149,10 @@ def test_inspect_an_older_revision_through_dvc(tmp_path, monkeypatch):
 def _eval_dir(root, name, correct: dict[str, bool], tokens: dict[str, int]):
     d = root / name
     d.mkdir(parents=True)
-    rows = [{"prompt_id": p, "mode": "greedy", "correct": c, "completion_tokens": tokens[p], "parsed_answer": str(int(c)),
+    rows = [{"prompt_id": p, "mode": "greedy", "sample_index": 0, "strict_correct": c, "flexible_correct": True,
+             "completion_tokens": tokens[p], "strict_answer": str(int(c)), "flexible_answer": str(int(c)),
              "prompt": "q", "answer": "1", "completion": "x", "reward_error": None} for p, c in correct.items()]
-    rows += [dict(r, mode="sampled", correct=False) for r in rows]
+    rows += [dict(r, mode="sampled", strict_correct=False) for r in rows]
     pq.write_table(pa.Table.from_pylist(rows), d / "part-00000.parquet")
     return d
 
@@ -187,7 +188,8 @@ def _fake_run(root, n):
     for i, acc in ((-1, 0.25), (n - 1, 0.5)):
         d = root / ("base" if i < 0 else f"iter-{i:04d}") / "eval"
         store.run_stage("evaluate", i, d, inputs={}, params={}, code="t",
-                        build=lambda tmp, a=acc: {"stats": {"greedy_accuracy": a, "sampled_accuracy": a / 2}})
+                        build=lambda tmp, a=acc: {"stats": {"greedy_strict": a, "greedy_flexible": 2 * a,
+                                                            "mean@4_strict": a / 2, "mean@4_flexible": a}})
 
 
 def test_report_plots_every_iteration(tmp_path):
@@ -195,12 +197,14 @@ def test_report_plots_every_iteration(tmp_path):
     _fake_run(run, 3)
     data = collect(run)
     assert data["iteration"] == [0, 1, 2]
-    assert data["eval"] == {"iteration": [-1, 2], "greedy_accuracy": [0.25, 0.5], "sampled_accuracy": [0.125, 0.25]}
+    assert data["eval"] == {"iteration": [-1, 2], "greedy_strict": [0.25, 0.5], "greedy_flexible": [0.5, 1.0],
+                            "mean@n_strict": [0.125, 0.25], "mean@n_flexible": [0.25, 0.5]}
     fig = plot(data, tmp_path / "p.png")
     reward_ax, length_ax, kept_ax, time_ax = fig.axes[:4]
     assert list(reward_ax.lines[0].get_xdata()) == [0, 1, 2]
     assert list(reward_ax.lines[0].get_ydata()) == pytest.approx([0.0, 0.1, 0.2])
     assert list(reward_ax.lines[1].get_xdata()) == [-1, 2]          # greedy eval incl. the base model
+    assert [list(line.get_ydata()) for line in reward_ax.lines[1:]] == [[0.25, 0.5], [0.5, 1.0], [0.125, 0.25], [0.25, 0.5]]
     assert list(length_ax.lines[0].get_ydata()) == [40, 39, 38]
     assert list(kept_ax.lines[0].get_ydata()) == [0.5, 0.5, 0.5]
     assert len(time_ax.containers) == 4 and all(len(c) == 3 for c in time_ax.containers)

@@ -29,7 +29,9 @@ def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
     groups = TINY["sample.prompts_per_iteration"]
     kept_rows = round(m["kept_fraction"] * m["rows"])
     assert m["rows"] == groups * TINY["sample.samples_per_prompt"]
-    assert "greedy_accuracy" in json.loads((run / "iter-0000" / "eval.json").read_text()) and (run / "report.png").exists()
+    ev = json.loads((run / "iter-0000" / "eval.json").read_text())
+    assert {"greedy_strict", "greedy_flexible", "mean@2_strict", "pass@2_flexible"} <= set(ev)
+    assert (run / "report.png").exists()
     assert sample["generation_batches"] == (groups if cfg["sample.batching"] == "per_group" else 1)
     if not cfg["filter.enabled"]:
         assert m["kept_fraction"] == 1.0

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
 from tasks import policy as policy_mod
-from tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
+from tasks import advantage, answers, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,17 @@ def test_reward_adds_columns_matching_the_checker(run0):
     params, m = run0
     table = _table(params, "reward", schema.REWARDED)
     assert table.num_rows == 12
+    extraction = params.stage("reward")["functions"]["math"]["extraction"]
     for row in table.to_pylist():
-        expected = reward.score(row["completion"], row["answer"])
-        assert (row["reward"], row["correct"], row["parsed_answer"]) == expected[:3]
+        parsed = answers.extract(row["completion"], extraction)
+        correct = parsed is not None and answers.check(parsed, row["answer"])[0]
+        assert (row["reward"], row["reward_math"], row["correct"], row["parsed_answer"]) == (
+            float(correct), float(correct), correct, parsed)
+        for ex in answers.EXTRACTIONS:
+            parsed = answers.extract(row["completion"], ex)
+            assert row[f"{ex}_correct"] == (parsed is not None and answers.check(parsed, row["answer"])[0])
     assert m["reward"].stats["reward_mean"] == pytest.approx(sum(table.column("reward").to_pylist()) / 12)
+    assert m["reward"].stats["strict_accuracy"] == pytest.approx(sum(table.column("strict_correct").to_pylist()) / 12)
 
 
 def test_advantage_matches_the_grpo_formula(run0):
@@ -192,10 +199,19 @@ def test_evaluate_base_greedy_and_sampled(run0):
     params, _ = run0
     m = evaluate.run(params, -1)
     table = store.read_stage(params.layout.eval(-1), schema.EVAL, stage="test")
-    assert table.num_rows == 8
+    assert table.num_rows == 4 * (1 + 2)  # 4 prompts: greedy + evaluate.samples = 2 (the tiny config)
     greedy = table.filter(pc.equal(table.column("mode"), "greedy"))
-    assert greedy.num_rows == 4
-    assert m.stats["greedy_accuracy"] == pytest.approx(sum(greedy.column("correct").to_pylist()) / 4)
+    sampled = table.filter(pc.equal(table.column("mode"), "sampled")).to_pylist()
+    assert greedy.num_rows == 4 and sorted(r["sample_index"] for r in sampled) == [0, 0, 0, 0, 1, 1, 1, 1]
+    for ex in answers.EXTRACTIONS:
+        assert m.stats[f"greedy_{ex}"] == pytest.approx(sum(greedy.column(f"{ex}_correct").to_pylist()) / 4)
+        per_prompt = {}
+        for r in sampled:
+            per_prompt.setdefault(r["prompt_id"], []).append(r[f"{ex}_correct"])
+        assert m.stats[f"mean@2_{ex}"] == pytest.approx(sum(map(sum, per_prompt.values())) / 8)
+        assert m.stats[f"pass@2_{ex}"] == pytest.approx(sum(any(v) for v in per_prompt.values()) / 4)
+        assert m.stats[f"pass@1_{ex}"] == pytest.approx(m.stats[f"mean@2_{ex}"])
+        assert f"maj@2_{ex}" in m.stats
     assert evaluate.run(params, -1).cached
 
 
