@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from tasks.answers import HELDOUT, set_stats
+
 console = Console(highlight=False, soft_wrap=True)
 
 
@@ -35,7 +37,8 @@ def print_iteration(m: dict, cached: bool = False) -> None:
         f"acc {_pct(m.get('strict_accuracy'))} / {_pct(m.get('flexible_accuracy'))} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} | "
         f"time sample {t['sampling']:6.1f}s reward {t['reward']:5.1f}s learn {t['learner']:6.1f}s "
         f"overhead {t['overhead']:5.1f}s"
-        + (f" | eval {eval_line(ev)}" if ev else "")
+        + "".join(f" | eval{'' if name == HELDOUT else ' ' + name} {eval_line(st)}"
+                  for name, st in set_stats(ev).items())
     )
     lm = m.get("learner") or {}
     if lm.get("loss") is not None:
@@ -52,8 +55,10 @@ def print_summary(s: dict) -> None:
     console.print()
     if base and final:
         console.print(f"eval accuracy, strict (the DASH paper's checker) / flexible (last box, else last number):")
-        console.print(f"  base        : {eval_line(base)}")
-        console.print(f"  iteration {s['final_eval_iteration']:<2d}: {eval_line(final)}")
+        for name, st in set_stats(final).items():
+            start = set_stats(base).get(name, {})
+            console.print(f"  {name:<12s} base        : {eval_line(start)}")
+            console.print(f"  {name:<12s} iteration {s['final_eval_iteration']:<2d}: {eval_line(st)}")
     root = s["run"]
     console.print(f"rollouts    : {root}/iter-*/{{rollouts,rewarded,advantaged,kept}}/part-*.parquet")
     console.print(f"checkpoints : {root}/iter-*/policy/  (final: {s.get('final_policy')})")

@@ -134,6 +134,21 @@ def is_accuracy(key: str) -> bool:
     return key.rsplit("_", 1)[-1] in EXTRACTIONS
 
 
+HELDOUT = "heldout"
+
+
+def set_stats(stats: dict) -> dict[str, dict]:
+    """An evaluation's stats per evaluation set: `heldout`'s keys are bare (greedy_strict),
+    another set's are prefixed with its name (gsm8k/greedy_strict)."""
+    out: dict[str, dict] = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):  # bookkeeping (the evaluate stage's per-set keys), not a stat
+            continue
+        name, _, rest = key.rpartition("/")
+        out.setdefault(name or HELDOUT, {})[rest] = value
+    return out
+
+
 def ks(n: int) -> list[int]:
     """The k reported for n samples: 1, 2, 4, ... up to n, and n."""
     out = [1]

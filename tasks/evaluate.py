@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from dashflow.config import Params
 from tasks import policy as policy_mod
-from tasks import answers, reward, samplers, schema, store
+from tasks import answers, problems, reward, samplers, schema, store
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
 
@@ -60,10 +60,45 @@ def checkpoint_identity(path: Path) -> dict[str, str]:
     return {"checkpoint": ",".join(f"{p.name}:{store.file_sha256(p)[:16]}" for p in files)}
 
 
+SETS = "sets"  # stats key: each set's {key, shard}, what lets the next output carry a set over
+SET_KEYS = {"kind", "path", "num_prompts", "hub_name", "hub_config", "hub_split", "question_field", "answer_field"}
+
+
+def _prefixed(name: str, stats: dict) -> dict:
+    return dict(stats) if name == answers.HELDOUT else {f"{name}/{k}": v for k, v in stats.items()}
+
+
+def set_prompts(params: Params, name: str, spec: dict, limit: int) -> list[dict]:
+    """The first `limit` prompts of an evaluation set (with the task's answer instruction)."""
+    where = f"params.yaml evaluate.sets.{name}"
+    if not isinstance(spec, dict) or "kind" not in spec or set(spec) - SET_KEYS:
+        raise store.StageError(f"{where} = {spec!r}: expected {{kind: heldout | gsm8k | math | hub, ...}} with keys "
+                               f"among {', '.join(sorted(SET_KEYS))}")
+    kind, instruction = spec["kind"], params["task"]["instruction"]
+    try:
+        if kind == answers.HELDOUT:
+            rows = read_prompts(params, "eval").to_pylist()
+        elif kind in ("gsm8k", "math"):
+            if not spec.get("path"):
+                raise store.StageError(f"{where}: kind {kind} needs path (a JSONL or Parquet file)")
+            rows = problems.load_file(Path(spec["path"]), kind, instruction)
+        elif kind == "hub":
+            rows = problems.load_hub(spec["hub_name"], spec.get("hub_config"), spec.get("hub_split", "test"),
+                                     spec.get("question_field", "question"), spec.get("answer_field", "answer"),
+                                     instruction)
+        else:
+            raise store.StageError(f"{where}: unknown kind {kind!r}; choose heldout, gsm8k, math or hub")
+    except problems.ProblemError as exc:
+        raise store.StageError(f"{where}: {exc}") from exc
+    return rows[:limit]
+
+
 def run(params: Params, iteration: int | None, force: bool = False, policy: Path | None = None,
         out: Path | None = None) -> store.Manifest:
-    """Evaluate the policy of `iteration` (-1 = base) into its eval directory, or, with
-    `policy` and `out`, any checkpoint directory into `out`."""
+    """Evaluate the policy of `iteration` (-1 = base) on every evaluation set into its eval
+    directory (one shard per set), or, with `policy` and `out`, any checkpoint directory into
+    `out`. A set whose prompts, policy, settings and code are unchanged since the previous
+    output is carried over from it, not generated again: adding a set evaluates only it."""
     layout = params.layout
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
@@ -74,52 +109,94 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         raise store.StageError(f"evaluate: {policy_dir} is not a model checkpoint directory (no config.json)")
     label = ("evaluate" if iteration is None else f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base")
     stage_output = store.read_manifest(policy_dir) is not None
+    sets = cfg.get("sets") or {answers.HELDOUT: {"kind": answers.HELDOUT}}
+    prompt_sets = {name: set_prompts(params, name, spec, int(spec.get("num_prompts", cfg["num_prompts"])))
+                   for name, spec in sets.items()}
+    stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
+                    "reward": {k: reward_cfg[k] for k in ("timeout_s", "max_chars")}, "seed": params["run"]["seed"]}
+    code = store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema)
+    policy_id = (store.read_manifest(policy_dir).digest if stage_output else checkpoint_identity(policy_dir))
+    # what makes one set's rows: not the other sets
+    per_set = {k: v for k, v in cfg.items() if k != "sets"}
+    set_keys = {name: store.json_digest({"prompts": prompts, "policy": policy_id, "code": code, "seed": params["run"]["seed"],
+                                        "evaluate": per_set, **{k: v for k, v in stage_params.items() if k != "evaluate"}})
+                for name, prompts in prompt_sets.items()}
+
+    def carried(name: str, index: int, tmp: Path) -> dict | None:
+        """The previous output's shard and stats of this set, if they were made the same way."""
+        previous = store.read_manifest(out_dir)
+        record = (previous.stats.get(SETS, {}).get(name) or {}) if previous is not None else {}
+        if record.get("key") != set_keys[name]:
+            return None
+        shard = record.get("shard")
+        info = previous.outputs.get(shard or "")
+        if not info or not (out_dir / shard).is_file() or store.file_sha256(out_dir / shard) != info["sha256"]:
+            return None
+        store.link_or_copy(out_dir / shard, tmp / store.shard_name(index))
+        return answers.set_stats(previous.stats).get(name)
 
     def build(tmp: Path) -> dict:
         t0 = time.perf_counter()
-        prompts = read_prompts(params, "eval").slice(0, cfg["num_prompts"]).to_pylist()
-        sampler, tokenizer = samplers.make_sampler(
-            sample_cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
-            dtype=params["model"]["dtype"], token_budget=sample_cfg["token_budget"],
-            max_batch_size=sample_cfg["max_batch_size"],
-        )
-        ids = [policy_mod.chat_prompt(tokenizer, p["prompt"]) for p in prompts]
-        n = int(cfg["samples"])
-        rows, stats = [], {}
-        for mode, copies in (("greedy", 1), ("sampled", n)):
-            if not copies:
+        stats: dict = {SETS: {}}
+        loaded = None
+        for index, (name, prompts) in enumerate(prompt_sets.items()):
+            kept = carried(name, index, tmp)
+            stats[SETS][name] = {"key": set_keys[name], "shard": store.shard_name(index), "carried": kept is not None}
+            if kept is not None:
+                stats.update(_prefixed(name, kept))
                 continue
-            order = [(p, j) for p in range(len(prompts)) for j in range(copies)]
-            comps = sampler.generate([ids[p] for p, _ in order], max_new_tokens=cfg["max_new_tokens"],
-                                     temperature=sample_cfg["temperature"], top_p=sample_cfg["top_p"],
-                                     top_k=int(sample_cfg.get("top_k") or 0), seed=params["run"]["seed"] + 7919,
-                                     greedy=mode == "greedy", desc=f"{label} {mode}")
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            scored = reward.score_many([{"completion": t, "answer": prompts[p]["answer"]} for t, (p, _) in zip(texts, order)],
-                                       [], reward_cfg, desc=label)
-            for (p, j), c, text, s in zip(order, comps, texts, scored):
-                rows.append({"prompt_id": prompts[p]["prompt_id"], "prompt": prompts[p]["prompt"],
-                             "answer": prompts[p]["answer"], "mode": mode, "sample_index": j, "completion": text,
-                             "completion_tokens": len(c.token_ids), **{k: s[k] for k in ANSWER_COLUMNS}})
-            stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
-        stats.update(accuracy_stats(rows, n))
-        stats["samples"] = n
-        stats["prompts"] = len(prompts)
-        store.write_shard(tmp, 0, pa.Table.from_pylist(rows, schema=schema.EVAL), schema.EVAL, stage=label)
+            if loaded is None:
+                loaded = samplers.make_sampler(
+                    sample_cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
+                    dtype=params["model"]["dtype"], token_budget=sample_cfg["token_budget"],
+                    max_batch_size=sample_cfg["max_batch_size"])
+            rows, one = evaluate_set(loaded, prompts, cfg, sample_cfg, reward_cfg, params["run"]["seed"],
+                                     f"{label} {name}")
+            store.write_shard(tmp, index, pa.Table.from_pylist([dict(r, eval_set=name) for r in rows], schema=schema.EVAL),
+                              schema.EVAL, stage=label)
+            stats.update(_prefixed(name, one))
         return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
 
     manifest = store.run_stage(
         "evaluate", iteration, out_dir,
         inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
-        extra_inputs=None if stage_output else checkpoint_identity(policy_dir),
-        params={"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
-                "reward": {k: reward_cfg[k] for k in ("timeout_s", "max_chars")}, "seed": params["run"]["seed"]},
-        code=store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema), build=build, force=force,
+        extra_inputs=None if stage_output else policy_id,
+        params=stage_params, code=code, build=build, force=force,
     )
     if out is None and iteration is not None:
-        # what `dvc metrics show` lists for an evaluation: accuracies, mean lengths, prompts
-        store.write_json(layout.eval_json(iteration), {"iteration": manifest.iteration, **manifest.stats})
+        # what `dvc metrics show` lists for an evaluation: accuracies, mean lengths, prompts, per set
+        shown = {k: v for k, v in manifest.stats.items() if k != SETS}
+        store.write_json(layout.eval_json(iteration), {"iteration": manifest.iteration, **shown})
     return manifest
+
+
+def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, reward_cfg: dict, seed: int,
+                 label: str) -> tuple[list[dict], dict]:
+    """Greedy and n sampled completions of each prompt, checked strict and flexible: (rows, stats)."""
+    sampler, tokenizer = loaded
+    ids = [policy_mod.chat_prompt(tokenizer, p["prompt"]) for p in prompts]
+    n = int(cfg["samples"])
+    rows, stats = [], {}
+    for mode, copies in (("greedy", 1), ("sampled", n)):
+        if not copies:
+            continue
+        order = [(p, j) for p in range(len(prompts)) for j in range(copies)]
+        comps = sampler.generate([ids[p] for p, _ in order], max_new_tokens=cfg["max_new_tokens"],
+                                 temperature=sample_cfg["temperature"], top_p=sample_cfg["top_p"],
+                                 top_k=int(sample_cfg.get("top_k") or 0), seed=seed + 7919,
+                                 greedy=mode == "greedy", desc=f"{label} {mode}")
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+        scored = reward.score_many([{"completion": t, "answer": prompts[p]["answer"]} for t, (p, _) in zip(texts, order)],
+                                   [], reward_cfg, desc=label)
+        for (p, j), c, text, s in zip(order, comps, texts, scored):
+            rows.append({"prompt_id": prompts[p]["prompt_id"], "prompt": prompts[p]["prompt"],
+                         "answer": prompts[p]["answer"], "mode": mode, "sample_index": j, "completion": text,
+                         "completion_tokens": len(c.token_ids), **{k: s[k] for k in ANSWER_COLUMNS}})
+        stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
+    stats.update(accuracy_stats(rows, n))
+    stats["samples"] = n
+    stats["prompts"] = len(prompts)
+    return rows, stats
 
 
 # Evaluation only reads a checkpoint; retrying it is safe.

@@ -67,6 +67,7 @@ REFERENCED = pa.schema(list(KEPT) + [("ref_logprobs", pa.list_(pa.float32()))])
 
 EVAL = pa.schema(
     [
+        ("eval_set", pa.string()),       # evaluate.sets: heldout, or the name of a benchmark file / hub set
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
         ("answer", pa.string()),

@@ -128,6 +128,11 @@ def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def json_digest(obj: Any) -> str:
+    """sha256 of an object's canonical JSON (a key made of settings and content digests)."""
+    return _hash_json(obj)
+
+
 def code_digest(*modules: ModuleType) -> str:
     """Code version of a stage: the package version and the source of the modules it runs."""
     return _hash_json([__version__] + [inspect.getsource(m) for m in modules])

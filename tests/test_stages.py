@@ -215,6 +215,43 @@ def test_evaluate_base_greedy_and_sampled(run0):
     assert evaluate.run(params, -1).cached
 
 
+def test_evaluate_on_two_sets_then_a_third_evaluates_only_the_new_one(tmp_path, run0):
+    params, _ = run0
+    import json
+
+    gsm, mth = tmp_path / "gsm8k_test.jsonl", tmp_path / "math500.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {a} + 2?", "answer": f"{a} + 2 = {a + 2}\n#### {a + 2}"}) + "\n"
+                           for a in range(3)))
+    mth.write_text(json.dumps({"problem": "What is 9 - 4?", "solution": "9 - 4 = \\boxed{5}"}) + "\n")
+    two = {"heldout": {"kind": "heldout"}, "gsm8k": {"kind": "gsm8k", "path": str(gsm)}}
+    p2 = tiny_params(tmp_path / "runs", "sets", **{"evaluate.sets": two})
+    fork_run(params, p2, iteration_stages=())
+    m = evaluate.run(p2, -1)
+    table = store.read_stage(p2.layout.eval(-1), schema.EVAL, stage="test")
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(table.column("eval_set")).to_pylist()}
+    assert counts == {"heldout": 4 * 3, "gsm8k": 3 * 3}  # (greedy + 2 samples) per prompt
+    gsm_greedy = [r for r in table.to_pylist() if r["eval_set"] == "gsm8k" and r["mode"] == "greedy"]
+    assert [r["answer"] for r in gsm_greedy] == ["2", "3", "4"]
+    for ex in answers.EXTRACTIONS:
+        assert m.stats[f"gsm8k/greedy_{ex}"] == pytest.approx(sum(r[f"{ex}_correct"] for r in gsm_greedy) / 3)
+        assert f"greedy_{ex}" in m.stats and f"gsm8k/pass@2_{ex}" in m.stats
+    shown = json.loads(p2.layout.eval_json(-1).read_text())
+    assert shown["gsm8k/prompts"] == 3 and shown["prompts"] == 4 and "sets" not in shown
+    assert answers.set_stats(shown)["gsm8k"]["greedy_strict"] == m.stats["gsm8k/greedy_strict"]
+
+    three = dict(two, math500={"kind": "math", "path": str(mth)})
+    p3 = tiny_params(tmp_path / "runs", "sets", **{"evaluate.sets": three})
+    m3 = evaluate.run(p3, -1)
+    assert not m3.cached
+    assert {n: r["carried"] for n, r in m3.stats["sets"].items()} == {"heldout": True, "gsm8k": True, "math500": False}
+    assert m3.outputs["part-00000.parquet"]["sha256"] == m.outputs["part-00000.parquet"]["sha256"]
+    assert m3.outputs["part-00001.parquet"]["sha256"] == m.outputs["part-00001.parquet"]["sha256"]
+    assert m3.stats["math500/prompts"] == 1 and m3.stats["gsm8k/greedy_strict"] == m.stats["gsm8k/greedy_strict"]
+    assert evaluate.run(p3, -1).cached
+    with pytest.raises(store.StageError, match=r"evaluate.sets.bad: unknown kind 'csv'"):
+        evaluate.run(tiny_params(tmp_path / "runs", "sets", **{"evaluate.sets": {"bad": {"kind": "csv"}}}), -1)
+
+
 def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
     """The reference log-probs are the base model's (temperature-scaled, untruncated) log-probs
     of every kept completion token, as the learner computes its own; at iteration 0 the
