@@ -274,6 +274,26 @@ def _set_dotted(tree: dict, key: str, value: Any, known: Mapping | None) -> None
     node[parts[-1]] = value
 
 
+def _extended(path: Path, tree: dict) -> tuple[dict, list[tuple[str, Any]]]:
+    """A parameter file that starts `extends: params.yaml` is that file with this one's
+    values as overrides (section.key = value, so `run.iterations` and `evaluate.every`
+    rewrite the schedule as on the command line); unknown keys are refused by name."""
+    parent = (path.parent / str(tree["extends"])).resolve()
+    if not parent.is_file():
+        raise ParamsError(f"{path}: extends {tree['extends']!r}, which is not a file ({parent})")
+    base = load_yaml(parent.read_text()) or {}
+    if "extends" in base:
+        raise ParamsError(f"{path}: extends {parent}, which extends another file: one level only")
+    items = []
+    for section, values in tree.items():
+        if section == "extends":
+            continue
+        if section not in base or not isinstance(values, Mapping):
+            raise ParamsError(f"{path}: unknown section {section!r} (or not a mapping); the sections are those of {parent}")
+        items += [(f"{section}.{key}", value) for key, value in values.items()]
+    return base, items
+
+
 def _items(overrides: Iterable[str] | Mapping | None) -> list[tuple[str, Any]]:
     if overrides is None:
         return []
@@ -295,6 +315,9 @@ class Params:
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
         tree = load_yaml(path.read_text()) or {}
+        if "extends" in tree:
+            tree, overlay = _extended(path, tree)
+            overrides = overlay + _items(overrides)
         items = _items(overrides)
         preset = dict(items).get("run.preset", (tree.get("run") or {}).get("preset"))
         base = cls(tree, {})
