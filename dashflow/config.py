@@ -163,6 +163,7 @@ RULES: dict[str, tuple] = {
     "evaluate.num_prompts": _num(1, integer=True),
     "evaluate.max_new_tokens": _num(1, integer=True),
     "evaluate.samples": _num(0, integer=True),
+    "tracking.backend": _choice("none", "tensorboard", "mlflow"),
     "evaluate.sets": ((lambda v: isinstance(v, dict) and bool(v) and all(isinstance(x, dict) and "kind" in x
                                                                         for x in v.values())),
                       "a mapping of set names to {kind, ...} (see params.yaml)"),

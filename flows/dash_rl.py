@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dashflow.config import Params, parse_stage_ref, stages_from
 from dashflow.console import print_iteration, print_summary
-from dashflow import retention
+from dashflow import retention, tracking
 from dashflow.report import write_report
 from dashflow.versioning import Recorder
 from tasks import metrics, store
@@ -45,6 +45,9 @@ from tasks.sample import sample_task
 def metrics_task(params: Params, iteration: int, wall_s: float | None) -> dict:
     row = metrics.write_metrics(params, iteration, wall_s)
     metrics.publish_artifact(params, row)
+    tracking.log_iteration(params, row)  # each step once, however often the run resumes
+    if "eval" in row:
+        tracking.log_eval(params, iteration, store.read_manifest(params.layout.eval(iteration)).stats)
     return row
 
 
@@ -80,7 +83,7 @@ def dash_rl(
     with store.run_lock(params.layout.root):
         dvc(prepare_task(params, None, force=force("prepare", None)))
         if params.evaluated(-1):
-            dvc(evaluate_task(params, -1, force=force("evaluate", -1)))
+            tracking.log_eval(params, -1, dvc(evaluate_task(params, -1, force=force("evaluate", -1)))["stats"])
         dvc.flush()
         history = []
         for i in range(n if until is None else min(n, until + 1)):
