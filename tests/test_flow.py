@@ -24,7 +24,16 @@ STAGES = ("sample", "reward", "advantage", "filter", "learn")
 
 
 def _overrides(root: Path) -> dict:
-    return dict(TINY, **{"run.root": str(root), "run.name": "tiny"})
+    # tracking is read by no stage (it never reruns one): the flow sends to TensorBoard here
+    return dict(TINY, **{"run.root": str(root), "run.name": "tiny", "tracking.backend": "tensorboard"})
+
+
+def _scalars(root: Path, name: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tiny" / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(name)]
 
 
 def _manifests(root: Path) -> dict[str, tuple[int, str]]:
@@ -74,6 +83,11 @@ def test_flow_runs_every_stage_as_a_named_prefect_task(reference_run):
     metrics = json.loads((root / "tiny" / "iter-0001" / "metrics.json").read_text())
     assert set(metrics["time"]) == {"sampling", "reward", "learner", "overhead", "total"}
     assert 0.0 <= metrics["kept_fraction"] <= 1.0 and metrics["rows"] == 12
+    # each iteration's metrics and each evaluation reached TensorBoard (step = iterations trained)
+    rewards = [json.loads((root / "tiny" / f"iter-{i:04d}" / "metrics.json").read_text())["reward_mean"] for i in (0, 1)]
+    assert _scalars(root, "reward_mean") == [(1, pytest.approx(rewards[0])), (2, pytest.approx(rewards[1]))]
+    evals = [json.loads((root / "tiny" / d / "eval.json").read_text())["greedy_strict"] for d in ("base", "iter-0001")]
+    assert _scalars(root, "eval/heldout/greedy_strict") == [(0, pytest.approx(evals[0])), (2, pytest.approx(evals[1]))]
 
 
 def test_second_run_is_fully_cached(reference_run):
@@ -85,6 +99,7 @@ def test_second_run_is_fully_cached(reference_run):
     state = dash_rl(params_path=str(ROOT / "params.yaml"), overrides=_overrides(root), return_state=True)
     assert state.is_completed()
     assert _manifests(root) == before
+    assert [step for step, _ in _scalars(root, "reward_mean")] == [1, 2]  # nothing sent twice
 
 
 def test_forced_rerun_of_one_stage_leaves_upstream_alone(reference_run):
