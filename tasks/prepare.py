@@ -38,9 +38,14 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
             pq.write_table(table, tmp / f"{name}.parquet")
         return {"stats": {"train_prompts": len(train), "eval_prompts": len(evals)}}
 
+    kind = task_cfg["kind"]
+    try:  # a task of your own: its module's source is part of the key (edit it and prepare reruns)
+        user = [problems.user_task(kind)[0]] if isinstance(kind, str) and ":" in kind else []
+    except problems.ProblemError as exc:
+        raise store.StageError(f"prepare: {exc}") from exc
     return store.run_stage(
         "prepare", None, layout.base / "prompts", inputs={}, params={"task": task_cfg, "seed": seed},
-        code=store.code_digest(sys.modules[__name__], problems, schema), build=build, force=force,
+        code=store.code_digest(sys.modules[__name__], problems, schema, *user), build=build, force=force,
         extra_inputs=_file_digest(task_cfg.get("path")),
     )
 

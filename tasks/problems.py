@@ -183,6 +183,41 @@ def load_hub(name: str, config: str | None, split: str, question_field: str, ans
                      question_field=question_field, answer_field=answer_field)
 
 
+def user_task(kind: str):
+    """`module:function` -> (module, function), with an error naming the setting."""
+    import importlib
+
+    module_name, _, attr = kind.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+        raise ProblemError(f"task.kind = {kind!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+                           f"is it on PYTHONPATH?") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ProblemError(f"task.kind = {kind!r}: {module_name} has no function {attr!r}")
+    return module, fn
+
+
+def load_user_task(kind: str, options: dict, seed: int, instruction: str) -> list[dict]:
+    """A task of your own: fn(seed=..., **task.options) yields problems as dicts with
+    `question` and `answer` (strings), optionally `solution` (for SFT), `id` and `source`."""
+    _, fn = user_task(kind)
+    out, ids = [], set()
+    for n, row in enumerate(fn(seed=seed, **options)):
+        where = f"task {kind}: problem {n}"
+        if not isinstance(row, dict):
+            raise ProblemError(f"{where}: expected a dict with question and answer, got {type(row).__name__}")
+        question, answer = _field(row, "question", where), _field(row, "answer", where)
+        pid = str(row.get("id", f"{kind.partition(':')[2]}-{n:05d}"))
+        if pid in ids:
+            raise ProblemError(f"{where}: id {pid!r} is not unique")
+        ids.add(pid)
+        out.append({"prompt_id": pid, "prompt": f"{str(question).strip()} {instruction}".strip(), "answer": str(answer),
+                    "solution": row.get("solution"), "source": str(row.get("source", kind))})
+    return out
+
+
 def split(rows: list[dict], num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Seeded shuffle, then the first num_eval rows are eval and the next num_train are train."""
     if len(rows) < 2:
@@ -198,6 +233,9 @@ def split(rows: list[dict], num_train: int, num_eval: int, seed: int) -> tuple[l
 def load_task(task: dict, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and eval prompt rows for the `task:` section of params.yaml."""
     kind = task["kind"]
+    if isinstance(kind, str) and ":" in kind:
+        rows = load_user_task(kind, task.get("options") or {}, seed, task["instruction"])
+        return split(rows, task["num_train"], task["num_eval"], seed)
     if kind == "arithmetic":
         return arithmetic(task["num_train"], task["num_eval"], seed=seed,
                           level_weights=task["level_weights"], instruction=task["instruction"])
@@ -211,5 +249,5 @@ def load_task(task: dict, seed: int) -> tuple[list[dict], list[dict]]:
         rows = load_hub(task["hub_name"], task.get("hub_config"), task.get("hub_split", "train"),
                         task["question_field"], task["answer_field"], task["instruction"])
     else:
-        raise ProblemError(f"unknown task.kind {kind!r}; choose arithmetic, gsm8k, math or hub")
+        raise ProblemError(f"unknown task.kind {kind!r}; choose arithmetic, gsm8k, math, hub or module:function")
     return split(rows, task["num_train"], task["num_eval"], seed)

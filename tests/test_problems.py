@@ -95,3 +95,57 @@ def test_sft_target_ends_in_the_checked_answer_format():
     gsm = sft_target("She has 3 + 4 = 7 apples.", "7")  # GSM8K: worked answer without the '#### 7' line
     assert gsm == "She has 3 + 4 = 7 apples.\n\nThe answer is \\boxed{7}." and last_boxed(gsm) == "7"
     assert sft_target(None, "12") == "The answer is \\boxed{12}."
+
+
+USER_TASK = '''
+def squares(seed, count=5, offset=0):
+    for n in range(count):
+        yield {"question": f"What is {n + offset} squared?", "answer": str((n + offset) ** 2),
+               "solution": f"{n + offset} x {n + offset} = \\\\boxed{{{(n + offset) ** 2}}}", "id": f"sq-{n}"}
+
+
+def broken(seed):
+    yield {"question": "no answer here"}
+
+
+def twice(seed):
+    yield {"question": "a", "answer": "1", "id": "x"}
+    yield {"question": "b", "answer": "2", "id": "x"}
+'''
+
+
+def test_a_task_of_your_own_by_import_path(tmp_path, monkeypatch):
+    from tasks import problems as p
+
+    (tmp_path / "my_tasks.py").write_text(USER_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {"kind": "my_tasks:squares", "options": {"count": 6, "offset": 1}, "num_train": 4, "num_eval": 2,
+           "instruction": "Box it."}
+    train, evals = p.load_task(cfg, seed=0)
+    rows = sorted(train + evals, key=lambda r: r["prompt_id"])
+    assert [r["prompt_id"] for r in rows] == [f"sq-{n}" for n in range(6)]
+    assert rows[2] == {"prompt_id": "sq-2", "prompt": "What is 3 squared? Box it.", "answer": "9",
+                       "solution": "3 x 3 = \\boxed{9}", "source": "my_tasks:squares"}
+    assert len(train) == 4 and len(evals) == 2 and not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}
+    with pytest.raises(p.ProblemError, match=r"task my_tasks:broken: problem 0: missing field 'answer'"):
+        p.load_task(dict(cfg, kind="my_tasks:broken", options={}), seed=0)
+    with pytest.raises(p.ProblemError, match=r"id 'x' is not unique"):
+        p.load_task(dict(cfg, kind="my_tasks:twice", options={}), seed=0)
+    with pytest.raises(p.ProblemError, match=r"task.kind = 'my_tasks:nope': my_tasks has no function 'nope'"):
+        p.load_task(dict(cfg, kind="my_tasks:nope"), seed=0)
+    with pytest.raises(p.ProblemError, match=r"cannot import 'no_such_tasks_mod'"):
+        p.load_task(dict(cfg, kind="no_such_tasks_mod:f"), seed=0)
+
+
+def test_prepare_keys_a_task_of_your_own_by_its_source(tmp_path, monkeypatch):
+    from conftest import tiny_params
+    from tasks import prepare
+
+    (tmp_path / "my_tasks2.py").write_text(USER_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    params = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks2:squares", "task.options": {"count": 8},
+                                              "task.num_train": 6, "task.num_eval": 2})
+    m = prepare.prepare_prompts(params)
+    assert m.stats == {"train_prompts": 6, "eval_prompts": 2} and prepare.prepare_prompts(params).cached
+    (tmp_path / "my_tasks2.py").write_text(USER_TASK + "\n# edited\n")
+    assert not prepare.prepare_prompts(params).cached
