@@ -20,7 +20,6 @@ still uses. `retention.dvc: remote` pushes the output to the default DVC remote 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -108,6 +107,8 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
     for kind, i in to_prune(done, evaluated, rule.policies, rule.optimizers):
         directory = output_dir(params, kind, i)
         manifest = store.read_manifest(directory)
+        if manifest is not None and manifest.pruned and directory.exists():
+            store.remove_output(directory)  # what a kill interrupted: finish removing it
         if manifest is None or manifest.pruned:
             continue  # never finished, or already removed
         doomed.append((directory, f"retention.{SETTING[kind]}: {getattr(rule, SETTING[kind])}, "
@@ -126,7 +127,7 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
         recorder.evict([d for d, _ in doomed], push=rule.dvc == "remote")
     else:
         for directory, _ in doomed:
-            shutil.rmtree(directory)
+            store.remove_output(directory)
     return [(d, n) for (d, _), n in zip(doomed, sizes)]
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from dashflow.config import ParamsError
+from tasks import store
 
 # overrides that no DVC stage depends on: they change how a run executes, not what it computes
 NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.", "retention.", "sample.workers", "sample.ray_address",
@@ -162,8 +163,6 @@ def _object_ids(repo, out) -> set[str]:
 
 
 def _evict(repo, paths: list[Path], push: bool) -> None:
-    import shutil
-
     outs = {Path(out.fs_path): out for stage in repo.index.stages for out in stage.outs}
     missing = [str(p) for p in paths if p not in outs or not outs[p].hash_info]
     if missing:
@@ -173,6 +172,6 @@ def _evict(repo, paths: list[Path], push: bool) -> None:
     kept = set().union(*(_object_ids(repo, out) for path, out in outs.items() if path not in paths))
     for path in paths:
         doomed = _object_ids(repo, outs[path]) - kept  # objects a kept output shares stay (tokenizer, config)
-        shutil.rmtree(path)
+        store.remove_output(path)
         for oid in doomed:
             Path(repo.cache.local.oid_to_path(oid)).unlink(missing_ok=True)

@@ -91,6 +91,17 @@ def write_pruned_record(directory: Path, why: str) -> None:
     write_json(pruned_record(directory), json.loads(manifest.to_json()))
 
 
+def remove_output(directory: Path) -> None:
+    """Delete a finished output for good: its manifest first (durably), then the rest, so a
+    kill midway leaves files that no longer read as a finished output (the pruned record
+    beside them speaks for it) -- never a manifest over missing weights."""
+    directory = Path(directory)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    _fsync_dir(directory)
+    shutil.rmtree(directory)
+    _fsync_parent(directory)
+
+
 def read_manifest(directory: Path) -> Manifest | None:
     """The output's manifest; for an output the retention setting removed, its pruned record."""
     path = Path(directory) / MANIFEST

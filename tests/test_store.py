@@ -173,3 +173,37 @@ def test_replacing_an_output_is_one_atomic_exchange(tmp_path):
     store._exchange(staged, out)
     store._swap(staged, out)
     assert (out / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_remove_output_killed_midway_never_leaves_a_manifest_over_missing_files(tmp_path):
+    """Retention's deletion, killed with SIGKILL at several moments: whatever is left either is
+    the whole output (manifest and every file) or no longer reads as a finished output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    for attempt, delay in enumerate((0.05, 0.1, 0.2, 0.3, 0.5)):
+        out = tmp_path / f"out{attempt}"
+
+        def build(tmp):
+            for k in range(3000):
+                (tmp / f"f{k:04d}.bin").write_bytes(b"x" * 512)
+            return {}
+
+        m = store.run_stage("learn", 0, out, inputs={}, params={}, code="t", build=build)
+        store.write_pruned_record(out, "test")
+        proc = subprocess.Popen([sys.executable, "-c", f"from tasks import store; store.remove_output({str(out)!r})"],
+                                cwd=ROOT)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not out.exists():
+            continue
+        left = {p.name for p in out.iterdir()}
+        if (out / store.MANIFEST).exists():
+            assert left >= set(m.outputs), "a manifest over missing files"
+        else:
+            assert store.read_manifest(out).pruned == "test"  # the record speaks for it
