@@ -190,6 +190,8 @@ def main(
                 typer.echo(f"== {s} seed {seed}")
                 results[s][seed] = (run_trl(seed, steps, root) if s == "trl"
                                     else run_dashflow(seed, steps, s == "dash", root))
+                out.parent.mkdir(parents=True, exist_ok=True)  # what is done so far survives an interruption
+                out.write_text(json.dumps({"seeds": seed_list, "steps": steps, "partial": True, "results": results}))
                 shutil.rmtree(root, ignore_errors=True)
                 root.mkdir()
     finally:
