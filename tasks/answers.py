@@ -21,6 +21,7 @@ ties go to the one seen first; unanswered samples do not vote).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
@@ -96,6 +97,8 @@ def check(parsed: str, reference: str) -> tuple[bool, str | None]:
     timeouts included, are returned, never read as a plain "wrong"."""
     from math_verify import parse, verify
 
+    # its "timeout is disabled" warning: the caller's alarm is the timeout
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = parse(f"${reference}$", parsing_timeout=None, raise_on_error=True)
     if not gold:
         return False, f"reference answer {reference!r} is not parseable"
