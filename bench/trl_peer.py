@@ -85,14 +85,14 @@ def run_trl(seed: int, steps: int, root: Path) -> list[dict]:
 
     from dashflow.config import Params
     from tasks.problems import arithmetic
-    from tasks.reward import functions, score_row
+    from tasks.reward import functions, score_row, settings
 
     train, _ = arithmetic(PROMPTS_PER_STEP * steps, TASK["task.num_eval"], seed=seed,
                           level_weights=TASK["task.level_weights"], instruction=INSTRUCTION)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                               for r in train])
 
-    cfg = Params.load(ROOT / "params.yaml")["reward"]
+    cfg = settings(Params.load(ROOT / "params.yaml"))
     fns = functions(cfg)
 
     def math_reward(prompts, completions, answer, **_):

@@ -164,11 +164,13 @@ RULES: dict[str, tuple] = {
     "evaluate.max_new_tokens": _num(1, integer=True),
     "evaluate.samples": _num(0, integer=True),
     "tracking.backend": _choice("none", "tensorboard", "mlflow"),
-    "evaluate.sets": ((lambda v: isinstance(v, dict) and bool(v) and all(isinstance(x, dict) and "kind" in x
-                                                                        for x in v.values())),
-                      "a mapping of set names to {kind, ...} (see params.yaml)"),
-    "reward.functions": ((lambda v: isinstance(v, dict) and bool(v) and all(isinstance(x, dict) for x in v.values())),
-                         "a mapping of names to {function, weight, extraction} (see params.yaml)"),
+    "evaluate.sets": ((lambda v: v is None or isinstance(v, dict) and bool(v)
+                       and all(isinstance(x, dict) and "kind" in x for x in v.values())),
+                      "null (the task's sets) or a mapping of set names to {kind, ...} (see params.yaml)"),
+    "reward.functions": ((lambda v: v is None or isinstance(v, dict) and bool(v)
+                          and all(isinstance(x, dict) for x in v.values())),
+                         "null (the task's reward) or a mapping of names to {function, weight, extraction} "
+                         "(see params.yaml)"),
 }
 
 

@@ -109,7 +109,12 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         raise store.StageError(f"evaluate: {policy_dir} is not a model checkpoint directory (no config.json)")
     label = ("evaluate" if iteration is None else f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base")
     stage_output = store.read_manifest(policy_dir) is not None
-    sets = cfg.get("sets") or {answers.HELDOUT: {"kind": answers.HELDOUT}}
+    if cfg.get("sets") is None:  # the task's default sets (the built-in tasks': heldout); in the key
+        try:
+            cfg = dict(cfg, sets=problems.task_defaults(params["task"])["eval_sets"])
+        except problems.ProblemError as exc:
+            raise store.StageError(f"evaluate: {exc}") from exc
+    sets = cfg["sets"]
     prompt_sets = {name: set_prompts(params, name, spec, int(spec.get("num_prompts", cfg["num_prompts"])))
                    for name, spec in sets.items()}
     stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},

@@ -199,6 +199,23 @@ def user_task(kind: str):
     return module, fn
 
 
+# What a task brings besides its problems, used where params.yaml says null
+# (`reward.functions: null`, `evaluate.sets: null`): the built-in tasks' are these; a task
+# module of your own may define REWARD_FUNCTIONS and EVAL_SETS (same shapes) to bring its own.
+BUILTIN_DEFAULTS = {"reward_functions": {"math": {"weight": 1.0, "extraction": "flexible"}},
+                    "eval_sets": {"heldout": {"kind": "heldout"}}}
+
+
+def task_defaults(task: dict) -> dict:
+    """The task's default reward functions and evaluation sets (see BUILTIN_DEFAULTS)."""
+    kind = task["kind"]
+    if not (isinstance(kind, str) and ":" in kind):
+        return BUILTIN_DEFAULTS
+    module, _ = user_task(kind)
+    return {"reward_functions": getattr(module, "REWARD_FUNCTIONS", BUILTIN_DEFAULTS["reward_functions"]),
+            "eval_sets": getattr(module, "EVAL_SETS", BUILTIN_DEFAULTS["eval_sets"])}
+
+
 def load_user_task(kind: str, options: dict, seed: int, instruction: str) -> list[dict]:
     """A task of your own: fn(seed=..., **task.options) yields problems as dicts with
     `question` and `answer` (strings), optionally `solution` (for SFT), `id` and `source`."""

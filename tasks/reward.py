@@ -43,7 +43,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from dashflow.config import Params
-from tasks import answers, schema, store
+from tasks import answers, problems, schema, store
 from tasks.prefecting import stage_task
 
 BUILTIN = ("math",)
@@ -221,9 +221,21 @@ def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward") -> pa.Table:
     return table
 
 
+def settings(params: Params, iteration: int | None = None) -> dict:
+    """The reward section for `iteration`, `functions: null` resolved to the task's defaults
+    (so the stage key holds the functions that actually run)."""
+    cfg = dict(params.stage("reward", iteration))
+    if cfg.get("functions") is None:
+        try:
+            cfg["functions"] = problems.task_defaults(params["task"])["reward_functions"]
+        except problems.ProblemError as exc:
+            raise store.StageError(f"reward: {exc}") from exc
+    return cfg
+
+
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
-    cfg = params.stage("reward", iteration)
+    cfg = settings(params, iteration)
     src = layout.stage_dir("sample", iteration)
     label = f"reward@{iteration}"
     fns = functions(cfg)

@@ -149,3 +149,28 @@ def test_prepare_keys_a_task_of_your_own_by_its_source(tmp_path, monkeypatch):
     assert m.stats == {"train_prompts": 6, "eval_prompts": 2} and prepare.prepare_prompts(params).cached
     (tmp_path / "my_tasks2.py").write_text(USER_TASK + "\n# edited\n")
     assert not prepare.prepare_prompts(params).cached
+
+
+def test_a_task_brings_its_default_reward_and_eval_sets_where_params_say_null(tmp_path, monkeypatch):
+    from conftest import tiny_params
+    from tasks import problems as p
+    from tasks import reward
+
+    (tmp_path / "my_tasks3.py").write_text(USER_TASK + '''
+REWARD_FUNCTIONS = {"boxed": {"function": "math", "extraction": "strict", "weight": 2.0}}
+EVAL_SETS = {"mine": {"kind": "math", "path": "mine.jsonl"}}
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    nulls = {"reward.functions": None, "evaluate.sets": None}
+    mine = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}, **nulls)
+    assert reward.settings(mine)["functions"] == {"boxed": {"function": "math", "extraction": "strict", "weight": 2.0}}
+    assert p.task_defaults(mine["task"])["eval_sets"] == {"mine": {"kind": "math", "path": "mine.jsonl"}}
+    # a task module without them, and the built-in tasks: the math reward (flexible) and the held-out split
+    plain = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks:squares"}, **nulls)
+    (tmp_path / "my_tasks.py").write_text(USER_TASK)
+    for params in (plain, tiny_params(tmp_path / "runs", **nulls)):
+        assert reward.settings(params)["functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}
+        assert p.task_defaults(params["task"])["eval_sets"] == {"heldout": {"kind": "heldout"}}
+    # params.yaml's own value wins over the task's
+    assert reward.settings(tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}))["functions"] == {
+        "math": {"weight": 1.0, "extraction": "flexible"}}
