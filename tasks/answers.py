@@ -108,6 +108,18 @@ def check(parsed: str, reference: str) -> tuple[bool, str | None]:
     return bool(verify(gold, pred, timeout_seconds=None, raise_on_error=True)), None
 
 
+_warm = False
+
+
+def warm_up() -> None:
+    """Import math-verify and parse once (sympy, the LaTeX grammar: seconds on a busy CPU),
+    so that no row's time bound pays for it."""
+    global _warm
+    if not _warm:
+        check("1", "1")
+        _warm = True
+
+
 # ---------------------------------------------------------------- n samples per problem
 
 

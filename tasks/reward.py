@@ -135,6 +135,7 @@ def user_modules(fns: list[dict]) -> list:
 def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
               loaded: dict[str, Callable] | None = None) -> dict:
     """Every function's value, the weighted total, both checkers' verdicts and the errors."""
+    answers.warm_up()
     errors: list[str] = []
     checked: dict[str, bool] = {}
     completion, reference = row["completion"], row["answer"]
@@ -189,6 +190,7 @@ def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
 
 
 def _score_rows(rows: list[dict], fns: list[dict], timeout_s: float, max_chars: int) -> list[dict]:
+    answers.warm_up()
     loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
     return [score_row(r, fns, timeout_s, max_chars, loaded) for r in rows]
 
@@ -199,6 +201,7 @@ def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward
     run tasks in worker threads) in a spawned process's."""
     args = (fns, float(cfg["timeout_s"]), int(cfg["max_chars"]))
     if threading.current_thread() is threading.main_thread():
+        answers.warm_up()
         loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
         return [score_row(r, *args, loaded) for r in tqdm(rows, desc=desc, unit="row", leave=False)]
     chunks = [rows[i : i + 64] for i in range(0, len(rows), 64)]
