@@ -189,9 +189,13 @@ def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
     return out
 
 
+def _load_all(fns: list[dict]) -> dict[str, Callable]:
+    """Each user function, imported once for all rows."""
+    return {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
+
+
 def _score_rows(rows: list[dict], fns: list[dict], timeout_s: float, max_chars: int) -> list[dict]:
-    answers.warm_up()
-    loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
+    loaded = _load_all(fns)
     return [score_row(r, fns, timeout_s, max_chars, loaded) for r in rows]
 
 
@@ -201,8 +205,7 @@ def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward
     run tasks in worker threads) in a spawned process's."""
     args = (fns, float(cfg["timeout_s"]), int(cfg["max_chars"]))
     if threading.current_thread() is threading.main_thread():
-        answers.warm_up()
-        loaded = {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
+        loaded = _load_all(fns)
         return [score_row(r, *args, loaded) for r in tqdm(rows, desc=desc, unit="row", leave=False)]
     chunks = [rows[i : i + 64] for i in range(0, len(rows), 64)]
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
