@@ -127,9 +127,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
                                         "evaluate": per_set, **{k: v for k, v in stage_params.items() if k != "evaluate"}})
                 for name, prompts in prompt_sets.items()}
 
-    def carried(name: str, index: int, tmp: Path) -> dict | None:
+    def carried(previous: store.Manifest | None, name: str, index: int, tmp: Path) -> dict | None:
         """The previous output's shard and stats of this set, if they were made the same way."""
-        previous = store.read_manifest(out_dir)
         record = (previous.stats.get(SETS, {}).get(name) or {}) if previous is not None else {}
         if record.get("key") != set_keys[name]:
             return None
@@ -144,8 +143,9 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
         t0 = time.perf_counter()
         stats: dict = {SETS: {}}
         loaded = None
+        previous = store.read_manifest(out_dir)
         for index, (name, prompts) in enumerate(prompt_sets.items()):
-            kept = carried(name, index, tmp)
+            kept = carried(previous, name, index, tmp)
             stats[SETS][name] = {"key": set_keys[name], "shard": store.shard_name(index), "carried": kept is not None}
             if kept is not None:
                 stats.update(_prefixed(name, kept))
