@@ -49,6 +49,10 @@ PRESETS: dict[str, dict] = {
     # PPO-style off-policy updates on each sampled batch: K = 3 passes / K = 3 mini-batches
     "multi": {**_ARM, "learn.update": "multi", "learn.steps": 3},
     "mini": {**_ARM, "learn.update": "mini", "learn.steps": 3},
+    # DASH on code (the paper's code experiments filter with |A| > 0.01; math: 0.1): the
+    # built-in synthetic code task, rewarded by its tests in the sandbox (README "Code tasks")
+    "dash-code": {**_ARM, "filter.threshold": 0.01, "task.kind": "pyfunc", "task.num_train": 192, "task.num_eval": 64,
+                  "sample.max_new_tokens": 96, "evaluate.max_new_tokens": 96},
     # SFT on the dataset's reference solutions (the paper's SFT-H), same prompts and micro-batching
     "sft": {**_ARM, "learn.mode": "sft", "learn.kl_coef": 0.0},
 }
@@ -139,6 +143,13 @@ RULES: dict[str, tuple] = {
     "sample.workers": _num(1, integer=True),
     "reward.timeout_s": _num(1, integer=True),
     "reward.max_chars": _num(1, integer=True),
+    "sandbox.timeout_s": _num(0, 600, lo_open=True),
+    "sandbox.memory_mb": _num(64, integer=True),
+    "sandbox.output_kb": _num(1, integer=True),
+    "sandbox.processes": _num(1, integer=True),
+    "sandbox.workers": _num(1, integer=True),
+    "task.hub_format": ((lambda v: v in (None, "mbpp", "humaneval")), "null, mbpp or humaneval"),
+    "task.instruction": ((lambda v: v is None or isinstance(v, str)), "a string, or null (the task's own)"),
     "advantage.epsilon": _num(0, lo_open=True),
     "filter.enabled": _BOOL,
     "filter.threshold": _num(0),

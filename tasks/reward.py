@@ -7,13 +7,21 @@ and their weighted sum as `reward`:
   math              built in: 1 if the answer extracted from the completion equals the
                     reference (math-verify), else 0. `extraction: strict` is the DASH
                     paper's checker, `flexible` the lenient one (tasks/answers.py).
+  code              built in, for code tasks (tasks/code.py): 1 if the completion's code
+                    passes every test of the row in the sandbox (tasks/sandbox.py), else 0;
+                    the fraction of tests passed is the column `tests_passed`, the failure
+                    (syntax error, assertion, timeout, memory, output, killed) goes in
+                    `reward_error`. `extraction`: strict (the last ```python block) or
+                    flexible (the DASH authors' rule: that, else the last ``` block, else
+                    the whole completion). Rows are checked `sandbox.workers` at a time.
   module:function   yours: called as fn(prompt=..., completion=..., answer=...,
                     metadata={prompt_id, sample_index, iteration, finish_reason,
                     completion_tokens}) and returning a number (README "Rewards").
 
 Every row also gets `strict_correct` and `flexible_correct` (both checkers, whichever one
-pays), so training accuracy is reported strict next to flexible; `correct` and
-`parsed_answer` are those of the first `math` function's extraction (strict without one).
+pays: answer checks on a math row, the tests on a code row), so training accuracy is
+reported strict next to flexible; `correct` and `parsed_answer` are those of the first
+`math` or `code` function's extraction (strict without one).
 
 Each call -- every reward function and each answer check -- runs under a per-row alarm of
 `reward.timeout_s` seconds. An exception, a timeout or a return that is not a finite
@@ -43,10 +51,10 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from dashflow.config import Params
-from tasks import answers, problems, schema, store
+from tasks import answers, code, problems, sandbox, sandbox_runner, schema, store
 from tasks.prefecting import stage_task
 
-BUILTIN = ("math",)
+BUILTIN = ("math", "code")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 METADATA = ("prompt_id", "sample_index", "iteration", "finish_reason")
 
@@ -101,8 +109,8 @@ def functions(cfg: dict) -> list[dict[str, Any]]:
         weight = item.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise store.StageError(f"{where}.{name}.weight = {weight!r}: a finite number")
-        extraction = item.get("extraction", "strict" if function == "math" else None)
-        if function == "math" and extraction not in answers.EXTRACTIONS:
+        extraction = item.get("extraction", "strict" if function in BUILTIN else None)
+        if function in BUILTIN and extraction not in answers.EXTRACTIONS:
             raise store.StageError(f"{where}.{name}.extraction = {extraction!r}: one of "
                                    f"{', '.join(answers.EXTRACTIONS)}")
         out.append({"name": name, "function": function, "weight": float(weight), "extraction": extraction})
@@ -134,38 +142,56 @@ def user_modules(fns: list[dict]) -> list:
 
 def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
               loaded: dict[str, Callable] | None = None) -> dict:
-    """Every function's value, the weighted total, both checkers' verdicts and the errors."""
-    answers.warm_up()
+    """Every function's value, the weighted total, both checkers' verdicts and the errors.
+    A code row (its answer holds tests) must carry `_code`, its sandbox outcomes (see
+    `code_outcomes`)."""
     errors: list[str] = []
-    checked: dict[str, bool] = {}
     completion, reference = row["completion"], row["answer"]
+    reads = next((f["extraction"] for f in fns if f["function"] in BUILTIN), "strict")
+    is_code = code.tests_of(reference) is not None
+    out: dict[str, Any] = {}
+    if is_code:
+        outcomes = row["_code"]
+        for ex in answers.EXTRACTIONS:
+            program, outcome = outcomes[ex]
+            out[f"{ex}_answer"], out[f"{ex}_correct"] = program, outcome is not None and outcome.ok
+        program, outcome = outcomes[reads]
+        out["tests_passed"] = outcome.fraction if outcome is not None else 0.0
+        if outcome is not None and outcome.error:
+            errors.append(f"code: {outcome.error}"[:500])
+    else:
+        answers.warm_up()
+        checked: dict[str, bool] = {}
 
-    def verdict(extraction: str) -> tuple[str | None, bool]:
-        parsed = answers.extract(completion, extraction, max_chars)
-        if parsed is None:
-            return None, False
-        if parsed not in checked:
-            try:
-                with time_bound(timeout_s):
-                    ok, error = answers.check(parsed, reference)
-            except RewardTimeout as exc:
-                ok, error = False, f"answer check {exc}"
-            except Exception as exc:  # noqa: BLE001 - math-verify's failure is recorded, not raised
-                ok, error = False, f"answer check {type(exc).__name__}: {exc}"
-            checked[parsed] = ok
-            if error:
-                errors.append(f"{extraction}: {error}"[:500])
-        return parsed, checked[parsed]
+        def verdict(extraction: str) -> tuple[str | None, bool]:
+            parsed = answers.extract(completion, extraction, max_chars)
+            if parsed is None:
+                return None, False
+            if parsed not in checked:
+                try:
+                    with time_bound(timeout_s):
+                        ok, error = answers.check(parsed, reference)
+                except RewardTimeout as exc:
+                    ok, error = False, f"answer check {exc}"
+                except Exception as exc:  # noqa: BLE001 - math-verify's failure is recorded, not raised
+                    ok, error = False, f"answer check {type(exc).__name__}: {exc}"
+                checked[parsed] = ok
+                if error:
+                    errors.append(f"{extraction}: {error}"[:500])
+            return parsed, checked[parsed]
 
-    strict, flexible = verdict("strict"), verdict("flexible")
-    out = {"strict_answer": strict[0], "strict_correct": strict[1],
-           "flexible_answer": flexible[0], "flexible_correct": flexible[1]}
-    first_math = next((f for f in fns if f["function"] == "math"), None)
-    out["parsed_answer"], out["correct"] = flexible if first_math and first_math["extraction"] == "flexible" else strict
+        for ex in answers.EXTRACTIONS:
+            out[f"{ex}_answer"], out[f"{ex}_correct"] = verdict(ex)
+        out["tests_passed"] = None
+    out["parsed_answer"], out["correct"] = out[f"{reads}_answer"], out[f"{reads}_correct"]
     total = 0.0
     for f in fns:
-        if f["function"] == "math":
-            value = float((strict if f["extraction"] == "strict" else flexible)[1])
+        if f["function"] in BUILTIN:
+            value = float(out[f"{f['extraction']}_correct"])
+            if (f["function"] == "code") != is_code:
+                value = 0.0
+                errors.append(f"{f['name']}: this row's answer is {'tests (a code task)' if is_code else 'not tests'}; "
+                              f"the {f['function']} reward cannot check it")
         else:
             fn = (loaded or {}).get(f["function"]) or load_function(f["function"], f["name"])
             metadata = {k: row.get(k) for k in METADATA}
@@ -189,6 +215,41 @@ def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
     return out
 
 
+def code_outcomes(rows: list[dict], cfg: dict, desc: str = "sandbox") -> None:
+    """Give every code row `_code` = {extraction: (its code, sandbox outcome or None)}, each
+    distinct program run once, `sandbox.workers` at a time."""
+    jobs: dict[tuple[str, str], int] = {}
+    plans = []
+    for row in rows:
+        tests = code.tests_of(row["answer"])
+        if tests is None:
+            plans.append(None)
+            continue
+        plan = {}
+        for ex in answers.EXTRACTIONS:
+            program = code.extract(row["completion"], ex)
+            if program is not None:
+                jobs.setdefault((program, row["answer"]), len(jobs))
+            plan[ex] = program
+        plans.append(plan)
+    if not jobs:
+        return
+    box = sandbox_settings(cfg)
+    sandbox.check_available()
+    results = sandbox.run_many([(program, code.tests_of(answer)) for program, answer in jobs],
+                               sandbox.Limits.from_params(box), int(box["workers"]), desc=f"{desc} sandbox")
+    for row, plan in zip(rows, plans):
+        if plan is not None:
+            row["_code"] = {ex: (program, None if program is None else results[jobs[(program, row["answer"])]])
+                            for ex, program in plan.items()}
+
+
+def sandbox_settings(cfg: dict) -> dict:
+    """The sandbox's limits for the code reward (params.yaml `sandbox:`; these defaults where
+    a reward section comes without them)."""
+    return {**sandbox.Limits().__dict__, "workers": 2, **(cfg.get("sandbox") or {})}
+
+
 def _load_all(fns: list[dict]) -> dict[str, Callable]:
     """Each user function, imported once for all rows."""
     return {f["function"]: load_function(f["function"], f["name"]) for f in fns if f["function"] not in BUILTIN}
@@ -201,8 +262,11 @@ def _score_rows(rows: list[dict], fns: list[dict], timeout_s: float, max_chars: 
 
 def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward") -> list[dict]:
     """score_row over rows ({completion, answer, ...}; `fns` may be empty: the checks only).
-    The alarm needs a main thread: in one the rows are scored here; elsewhere (Prefect may
-    run tasks in worker threads) in a spawned process's."""
+    Code rows' programs run in the sandbox first, in parallel. The alarm needs a main
+    thread: in one the rows are scored here; elsewhere (Prefect may run tasks in worker
+    threads) in a spawned process's."""
+    rows = [dict(r) for r in rows]
+    code_outcomes(rows, cfg, desc)
     args = (fns, float(cfg["timeout_s"]), int(cfg["max_chars"]))
     if threading.current_thread() is threading.main_thread():
         loaded = _load_all(fns)
@@ -214,8 +278,10 @@ def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward
     return [r for chunk in results for r in chunk]
 
 
-def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward") -> pa.Table:
-    """Rollout table -> rewarded table (schema.REWARDED plus one reward_<name> column per function)."""
+def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward", tally: dict | None = None) -> pa.Table:
+    """Rollout table -> rewarded table (schema.REWARDED plus one reward_<name> column per
+    function, and `tests_passed` with a code function). `tally` counts, per extraction, the
+    completions from which nothing could be extracted (`strict_none`, `flexible_none`)."""
     fields = ["prompt", "completion", "answer", "completion_token_ids", *METADATA]
     fns = functions(cfg)
     scored = score_many(table.select(fields).to_pylist(), fns, cfg, desc)
@@ -224,19 +290,30 @@ def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward") -> pa.Table:
         table = table.append_column(name, pa.array([s[name] for s in scored], type=schema.REWARDED.field(name).type))
     for name in names:
         table = table.append_column(name, pa.array([s[name] for s in scored], type=pa.float32()))
+    if any(f["function"] == "code" for f in fns):
+        table = table.append_column("tests_passed", pa.array([s["tests_passed"] for s in scored], type=pa.float32()))
+    if tally is not None:
+        for ex in answers.EXTRACTIONS:
+            tally[f"{ex}_none"] = tally.get(f"{ex}_none", 0) + sum(s[f"{ex}_answer"] is None for s in scored)
     return table
 
 
 def settings(params: Params, iteration: int | None = None) -> dict:
     """The reward section for `iteration`, `functions: null` resolved to the task's defaults
-    (so the stage key holds the functions that actually run)."""
-    cfg = dict(params.stage("reward", iteration))
+    (so the stage key holds the functions that actually run), with the `sandbox:` section
+    under `sandbox` (the code reward's limits)."""
+    cfg = dict(params.stage("reward", iteration), sandbox=params.stage("sandbox"))
     if cfg.get("functions") is None:
         try:
             cfg["functions"] = problems.task_defaults(params["task"])["reward_functions"]
         except problems.ProblemError as exc:
             raise store.StageError(f"reward: {exc}") from exc
     return cfg
+
+
+def key_params(cfg: dict) -> dict:
+    """What of the reward settings makes the rows: all but how many sandboxes run at once."""
+    return dict(cfg, sandbox={k: v for k, v in cfg["sandbox"].items() if k != "workers"})
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -250,32 +327,37 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         work = 0.0
         sums: dict[str, float] = {}
         rows = errors = 0
+        tally: dict[str, int] = {}
 
         def transform(table: pa.Table, path: Path) -> pa.Table:
             nonlocal work
             t0 = time.perf_counter()
-            out = add_rewards(table, cfg, desc=label)
+            out = add_rewards(table, cfg, desc=label, tally=tally)
             work += time.perf_counter() - t0
             return out
 
-        columns = ["reward", "correct", "strict_correct", "flexible_correct"] + [f"reward_{f['name']}" for f in fns]
+        coded = any(f["function"] == "code" for f in fns)
+        columns = (["reward", "correct", "strict_correct", "flexible_correct"] + [f"reward_{f['name']}" for f in fns]
+                   + (["tests_passed"] if coded else []))
         for _, out in store.map_shards(src, tmp, transform, reads=schema.ROLLOUTS, writes=schema.REWARDED, stage=label):
             rows += out.num_rows
             for c in columns:
-                sums[c] = sums.get(c, 0.0) + sum(float(v) for v in out.column(c).to_pylist())
+                sums[c] = sums.get(c, 0.0) + sum(float(v) for v in out.column(c).to_pylist() if v is not None)
             errors += out.num_rows - out.column("reward_error").null_count
         mean = lambda c: sums.get(c, 0.0) / max(rows, 1)  # noqa: E731
         return {
             "stats": {"rows": rows, "reward_mean": mean("reward"), "accuracy": mean("correct"),
                       "strict_accuracy": mean("strict_correct"), "flexible_accuracy": mean("flexible_correct"),
                       **{f"reward_{f['name']}_mean": mean(f"reward_{f['name']}") for f in fns},
-                      "reward_errors": errors},
+                      **({"tests_passed_mean": mean("tests_passed")} if coded else {}),
+                      **tally, "reward_errors": errors},
             "timing": {"work_s": work},
         }
 
     return store.run_stage(
         "reward", iteration, layout.stage_dir("reward", iteration), inputs={"rollouts": src},
-        params=cfg, code=store.code_digest(sys.modules[__name__], answers, schema, *user_modules(fns)),
+        params=key_params(cfg),
+        code=store.code_digest(sys.modules[__name__], answers, code, sandbox, sandbox_runner, schema, *user_modules(fns)),
         build=build, force=force,
     )
 

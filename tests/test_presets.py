@@ -13,7 +13,8 @@ from dashflow.config import PRESETS
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+# dash-code (the code task) has its own run: tests/test_code_task.py
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != "dash-code"])
 def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
     from flows.dash_rl import dash_rl
 

@@ -172,5 +172,6 @@ EVAL_SETS = {"mine": {"kind": "math", "path": "mine.jsonl"}}
         assert reward.settings(params)["functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}
         assert p.task_defaults(params["task"])["eval_sets"] == {"heldout": {"kind": "heldout"}}
     # params.yaml's own value wins over the task's
-    assert reward.settings(tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}))["functions"] == {
-        "math": {"weight": 1.0, "extraction": "flexible"}}
+    explicit = {"reward.functions": {"math": {"weight": 1.0, "extraction": "flexible"}}}
+    assert reward.settings(tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}, **explicit))[
+        "functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}

@@ -71,7 +71,7 @@ def test_reward_adds_columns_matching_the_checker(run0):
     params, m = run0
     table = _table(params, "reward", schema.REWARDED)
     assert table.num_rows == 12
-    extraction = params.stage("reward")["functions"]["math"]["extraction"]
+    extraction = reward.settings(params)["functions"]["math"]["extraction"]
     for row in table.to_pylist():
         parsed = answers.extract(row["completion"], extraction)
         correct = parsed is not None and answers.check(parsed, row["answer"])[0]
