@@ -21,6 +21,17 @@ def _overrides(items: Optional[List[str]]) -> dict:
     return dict(_parse_override(i) for i in items or [])
 
 
+def _sigterm_as_interrupt() -> None:
+    """`kill` (SIGTERM) ends the command the way Ctrl-C does, so exit handlers run: Prefect's
+    temporary server (a uvicorn child) is stopped instead of left running with parent 1."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg="red", err=True)
     raise typer.Exit(1)
@@ -38,6 +49,7 @@ def run(
                                                           "only files whose size, mtime or inode changed)"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
+    _sigterm_as_interrupt()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     if verify:
         os.environ["DASHFLOW_VERIFY"] = "1"

@@ -52,6 +52,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -382,6 +384,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    store.fault_point("mid-checkpoint", f"learn@{iteration}")
     (tmp / "optimizer").mkdir()
     torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
     names = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
@@ -449,7 +452,19 @@ def launch_torchrun(params: Params, iteration: int, tmp: Path, nproc: int) -> di
     job.write_text(json.dumps({"params": json.loads(params.to_json()), "iteration": iteration, "out": str(tmp)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "tasks.learn", str(job)]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    # torchrun dies with this process (util-linux setpriv: parent-death signal SIGKILL), and each
+    # rank with torchrun (_rank_main), so no rank outlives a killed or failed learn to write
+    # into the next attempt's scratch directory
+    setpriv = shutil.which("setpriv")
+    proc = subprocess.Popen(([setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []) + cmd,
+                            env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")),
+                            start_new_session=True)
+    try:
+        proc.wait()
+    except BaseException:  # a Prefect task timeout, Ctrl-C: stop the launcher; its ranks follow it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     result = tmp / ".learn-result.json"
     if proc.returncode != 0 or not result.exists():
         raise store.StageError(f"learn@{iteration}: torchrun with {nproc} processes failed (exit {proc.returncode}); "
@@ -457,10 +472,23 @@ def launch_torchrun(params: Params, iteration: int, tmp: Path, nproc: int) -> di
     return json.loads(result.read_text())
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this rank when its torchrun agent dies (Linux parent-death signal)."""
+    import ctypes
+
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if parent == 1 or os.getppid() != parent:  # the agent died before the signal was set
+        os._exit(1)
+
+
 def _rank_main(job_path: str) -> None:
     """Entry point of one torchrun rank (`python -m tasks.learn JOB.json`)."""
     import torch.distributed as dist
 
+    _die_with_parent()
     job = json.loads(Path(job_path).read_text())
     params = Params(job["params"]["tree"], job["params"]["scoped"])
     device = policy_mod.pick_device(params["run"]["device"])

