@@ -43,7 +43,7 @@ def run(
     set_: Optional[List[str]] = SET,
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft | dash-code"),
     from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
     verify: bool = typer.Option(False, "--verify", help="rehash every output file against its manifest (default: "
                                                           "only files whose size, mtime or inode changed)"),

@@ -45,6 +45,9 @@ def test_arms_differ_in_exactly_what_the_paper_varies():
     assert diff("dash", "dash-nokl") == {"learn.kl_coef"}
     assert diff("dash", "multi") == {"learn.steps"}
     assert diff("dash", "mini") == {"learn.update", "learn.steps"}
+    # the code arm: the paper's code threshold (0.01), on the code task, with room for a function
+    assert diff("dash", "dash-code") == {"filter.threshold", "task.kind", "task.num_train", "task.num_eval",
+                                         "sample.max_new_tokens", "evaluate.max_new_tokens"}
     grpo = Params.load(ROOT / "params.yaml", {"run.preset": "grpo"})
     # the authors' standard GRPO: one group per generation call, ONE on-policy step per batch,
     # dr_grpo normaliser, std-normalised advantages (eps 1e-4), k3 KL 0.04, bf16 autocast, no filter

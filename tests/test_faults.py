@@ -218,3 +218,22 @@ def test_sigkill_at_a_named_point_then_the_rerun_gives_the_same_bytes(finished, 
     assert _files(out) == _files(finished.layout.stage_dir(stage, 0))
     assert store.read_manifest(out).digest == store.read_manifest(finished.layout.stage_dir(stage, 0)).digest
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))] == []
+
+
+def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp_path):
+    """While a run's lock is held (a flow, a stage), `dashflow stage filter` with another
+    threshold does not wait or mix its files in: it fails naming the lock, and the sealed
+    output keeps its bytes."""
+    from conftest import fork_run
+
+    params = tiny_params(tmp_path / "runs")
+    fork_run(finished, params, iteration_stages=("sample", "reward", "advantage", "filter"))
+    out = params.layout.stage_dir("filter", 0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = [sys.executable, "-m", "dashflow.cli", "stage", "filter", "-i", "0",
+               *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "filter.threshold": 0.3}))]
+    with store.run_lock(params.layout.root):
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and "another dashflow run is using" in second.stderr, second.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
