@@ -9,7 +9,8 @@ A code problem's `answer` (schema.PROMPTS) is its tests as JSON, {"code_tests": 
 They run in the sandbox (tasks/sandbox.py); an MBPP row's tests are its asserts, one by one;
 a HumanEval row's are the top-level asserts of its `check(candidate)`.
 
-What counts as the code of a completion, two ways, both recorded on every row:
+What counts as the code of a completion, the two extractions of answers.EXTRACTIONS, both
+recorded on every row:
   strict    the last fenced block tagged python (```python / ```py / ```python3), closed.
             Nothing else: a completion without one has no code.
   flexible  the DASH authors' rule (efficient_reasoning utils/math_eval.py,
@@ -31,7 +32,6 @@ import random
 import re
 
 KINDS = ("pyfunc", "mbpp", "humaneval")
-EXTRACTIONS = ("strict", "flexible")
 MARKER = '{"code_tests": '
 INSTRUCTION = "Write the complete function in a ```python code block."
 

@@ -107,6 +107,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
     reward_cfg = reward.settings(params)
+    reward_key = reward.key_params(reward_cfg)
     policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
     out_dir = Path(out) if out is not None else layout.eval(iteration)
     if policy is not None and not (policy_dir / "config.json").is_file():
@@ -122,7 +123,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     prompt_sets = {name: set_prompts(params, name, spec, int(spec.get("num_prompts", cfg["num_prompts"])))
                    for name, spec in sets.items()}
     stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
-                    "reward": {k: reward.key_params(reward_cfg)[k] for k in ("timeout_s", "max_chars", "sandbox")},
+                    "reward": {k: reward_key[k] for k in ("timeout_s", "max_chars", "sandbox")},
                     "seed": params["run"]["seed"]}
     code = store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema, sandbox, sandbox_runner,
                              code_mod)

@@ -68,8 +68,7 @@ def _model_identity(name: str, record: Path) -> dict[str, str]:
     known = json.loads(record.read_text()) if record.is_file() else {}
     digests, seen = {}, {}
     for f in sorted(p for p in path.iterdir() if p.is_file()):
-        st = f.stat()
-        stat = [st.st_size, st.st_mtime_ns, st.st_ino]
+        stat = store.stat_key(f.stat())
         entry = known.get(str(f.resolve()))
         digest = entry["sha256"] if entry and entry["stat"] == stat else store.file_sha256(f)
         seen[str(f.resolve())] = {"stat": stat, "sha256": digest}

@@ -236,15 +236,15 @@ CODE_DEFAULTS = {"reward_functions": {"code": {"weight": 1.0, "extraction": "str
 MATH_INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
-def _is_code(task: dict) -> bool:
-    return task["kind"] in code.KINDS or (task["kind"] == "hub" and task.get("hub_format") is not None)
+def _is_code(kind: str, hub_format: str | None) -> bool:
+    return kind in code.KINDS or (kind == "hub" and hub_format is not None)
 
 
 def task_defaults(task: dict) -> dict:
     """The task's default reward functions and evaluation sets (see BUILTIN_DEFAULTS)."""
     kind = task["kind"]
     if not (isinstance(kind, str) and ":" in kind):
-        return CODE_DEFAULTS if _is_code(task) else BUILTIN_DEFAULTS
+        return CODE_DEFAULTS if _is_code(kind, task.get("hub_format")) else BUILTIN_DEFAULTS
     module, _ = user_task(kind)
     return {"reward_functions": getattr(module, "REWARD_FUNCTIONS", BUILTIN_DEFAULTS["reward_functions"]),
             "eval_sets": getattr(module, "EVAL_SETS", BUILTIN_DEFAULTS["eval_sets"])}
@@ -257,7 +257,7 @@ def instruction(task: dict, kind: str | None = None) -> str:
     if task.get("instruction") is not None:
         return task["instruction"]
     kind = kind or task["kind"]
-    if kind in code.KINDS or (kind == "hub" and task.get("hub_format") is not None):
+    if _is_code(kind, task.get("hub_format")):
         return code.INSTRUCTION
     if isinstance(kind, str) and ":" in kind:
         return getattr(user_task(kind)[0], "INSTRUCTION", MATH_INSTRUCTION)

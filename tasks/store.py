@@ -158,7 +158,8 @@ def _verified_record(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.verified.json"
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
+def stat_key(st: os.stat_result) -> list[int]:
+    """What lets an unchanged file be trusted without rehashing: size, mtime_ns, inode."""
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
@@ -184,7 +185,7 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
             return f"{path} is missing"
         if st.st_size != info["bytes"]:
             return f"{path} has {st.st_size} bytes, its manifest says {info['bytes']}"
-        key = _stat_key(st)
+        key = stat_key(st)
         if full or record.get(name) != key:
             if file_sha256(path) != info["sha256"]:
                 return f"{path} does not hold the bytes its manifest records (sha256 differs; modified in place?)"
@@ -336,7 +337,7 @@ def run_stage(
 def _remember(directory: Path, manifest: Manifest) -> None:
     """Record the stats of files just hashed (the swap keeps inodes and mtimes)."""
     write_json(_verified_record(directory),
-               {name: _stat_key((Path(directory) / name).stat()) for name in manifest.outputs})
+               {name: stat_key((Path(directory) / name).stat()) for name in manifest.outputs})
 
 
 def _staging(path: Path, unique: bool = False) -> Path:
