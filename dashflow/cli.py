@@ -47,6 +47,8 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
     verify: bool = typer.Option(False, "--verify", help="rehash every output file against its manifest (default: "
                                                           "only files whose size, mtime or inode changed)"),
+    until: Optional[int] = typer.Option(None, "--until", help="stop after iteration I of the schedule (a later run "
+                                                               "resumes; what is evaluated stays the schedule's)"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
     _sigterm_as_interrupt()
@@ -62,7 +64,7 @@ def run(
 
     try:
         dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,
-                preset=preset, from_stage=from_stage)
+                preset=preset, from_stage=from_stage, until=until)
     except (ParamsError, StageError, DvcError) as exc:
         _fail(exc)
 

@@ -1,21 +1,25 @@
 """Retention: which old checkpoints and optimizer states stay on disk (params.yaml `retention:`).
 
-Each iteration's learner writes two outputs: iter-i/policy (the weights) and iter-i/optimizer
-(AdamW's state, twice the weights' size, read only by the next learn). With
-`retention.policies: N` only the last N policies stay, plus every evaluated one and the
-base; with `retention.optimizers: M` only the last M optimizer states. The next iteration
+Each iteration's learner writes two outputs: iter-i/policy (the weights, in
+model.checkpoint_dtype; versioned by DVC) and iter-i/optimizer (AdamW's state and, with
+bfloat16 checkpoints, the float32 master weights' low bits: 2.5x the policy's size, read
+only by the next learn; a local cache DVC does not version). With `retention.policies: N`
+only the last N policies stay, plus every evaluated one and the base; with
+`retention.optimizers: M` (default 1) only the last M optimizer states. The next iteration
 needs the last of each, so N and M are at least 1.
 
 A removed output leaves a pruned record `<dir>.pruned.json` (its manifest and why), so the
 stage still counts as finished: a resumed run skips it and downstream keys do not change.
-A stage that has to read a removed output (a forced rerun) stops and says how to restore it.
+A stage that has to read a removed output (a forced rerun) stops and says how to restore it
+(an optimizer state: replay the learner from the last one kept, tasks/learn.py).
 
-In a DVC-recorded run, dvc.lock keeps the output's hashes; the files also leave the local
-DVC cache (with hard links that is what frees the disk), except objects another kept output
-still uses. `retention.dvc: remote` pushes the output to the default DVC remote first, so
-`dvc pull PATH` restores it byte for byte; `drop` deletes it for good. Either way
-`dvc status` lists the removed outputs as deleted, and `dvc repro --allow-missing` (or
-`dvc exp run --allow-missing`) treats their stages as up to date.
+Removed policies, in a DVC-recorded run: dvc.lock keeps the output's hashes; the files also
+leave the local DVC cache (with hard links that is what frees the disk), except objects
+another kept output still uses. `retention.dvc: remote` pushes the output to the default
+DVC remote first, so `dvc pull PATH` restores it byte for byte; `drop` deletes it for good.
+Either way `dvc status` lists the removed outputs as deleted, and `dvc repro
+--allow-missing` (or `dvc exp run --allow-missing`) treats their stages as up to date.
+Optimizer states are simply deleted (DVC never had them).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class Retention:
         mode = str(section.get("dvc", "remote"))
         if mode not in ("remote", "drop"):
             raise ParamsError(f"retention.dvc must be remote or drop, not {mode!r}")
-        return cls(_count(section, "policies"), _count(section, "optimizers"), mode)
+        return cls(_count(section, "policies"), _count(section, "optimizers", 1), mode)
 
     @property
     def active(self) -> bool:
@@ -51,13 +55,14 @@ class Retention:
 
 # how a pruned record says its files are gone for good (run_stage's message reads it)
 DELETED = "deleted for good"
+LOCAL = "a local cache, not versioned by DVC"
 
 
 def check(params: Params, recorder) -> Retention:
     """The run's retention setting, checked before any work: with `dvc: remote` in a
     DVC-recorded run the repository must have a default remote to push removed outputs to."""
     rule = Retention.from_params(params)
-    if rule.active and rule.dvc == "remote":
+    if rule.policies is not None and rule.dvc == "remote":  # optimizer states never go through DVC
         if not recorder.enabled:
             raise ParamsError(
                 f"retention.dvc is `remote`, but this run is not recorded in DVC ({recorder.reason}): the "
@@ -67,8 +72,8 @@ def check(params: Params, recorder) -> Retention:
     return rule
 
 
-def _count(section: dict, key: str) -> int | None:
-    value = section.get(key, "all")
+def _count(section: dict, key: str, default: int | str = "all") -> int | None:
+    value = section.get(key, default)
     if value in ("all", None):
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,18 +120,21 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
                                   f"removed after iteration {done}"))
     if not doomed:
         return []
-    pushed = recorder is not None and recorder.enabled and rule.dvc == "remote"
-    fate = "pushed to the DVC remote" if pushed else DELETED
-    doomed = [(d, f"{why}; {fate}") for d, why in doomed]
+    recorded = recorder is not None and recorder.enabled
+    optimizers = {params.layout.optimizer(i) for i in range(done + 1)}
+    fate = {d: (f"{LOCAL}; {DELETED}" if d in optimizers else
+                "pushed to the DVC remote" if recorded and rule.dvc == "remote" else DELETED) for d, _ in doomed}
+    doomed = [(d, f"{why}; {fate[d]}") for d, why in doomed]
     sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d, _ in doomed]
     for directory, why in doomed:
         # the record lands before anything is removed: after a crash in between the output's
         # own manifest wins, and the next prune removes it again
         store.write_pruned_record(directory, why)
-    if recorder is not None and recorder.enabled:
-        recorder.evict([d for d, _ in doomed], push=rule.dvc == "remote")
-    else:
-        for directory, _ in doomed:
+    versioned = [d for d, _ in doomed if d not in optimizers]
+    if recorded and versioned:
+        recorder.evict(versioned, push=rule.dvc == "remote")
+    for directory, _ in doomed:
+        if directory in optimizers or not recorded:
             store.remove_output(directory)
     return [(d, n) for (d, _), n in zip(doomed, sizes)]
 

@@ -54,6 +54,14 @@ def _why_not(root: Path, params_path: Path, overrides: dict) -> str | None:
     if params_path.resolve() != (root / "params.yaml").resolve():
         return f"the run reads {params_path}, but dvc.yaml's stages read {root / 'params.yaml'}"
     changed = sorted(k for k in overrides if not k.startswith(NEUTRAL))
+    if "run.iterations" in overrides:
+        import yaml
+
+        scheduled = len(((yaml.safe_load(params_path.read_text()) or {}).get("schedule") or {}).get("iterations") or [])
+        if int(overrides["run.iterations"]) != scheduled:
+            return (f"--iterations {overrides['run.iterations']} is not the {scheduled} iterations of params.yaml's "
+                    "schedule, which dvc.yaml's stages follow (and what is evaluated depends on it); run "
+                    f"`dashflow schedule {overrides['run.iterations']}` to record it, or `--until I` to stop early")
     if changed:
         return (f"overrides {', '.join(changed)} are not in params.yaml, so dvc.lock would record other "
                 "values; put them in params.yaml, or run `dvc exp run -S key=value`")
@@ -140,13 +148,31 @@ def _commit(repo, targets: list[str]) -> None:
 
     with lock_repo(repo):
         stages = [info.stage for t in targets for info in repo.stage.collect_granular(t)]
+        _hand_digests(repo, stages)
         for stage in stages:
             # allow_missing: an output the retention setting removed keeps its recorded hash
             # (and DVC's run cache, which hashes deps and outputs, records complete stages only)
             stage.save(allow_missing=True, run_cache=all(x.exists for x in stage.deps + stage.outs))
             stage.commit(allow_missing=True)
+        store.fault_point("mid-dvc-commit", targets[0])  # the cache holds the outputs, dvc.lock does not yet
         if stages:
             stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+
+
+def _hand_digests(repo, stages) -> None:
+    """Put the md5 dashflow recorded for each file of the stages' outputs and inputs as it
+    landed into DVC's state database, keyed by the file's current stat as DVC keys it, so
+    `stage.save` finds them there and reads no byte again (one hash per file per write).
+    Only files whose stat still matches the one recorded when dashflow hashed them are
+    handed over (store.trusted_digests); DVC hashes anything else itself."""
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    directories = {Path(x.fs_path) for stage in stages for x in stage.outs + stage.deps}
+    items = [(str(path), HashInfo("md5", digest), None)
+             for directory in sorted(directories) if directory.is_dir()
+             for path, digest in store.trusted_digests(directory, "md5").items()]
+    if items:
+        repo.state.save_many(items, repo.fs)
 
 
 def _object_ids(repo, out) -> set[str]:

@@ -141,7 +141,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
             return None
         shard = record.get("shard")
         info = previous.outputs.get(shard or "")
-        if not info or not (out_dir / shard).is_file() or store.file_sha256(out_dir / shard) != info["sha256"]:
+        if not info or not (out_dir / shard).is_file() or \
+                store.file_digest(out_dir / shard, store.recorded_digest(info)[0]) != store.recorded_digest(info)[1]:
             return None
         store.link_or_copy(out_dir / shard, tmp / store.shard_name(index))
         return answers.set_stats(previous.stats).get(name)

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dashflow.config import Params
@@ -189,10 +190,13 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             return launch_torchrun(params, iteration, tmp, nproc)
         return train(params, iteration, tmp)
 
-    inputs = {"policy": prev, **({"optimizer": prev_opt} if prev_opt else {}),
-              **({"prompts": layout.base / "prompts"} if sft else {"kept": kept}),
+    # the previous optimizer state is not a key input: it lands with the previous policy under
+    # the same key, so the policy's digest stands for both (and a run whose states are gone --
+    # retention, or a `dvc pull` elsewhere -- still finds its finished stages cached)
+    inputs = {"policy": prev, **({"prompts": layout.base / "prompts"} if sft else {"kept": kept}),
               **({"reference": src} if with_kl and not sft else {})}
     slice_ = {"learn": {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}, "temperature": temperature,
+              "checkpoint_dtype": params["model"]["checkpoint_dtype"],
               "max_new_tokens": sample_cfg["max_new_tokens"],
               "sampling": {k: sample_cfg.get(k) for k in ("top_k", "top_p")}}
     if cfg["lr_schedule"] != "constant" or cfg["warmup_steps"]:
@@ -206,6 +210,31 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     )
 
 
+def previous_state(prev_opt: Path | None, iteration: int, label: str) -> Path | None:
+    """The optimizer state learn@i continues from (learn@i-1's; None before the first), checked:
+    present, finished and holding the bytes its manifest records. It is a local cache, not
+    versioned by DVC, and retention keeps the last `retention.optimizers` only; when it is
+    gone the message says how to rebuild it."""
+    if prev_opt is None:
+        return None
+    manifest = store.read_manifest(prev_opt)
+    rebuild = (f"Rebuild it by replaying the learner from the last optimizer state kept (or the base): "
+               f"`dashflow run --rerun learn@K ... --rerun learn@{iteration - 1}` for K after that state; on this "
+               f"machine (same torch, same device) the replay reproduces every policy byte for byte, so nothing "
+               f"downstream reruns. Keep them all with retention.optimizers: all.")
+    if manifest is None:
+        raise store.StageError(
+            f"{label}: the optimizer state of iteration {iteration - 1} ({prev_opt}: AdamW's moments and the "
+            f"float32 master weights' low bits) is not here: it is a local cache of the machine that ran "
+            f"learn@{iteration - 1}, which DVC does not version (`dvc pull` restores the policies only). {rebuild}")
+    if manifest.pruned:
+        raise store.StageError(f"{label}: the optimizer state {prev_opt} was removed ({manifest.pruned}). {rebuild}")
+    problem = store.content_problem(prev_opt, manifest)
+    if problem:
+        raise store.StageError(f"{label}: the optimizer state {prev_opt} is damaged: {problem}. {rebuild}")
+    return prev_opt
+
+
 def make_optimizer(model, cfg: dict, prev_opt: Path | None, device: torch.device, label: str) -> torch.optim.AdamW:
     """AdamW over the float32 master weights, continuing the previous iteration's moments.
     The previous state carries the hyper-parameters it was saved with; those of this
@@ -214,9 +243,6 @@ def make_optimizer(model, cfg: dict, prev_opt: Path | None, device: torch.device
                                   weight_decay=float(cfg["weight_decay"]))
     if prev_opt is not None:
         path = prev_opt / OPTIMIZER_FILE
-        if not path.is_file():
-            raise store.StageError(f"{label}: {path} is missing: the previous iteration's optimizer state is "
-                                   f"needed to continue AdamW; rerun learn of that iteration")
         optimizer.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         for group in optimizer.param_groups:
             group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
@@ -252,7 +278,11 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                          filter_stage.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
-    model = policy_mod.load_model(prev, device, "float32")     # float32 master weights, whatever the precision
+    prev_opt = previous_state(prev_opt, iteration, label)
+    low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
+    # float32 master weights, whatever the precision: the previous policy plus the low bits
+    # its learn kept (bit-exact); the base policy's own weights at the first iteration
+    model = policy_mod.load_master(prev, low_bits if low_bits is not None and low_bits.is_file() else None, device)
     if cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     model.train()
@@ -382,11 +412,12 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         if rank > 0:
             return {}
 
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    low = policy_mod.save_policy(model, tokenizer, tmp, params["model"]["checkpoint_dtype"])
     store.fault_point("mid-checkpoint", f"learn@{iteration}")
     (tmp / "optimizer").mkdir()
     torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
+    if low is not None:
+        save_file(low, tmp / "optimizer" / policy_mod.LOW_BITS_FILE)
     names = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
              "sampler_mismatch", "tis_weight", "kl_to_reference")
     return {

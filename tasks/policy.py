@@ -6,6 +6,13 @@ are reachable where model hubs are not), dequantised by transformers' GGUF loade
 saved as a plain float32 safetensors checkpoint in the cache directory
 ($DASHFLOW_CACHE, default ~/.cache/dashflow). Any other name is a local HF model
 directory or a hub id.
+
+Every policy checkpoint (the base and each iteration's) is stored in
+`model.checkpoint_dtype` (bfloat16 by default: what GPU samplers load, half the bytes of
+float32); the samplers compute in `model.dtype`. The learner's float32 master weights stay
+exact across iterations: with bfloat16 checkpoints, the optimizer state keeps the low 16
+bits of every master weight (`split_master` / `join_master`), so policy + low bits are the
+float32 weights bit for bit, while the policy alone is those weights rounded to nearest.
 """
 
 from __future__ import annotations
@@ -143,6 +150,97 @@ def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
     _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device)
+
+
+LOW_BITS_FILE = "master_low16.safetensors"
+
+
+def split_master(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 master weight -> (bfloat16 policy weight, int16 low bits) with
+    `join_master(*split_master(w))` bit-identical to w. The policy weight is w rounded to
+    the nearest bfloat16, ties away from zero (torch's own cast rounds ties to even; the
+    two differ only on exact ties, and ties away is what makes the low bits enough): the
+    upper 16 bits of w's float32 pattern, plus one in magnitude when the lower 16 bits are
+    at least half a bfloat16 unit (0x8000)."""
+    assert sys.byteorder == "little", "the bit split assumes a little-endian machine"
+    halves = weight.detach().contiguous().view(torch.int16).view(*weight.shape, 2)
+    low, high = halves[..., 0], halves[..., 1]
+    up = (low < 0).to(torch.int16)  # low half >= 0x8000 read as int16 is negative
+    policy = (high + up).view(torch.bfloat16)
+    if not torch.isfinite(policy).all():
+        raise ValueError("a float32 weight rounds past the largest bfloat16 (or is not finite)")
+    return policy, low.clone()
+
+
+def join_master(policy: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The float32 master weight split_master split (bit-identical)."""
+    high = policy.contiguous().view(torch.int16) - (low < 0).to(torch.int16)
+    return torch.stack([low, high], dim=-1).view(torch.float32).view(policy.shape)
+
+
+def save_policy(model, tokenizer, out: Path, dtype: str) -> dict[str, torch.Tensor] | None:
+    """Write `model` (float32 master weights) as a policy checkpoint in `dtype` into `out`.
+    Returns the low bits of every master weight by parameter name when rounding loses them
+    (bfloat16), None when the checkpoint holds the weights exactly (float32)."""
+    low_bits = None
+    if dtype == "bfloat16":
+        state, low_bits, rounded = {}, {}, {}
+        named = dict(model.named_parameters())
+        for name, value in model.state_dict().items():
+            if name in named and value.dtype == torch.float32:
+                rounded[value.data_ptr()], low_bits[name] = split_master(value)
+        for name, value in model.state_dict().items():  # tied weights share one rounding
+            state[name] = rounded.get(value.data_ptr(), value.to(torch.bfloat16) if value.is_floating_point() else value)
+        saved_dtype = model.config.dtype
+        model.config.dtype = torch.bfloat16
+        try:
+            model.save_pretrained(out, state_dict=state)
+        finally:
+            model.config.dtype = saved_dtype
+    elif dtype == "float32":
+        model.save_pretrained(out)
+    else:
+        raise ValueError(f"model.checkpoint_dtype must be bfloat16 or float32, not {dtype!r}")
+    tokenizer.save_pretrained(out)
+    return low_bits
+
+
+def load_master(path: Path, low_bits: Path | None, device: torch.device):
+    """The learner's float32 model from a policy checkpoint, made bit-exact with the low bits
+    the previous learn kept (`low_bits`: its LOW_BITS_FILE; None: the checkpoint is exact,
+    or it is the base policy, whose float32 weights are its checkpoint's)."""
+    model = load_model(path, torch.device("cpu"), "float32")
+    if low_bits is not None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        low = load_file(low_bits)
+        stored = {}
+        with safe_open(Path(path) / "model.safetensors", framework="pt") as f:
+            for name in low:
+                stored[name] = f.get_tensor(name)
+        named = dict(model.named_parameters())
+        missing = sorted(set(named) - set(low))
+        if missing:
+            raise ValueError(f"{low_bits} has no low bits for {missing[:3]}")
+        with torch.no_grad():
+            for name, param in named.items():
+                param.copy_(join_master(stored[name], low[name]))
+    return model.to(device)
+
+
+def checkpoint_dtype(path: Path) -> str | None:
+    """The dtype of a single-file safetensors checkpoint's floating tensors (None: mixed, or
+    not one safetensors file)."""
+    from safetensors import safe_open
+
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        return None
+    with safe_open(file, framework="pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    floats = {d for d in dtypes if d in ("F32", "BF16", "F16", "F64")}
+    return {"F32": "float32", "BF16": "bfloat16"}.get(floats.pop()) if len(floats) == 1 else None
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:

@@ -86,16 +86,18 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
     def build(tmp: Path) -> dict:
         source = policy_mod.resolve_model(model_cfg["name"])
         src = Path(source)
-        if src.is_dir() and (src / "model.safetensors").exists():
-            # already a single-file safetensors checkpoint: the embedded model's cache (never
-            # rewritten in place: a new conversion is a new directory) is hard-linked; a model
-            # directory of yours is copied, so editing it later cannot change this run's base
+        dtype = model_cfg["checkpoint_dtype"]
+        if src.is_dir() and policy_mod.checkpoint_dtype(src) == dtype:
+            # already a single-file safetensors checkpoint in the checkpoint dtype: the embedded
+            # model's cache (never rewritten in place: a new conversion is a new directory) is
+            # hard-linked; a model directory of yours is copied, so editing it later cannot
+            # change this run's base
             embedded = model_cfg["name"] in policy_mod.EMBEDDED
             for f in src.iterdir():
                 if f.is_file():
                     (store.link_or_copy if embedded else shutil.copy2)(f, tmp / f.name)
-        else:  # hub id or another format: load and save as safetensors
-            model = policy_mod.load_model(source, policy_mod.pick_device("cpu"), model_cfg["dtype"])
+        else:  # hub id, another format or dtype: load, cast (to nearest) and save as safetensors
+            model = policy_mod.load_model(source, policy_mod.pick_device("cpu"), dtype)
             model.save_pretrained(tmp)
             policy_mod.load_tokenizer(source).save_pretrained(tmp)
         return {"stats": {"source": source}}

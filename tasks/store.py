@@ -3,7 +3,13 @@
 A stage output is a directory of files (Parquet shards `part-00000.parquet`, ... or a
 checkpoint) plus `_manifest.json`, the single source of truth for "is this stage done?".
 The manifest holds the stage key -- a hash of the inputs' content digests, the stage's
-parameter slice and the code version -- and every output file's sha256, size and rows.
+parameter slice and the code version -- and every output file's digest, size and rows.
+
+Each file is hashed once, as it lands. Outputs DVC versions are hashed with md5, DVC's own
+hash: the flow hands each digest to DVC's state database (dashflow/versioning.py), so
+`dvc commit` reads no byte again. The learner's optimizer state (a `side` output DVC does
+not version) is hashed with XXH3-128 (xxhash; ~10x md5's speed here), enough to catch
+damage, which is what a digest is for there.
 
 `run_stage` skips a stage whose manifest key matches and whose files all hold the bytes the
 manifest records; otherwise it builds the output in a temporary sibling directory and
@@ -14,7 +20,7 @@ An input whose files do not hold their recorded bytes stops the stage that reads
 Checking content must not rehash gigabytes of checkpoints on every resume: beside each
 output, `.<dir>.verified.json` records (size, mtime_ns, inode) of every file as last
 hashed. A file whose stat matches its record is trusted; any other file is rehashed
-(sha256) and compared with the manifest -- so damage written in place, which changes the
+and compared with the manifest -- so damage written in place, which changes the
 mtime, is caught, while an untouched run resumes with a stat per file. `DASHFLOW_VERIFY=1`
 (`dashflow run --verify`) rehashes every file regardless.
 
@@ -44,6 +50,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 from filelock import FileLock, Timeout
 
 from dashflow import __version__
@@ -61,7 +68,7 @@ class Manifest:
     stage: str
     iteration: int | None
     key: str
-    outputs: dict[str, dict]            # file name -> {"sha256", "bytes", "rows"?}
+    outputs: dict[str, dict]            # file name -> {"md5" | "xxh128", "bytes", "rows"?}
     digest: str                          # hash of the outputs' content hashes: what downstream keys see
     timing: dict[str, float] = field(default_factory=dict)   # seconds: work_s, total_s, ...
     stats: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +105,7 @@ def remove_output(directory: Path) -> None:
     directory = Path(directory)
     (directory / MANIFEST).unlink(missing_ok=True)
     _fsync_dir(directory)
+    fault_point("mid-retention", f"{directory.parent.name}/{directory.name}")
     shutil.rmtree(directory)
     _fsync_parent(directory)
 
@@ -127,12 +135,29 @@ def require_output(directory: Path, *, needed_by: str) -> Manifest:
     return manifest
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+# file digests: md5 for what DVC versions (its hash), xxh128 for what only dashflow checks;
+# sha256 for pinned downloads and user files (and manifests written before 0.20)
+DIGESTS = {"md5": hashlib.md5, "xxh128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+def file_digest(path: Path, algo: str = "md5") -> str:
+    h = DIGESTS[algo]()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def recorded_digest(info: dict) -> tuple[str, str]:
+    """(algorithm, hex digest) a manifest records for one file."""
+    for algo in DIGESTS:
+        if algo in info:
+            return algo, info[algo]
+    raise StageError(f"a manifest entry without a digest: {info}")
 
 
 def _hash_json(obj: Any) -> str:
@@ -187,8 +212,9 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
             return f"{path} has {st.st_size} bytes, its manifest says {info['bytes']}"
         key = stat_key(st)
         if full or record.get(name) != key:
-            if file_sha256(path) != info["sha256"]:
-                return f"{path} does not hold the bytes its manifest records (sha256 differs; modified in place?)"
+            algo, digest = recorded_digest(info)
+            if file_digest(path, algo) != digest:
+                return f"{path} does not hold the bytes its manifest records ({algo} differs; modified in place?)"
             changed = True
         fresh[name] = key
     if changed or set(record) != set(fresh):
@@ -199,16 +225,39 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
     return None
 
 
+def trusted_digests(directory: Path, algo: str = "md5") -> dict[Path, str]:
+    """path -> digest of every file of a finished output whose digest is `algo` and whose
+    stat still matches the record taken when it was hashed (the trust rule of
+    content_problem): what DVC can be handed instead of hashing the file again."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.pruned:
+        return {}
+    try:
+        record = json.loads(_verified_record(directory).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    found = {}
+    for name, info in manifest.outputs.items():
+        path = Path(directory) / name
+        try:
+            trusted = record.get(name) == stat_key(path.stat())
+        except OSError:
+            continue
+        if trusted and algo in info:
+            found[path] = info[algo]
+    return found
+
+
 def outputs_verify(directory: Path, manifest: Manifest) -> bool:
     """Every recorded output file is present with its recorded content (see content_problem)."""
     return content_problem(directory, manifest) is None
 
 
-def _describe_outputs(directory: Path) -> dict[str, dict]:
+def _describe_outputs(directory: Path, algo: str) -> dict[str, dict]:
     outputs = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         name = path.relative_to(directory).as_posix()
-        info = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        info = {algo: file_digest(path, algo), "bytes": path.stat().st_size}
         if path.suffix == ".parquet":
             info["rows"] = pq.ParquetFile(path).metadata.num_rows
         outputs[name] = info
@@ -216,6 +265,7 @@ def _describe_outputs(directory: Path) -> dict[str, dict]:
 
 
 FAULT_ENV = "DASHFLOW_FAULT"
+SIDE_DIGEST = "xxh128"  # side outputs (the optimizer state) are not versioned by DVC
 
 
 def fault_point(point: str, label: str) -> None:
@@ -223,7 +273,10 @@ def fault_point(point: str, label: str) -> None:
     mid-swap@filter@0) this process kills itself with SIGKILL when it reaches that point of
     that stage. Points: mid-shard (a shard's partial file written, not renamed), after-shards
     (the build finished, nothing sealed), mid-swap (the new output exchanged into place, the
-    old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not).
+    old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not),
+    mid-retention (an output's manifest removed, its files not; the label is
+    `iter-0000/optimizer`), mid-dvc-commit (dashflow/versioning.py: an iteration's md5s
+    handed to DVC, dvc.lock not yet written; the label is the first stage committed).
     Does nothing when the variable is unset."""
     if os.environ.get(FAULT_ENV) == f"{point}@{label}":
         import signal
@@ -257,7 +310,8 @@ def run_stage(
     extra_inputs: name -> a digest of something that is not a stage output (e.g. a source file).
     build: writes the output files into tmp_dir and returns {"stats": {...}, "timing": {...}}.
     side: name -> a second output directory; build writes its files into tmp_dir/<name>/,
-    and it lands (with its own manifest, same key) just before the main output.
+    and it lands (with its own manifest, same key) just before the main output. A side
+    output is a cache for the next stage: one that is gone altogether leaves the stage done.
     """
     out_dir = Path(out_dir)
     side = {name: Path(path) for name, path in (side or {}).items()}
@@ -276,8 +330,13 @@ def run_stage(
         found = read_manifest(directory)
         return found if found is not None and found.key == key and outputs_verify(directory, found) else None
 
+    def side_done(path: Path) -> bool:
+        # a side output that is gone altogether (a local cache removed, or never there: a
+        # `dvc pull` elsewhere) does not undo the stage; one that is there must be this result
+        return done(path) is not None or (read_manifest(path) is None and not path.exists())
+
     existing = done(out_dir)
-    if existing is not None and not force and all(done(path) for path in side.values()):
+    if existing is not None and not force and all(side_done(path) for path in side.values()):
         for path in (out_dir, *side.values()):  # what a writer killed after its swap left (we hold the lock)
             _remove(_staging(path))
             _remove(path.parent / f".{path.name}.old")
@@ -320,7 +379,7 @@ def run_stage(
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     landed = {}
     for path, staged in landing.items():
-        landed[path] = Manifest(**fields, **_contents(staged))
+        landed[path] = Manifest(**fields, **_contents(staged, SIDE_DIGEST))
         _seal(staged, landed[path])
     manifest = Manifest(**fields, **_contents(tmp), timing=timing, stats=result.get("stats", {}))
     _seal(tmp, manifest)
@@ -351,11 +410,11 @@ def _staging(path: Path, unique: bool = False) -> Path:
     return path.parent / f".{path.name}.tmp"
 
 
-def _contents(directory: Path) -> dict:
+def _contents(directory: Path, algo: str = "md5") -> dict:
     for leftover in [p for p in directory.rglob(".*") if p.is_file()]:
         leftover.unlink()  # partial files of an attempt that died (see write_shard)
-    outputs = _describe_outputs(directory)
-    return {"outputs": outputs, "digest": _hash_json({n: o["sha256"] for n, o in outputs.items()})}
+    outputs = _describe_outputs(directory, algo)
+    return {"outputs": outputs, "digest": _hash_json({n: o[algo] for n, o in outputs.items()})}
 
 
 def _seal(directory: Path, manifest: Manifest) -> None:

@@ -284,3 +284,39 @@ def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions(
     # uniform over 7 tokens: entropy ln 7
     _, flat = token_logprobs_and_entropy(torch.zeros(1, 1, 7), torch.tensor([[0]]), 1.0, torch.tensor([[True]]))
     assert abs(flat.item() - math.log(7)) < 1e-6
+
+
+def _f32(bits: list[int]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def test_master_weights_split_into_a_nearest_bfloat16_and_low_bits_that_restore_them_exactly():
+    from tasks.policy import join_master, split_master
+
+    # float32 bit patterns, by hand: 1.0 = 0x3F800000; a bfloat16 unit at 1.0 is 0x10000 of them
+    w = _f32([0x3F800000,    # 1.0: exact in bfloat16, low bits 0
+              0x3F804000,    # 1 + 2^-9 (a quarter unit): rounds down to 1.0
+              0x3F80C000,    # 1 + 3 * 2^-9 (three quarters): rounds up to 1 + 2^-7 = 1.0078125
+              0x3F808000,    # 1 + 2^-8 (a tie): away from zero, 1.0078125 (torch's cast: 1.0, to even)
+              0xBF808000,    # -(1 + 2^-8): away from zero, -1.0078125
+              0x3F81FFFF,    # just below 1 + 2^-6: rounds up across the unit, to 1.015625
+              0x00000000, 0x80000000])  # +0, -0
+    policy, low = split_master(w)
+    assert policy.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert policy.float().tolist() == [1.0, 1.0, 1.0078125, 1.0078125, -1.0078125, 1.015625, 0.0, -0.0]
+    assert [int(x) & 0xFFFF for x in low] == [0x0000, 0x4000, 0xC000, 0x8000, 0x8000, 0xFFFF, 0, 0]
+    assert torch.equal(join_master(policy, low).view(torch.int32), w.view(torch.int32))  # bit for bit
+    # away from ties the policy is torch's own round-to-nearest
+    assert torch.equal(policy[[0, 1, 2, 5]], w[[0, 1, 2, 5]].to(torch.bfloat16))
+
+
+def test_master_weight_split_is_exact_for_any_weights():
+    from tasks.policy import join_master, split_master
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-6, 1e-2, 1.0, 1e3)]).view(64, 256)
+    policy, low = split_master(w)
+    assert torch.equal(join_master(policy, low).view(torch.int32), w.view(torch.int32))
+    assert float(((policy.float() - w).abs() / w.abs()).max()) <= 2 ** -8  # half a bfloat16 unit, relative
+    with pytest.raises(ValueError, match="largest bfloat16"):
+        split_master(torch.tensor([3.4e38]))

@@ -17,6 +17,7 @@ import yaml
 
 from conftest import ROOT, TINY
 from dashflow.config import Params, make_schedule
+from tasks import store
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +89,23 @@ def repo(prefect_server, tmp_path_factory) -> Path:
     dvc(repo, "config", "cache.type", "hardlink,copy")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "dashflow, tiny params")
-    run_flow(repo)
+    import dvc_data.hashfile.hash as dvc_hash
+
+    real = dvc_hash.file_md5
+
+    def counted(fname, *args, **kwargs):  # DVC's own md5 of a file, counted
+        DVC_HASHED.append(Path(fname))
+        return real(fname, *args, **kwargs)
+
+    dvc_hash.file_md5 = counted
+    try:
+        run_flow(repo)
+    finally:
+        dvc_hash.file_md5 = real
     return repo
+
+
+DVC_HASHED: list[Path] = []  # the files DVC hashed itself during the fixture's flow run
 
 
 def test_flow_run_leaves_dvc_status_clean_and_every_stage_in_the_lock(repo):
@@ -105,6 +121,24 @@ def test_flow_run_leaves_dvc_status_clean_and_every_stage_in_the_lock(repo):
     assert lock["filter@1"]["params"]["params.yaml"]["filter"]["threshold"] == TINY["filter.threshold"]
     # the DVC cache holds the checkpoint as a hard link of the workspace file: stored once
     assert (repo / RUN / "iter-0001/policy/model.safetensors").stat().st_nlink >= 2
+
+
+def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
+    run = repo / RUN
+    files = [p for p in run.rglob("*") if p.is_file() and p.name != "_manifest.json" and not p.name.startswith(".")
+             and (p.parent / "_manifest.json").exists()]
+    assert len(files) > 20 and any(p.name == "model.safetensors" for p in files)
+    # every output file (checkpoints, shards) was hashed once, by dashflow as it landed; DVC
+    # hashed only the manifests (and its own deps: params, code)
+    again = sorted({p.relative_to(run).as_posix() for p in DVC_HASHED if p.is_relative_to(run)} -
+                   {f.relative_to(run).as_posix() for f in run.rglob("_manifest.json")})
+    assert again == []
+    assert any(p.name == "_manifest.json" for p in DVC_HASHED)  # the counter saw DVC hash
+    # and the digests DVC recorded are the real md5s: the cache object of a checkpoint is its md5
+    weights = run / "iter-0001/policy/model.safetensors"
+    md5 = hashlib.md5(weights.read_bytes()).hexdigest()
+    assert store.read_manifest(weights.parent).outputs["model.safetensors"]["md5"] == md5
+    assert (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).samefile(weights)
 
 
 def test_dag_chains_the_iterations(repo):

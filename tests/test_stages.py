@@ -114,9 +114,21 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     out = params.layout.policy(0)
     assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
     assert learn.OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
-    # the AdamW state lands in its own output, under the same stage key
+    # the AdamW state and the master weights' low bits land in their own output, same stage key
     opt = store.read_manifest(params.layout.optimizer(0))
-    assert opt.key == m["learn"].key and list(opt.outputs) == [learn.OPTIMIZER_FILE]
+    assert opt.key == m["learn"].key and list(opt.outputs) == [policy_mod.LOW_BITS_FILE, learn.OPTIMIZER_FILE]
+    assert all("xxh128" in info for info in opt.outputs.values())            # not DVC's: a fast digest
+    assert all("md5" in info for info in m["learn"].outputs.values())         # DVC's, handed to it
+    # the policy is bfloat16 (half the bytes of the float32 weights); policy + low bits are the
+    # learner's float32 weights, which round (to nearest, ties away) back to the policy
+    assert policy_mod.checkpoint_dtype(out) == "bfloat16"
+    master = policy_mod.load_master(out, params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu"))
+    stored = load_file(out / "model.safetensors")
+    named = dict(master.named_parameters())
+    assert all(torch.equal(policy_mod.split_master(named[k])[0].view(torch.int16), stored[k].view(torch.int16))
+               for k in named)
+    moved = sum(int((named[k] != stored[k].float()).sum()) for k in named)
+    assert moved > 0.9 * sum(v.numel() for v in named.values())  # the low bits carry information
     state = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
     assert len(state["state"]) == sum(1 for _ in AutoModelForCausalLM.from_pretrained(out).parameters()) \
         or not m["learn"].stats["updated"]
@@ -244,8 +256,8 @@ def test_evaluate_on_two_sets_then_a_third_evaluates_only_the_new_one(tmp_path, 
     m3 = evaluate.run(p3, -1)
     assert not m3.cached
     assert {n: r["carried"] for n, r in m3.stats["sets"].items()} == {"heldout": True, "gsm8k": True, "math500": False}
-    assert m3.outputs["part-00000.parquet"]["sha256"] == m.outputs["part-00000.parquet"]["sha256"]
-    assert m3.outputs["part-00001.parquet"]["sha256"] == m.outputs["part-00001.parquet"]["sha256"]
+    assert m3.outputs["part-00000.parquet"]["md5"] == m.outputs["part-00000.parquet"]["md5"]
+    assert m3.outputs["part-00001.parquet"]["md5"] == m.outputs["part-00001.parquet"]["md5"]
     assert m3.stats["math500/prompts"] == 1 and m3.stats["gsm8k/greedy_strict"] == m.stats["gsm8k/greedy_strict"]
     assert evaluate.run(p3, -1).cached
     with pytest.raises(store.StageError, match=r"evaluate.sets.bad: unknown kind 'csv'"):

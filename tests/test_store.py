@@ -60,7 +60,7 @@ def test_failed_build_leaves_previous_output_untouched(tmp_path):
     with pytest.raises(RuntimeError):
         store.run_stage("t", 0, out, inputs={}, params={"x": 1}, code="c", build=crash)
     assert json.loads((out / store.MANIFEST).read_text())["digest"] == good.digest
-    assert store.file_sha256(out / "part-00000.parquet") == good.outputs["part-00000.parquet"]["sha256"]
+    assert store.file_digest(out / "part-00000.parquet") == good.outputs["part-00000.parquet"]["md5"]
     assert not (tmp_path / ".stage.tmp").exists()
 
 
@@ -144,8 +144,8 @@ def test_an_untouched_output_is_trusted_by_its_stat_and_rehashed_when_it_changes
     calls, hashed = [], []
     out = tmp_path / "stage"
     store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
-    real = store.file_sha256
-    monkeypatch.setattr(store, "file_sha256", lambda p: hashed.append(p.name) or real(p))
+    real = store.file_digest
+    monkeypatch.setattr(store, "file_digest", lambda p, algo="md5": hashed.append(p.name) or real(p, algo))
     assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
     assert hashed == []                      # resume: a stat per file, no rehash
     import os
