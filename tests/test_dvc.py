@@ -128,10 +128,9 @@ def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
     files = [p for p in run.rglob("*") if p.is_file() and p.name != "_manifest.json" and not p.name.startswith(".")
              and (p.parent / "_manifest.json").exists()]
     assert len(files) > 20 and any(p.name == "model.safetensors" for p in files)
-    # every output file (checkpoints, shards) was hashed once, by dashflow as it landed; DVC
-    # hashed only the manifests (and its own deps: params, code)
-    again = sorted({p.relative_to(run).as_posix() for p in DVC_HASHED if p.is_relative_to(run)} -
-                   {f.relative_to(run).as_posix() for f in run.rglob("_manifest.json")})
+    # every file of a stage output (checkpoints, shards) was hashed once, by dashflow as it
+    # landed; DVC hashed only the manifests, the small metrics files and its deps (params, code)
+    again = sorted({p.relative_to(run).as_posix() for p in DVC_HASHED if p in set(files)})
     assert again == []
     assert any(p.name == "_manifest.json" for p in DVC_HASHED)  # the counter saw DVC hash
     # and the digests DVC recorded are the real md5s: the cache object of a checkpoint is its md5
@@ -179,14 +178,24 @@ def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo
     dvc(repo, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     dvc(repo, "push")
     before = digests(repo / RUN / "iter-0001") | digests(repo / RUN / "base")
+    assert any(k.startswith("optimizer/") for k in before)
     shutil.rmtree(repo / "data")
     dvc(repo, "pull")
     after = digests(repo / RUN / "iter-0001") | digests(repo / RUN / "base")
-    assert after == before and len(before) > 10
+    # every policy, shard and metric comes back byte for byte; the optimizer state (a local
+    # cache of the machine that ran the learner, not versioned) does not
+    assert after == {k: v for k, v in before.items() if not k.startswith("optimizer/")} and len(after) > 10
+    assert not (repo / RUN / "iter-0001/optimizer").exists()
     manifests = {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")}
-    run_flow(repo)
+    run_flow(repo)  # every stage is still done: nothing reruns for want of the optimizer state
     assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    # continuing the run past its last iteration here says what is missing and what to do
+    from tasks import learn
+
+    with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not here: it is "
+                                               r"a local cache .* --rerun learn@1"):
+        learn.previous_state(repo / RUN / "iter-0001/optimizer", 2, "learn@2")
 
 
 def test_an_extended_schedule_adds_only_the_new_iterations_stages(repo):
@@ -237,7 +246,13 @@ def test_recording_is_refused_with_the_reason_and_the_fix(tmp_path):
     auto = Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"filter.threshold": 0.3}, root=ROOT)
     assert not auto.enabled and "filter.threshold" in auto.reason and "dvc exp run -S" in auto.reason
     # overrides no stage depends on do not stop recording
-    assert Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"run.iterations": 2}, root=ROOT).enabled
+    assert Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"sample.workers": 2}, root=ROOT).enabled
+    n = len(Params.load(ROOT / "params.yaml").tree["schedule"]["iterations"])
+    assert Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"run.iterations": n}, root=ROOT).enabled
+    # but other iterations than the schedule's are not what dvc.yaml's stages are (their
+    # commit would fail at the first evaluation dvc.yaml does not have)
+    fewer = Recorder(Params.load(ROOT / "params.yaml"), ROOT / "params.yaml", {"run.iterations": 2}, root=ROOT)
+    assert not fewer.enabled and "`dashflow schedule 2`" in fewer.reason and "--until" in fewer.reason
 
 
 def _cache_object(repo: Path, path: Path) -> Path:
@@ -250,18 +265,18 @@ def test_retention_removes_old_checkpoints_and_keeps_dvc_consistent(repo):
     sh(repo, "git", "checkout", "params.yaml", "dvc.lock")
     dvc(repo, "checkout")
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
-    policy0, optimizer0 = repo / RUN / "iter-0000/policy", repo / RUN / "iter-0000/optimizer"
-    weights, state = _cache_object(repo, policy0 / "model.safetensors"), _cache_object(repo, optimizer0 / "optimizer.pt")
+    policy0 = repo / RUN / "iter-0000/policy"
+    weights = _cache_object(repo, policy0 / "model.safetensors")
     shared = _cache_object(repo, policy0 / "tokenizer.json")  # the same bytes in every policy
-    before = digests(optimizer0)
-    assert weights.exists() and state.exists() and shared.exists()
+    before = digests(policy0)
+    assert weights.exists() and shared.exists()
 
-    out = sh(repo, "dashflow", "prune", "--set", "retention.policies=1", "--set", "retention.optimizers=1").stdout
-    assert "retention: removed iter-0000/policy, iter-0000/optimizer" in out and "dvc pull" in out
+    out = sh(repo, "dashflow", "prune", "--set", "retention.policies=1").stdout
+    assert "retention: removed iter-0000/policy" in out and "dvc pull" in out
     # gone from the workspace and the local cache; objects a kept policy shares stay
-    assert not policy0.exists() and not optimizer0.exists() and not weights.exists() and not state.exists()
+    assert not policy0.exists() and not weights.exists()
     assert shared.exists() and (repo / RUN / "iter-0001/policy/model.safetensors").exists()
-    # dvc.lock keeps the hashes: status names exactly the removed outputs and the stages reading them
+    # dvc.lock keeps the hashes: status names exactly the removed output and the stages reading it
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert set(status) == {"learn@0", "sample@1", "learn@1", "metrics@0"}, status
     assert set(status["learn@0"][0]["changed outs"].values()) == {"not in cache"}
@@ -273,6 +288,6 @@ def test_retention_removes_old_checkpoints_and_keeps_dvc_consistent(repo):
     run_flow(repo)
     assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
     assert (repo / "dvc.lock").read_text() == lock
-    # the default remote held them: pull brings the optimizer state back byte for byte
-    dvc(repo, "pull", str(RUN / "iter-0000/optimizer"))
-    assert digests(optimizer0) == before
+    # the default remote held it: pull brings the policy back byte for byte
+    dvc(repo, "pull", str(RUN / "iter-0000/policy"))
+    assert digests(policy0) == before

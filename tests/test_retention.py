@@ -70,3 +70,17 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     assert again.digest == record["digest"]  # same inputs, same seed, same bytes
     assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists()
     assert not store.pruned_record(layout.policy(0)).exists() and not store.pruned_record(layout.optimizer(0)).exists()
+    # an optimizer state is a local cache: removed for good, and a learn that needs it says how to replay it
+    from dashflow import retention
+
+    policy1 = store.read_manifest(layout.policy(1))
+    retention.apply(tiny_params(tmp_path, **dict(keep, **{"retention.policies": "all"})), 1)
+    state = store.read_manifest(layout.optimizer(0))
+    assert state.pruned == ("retention.optimizers: 1, removed after iteration 1; a local cache, not versioned by "
+                            "DVC; deleted for good")
+    with pytest.raises(store.StageError, match=r"learn@1: the optimizer state .*iter-0000/optimizer was removed .* "
+                                               r"replaying the learner .*--rerun learn@0"):
+        learn.run(params, 1, force=True)
+    # the replay: learn@0 then learn@1 again give the same bytes, so nothing downstream would rerun
+    learn.run(params, 0, force=True)
+    assert learn.run(params, 1, force=True).digest == policy1.digest
