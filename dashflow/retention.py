@@ -82,16 +82,20 @@ def _count(section: dict, key: str, default: int | str = "all") -> int | None:
     return value
 
 
-def to_prune(done: int, evaluated: Iterable[int], policies: int | None, optimizers: int | None) -> list[tuple[str, int]]:
+def to_prune(done: int, evaluated: Iterable[int], policies: int | None, optimizers: int | None,
+             written: Iterable[int] | None = None) -> list[tuple[str, int]]:
     """(kind, iteration) of every output to remove once iterations 0..done have learned:
     policies older than the last `policies` that are not evaluated; optimizer states older
-    than the last `optimizers`. The base policy (iteration -1) is never removed."""
+    than the last `optimizers` of those written (`written`: the iterations whose state is on
+    disk; all of 0..done when None -- a flow writes one every learn.state_every). The base
+    policy (iteration -1) is never removed."""
     out = []
     if policies is not None:
         keep = set(range(done - policies + 1, done + 1)) | set(evaluated)
         out += [("policy", i) for i in range(done + 1) if i not in keep]
     if optimizers is not None:
-        out += [("optimizer", i) for i in range(done - optimizers + 1)]
+        states = sorted(range(done + 1) if written is None else {i for i in written if i <= done})
+        out += [("optimizer", i) for i in states[:max(len(states) - optimizers, 0)]]
     return out
 
 
@@ -109,11 +113,15 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
         return []
     evaluated = [i for i in range(done + 1) if params.evaluated(i)]
     doomed = []
-    for kind, i in to_prune(done, evaluated, rule.policies, rule.optimizers):
+    for i in range(done + 1):  # what a kill interrupted: finish removing it
+        for directory in (params.layout.policy(i), params.layout.optimizer(i)):
+            if directory.exists() and store.pruned_record(directory).exists() and \
+                    not (directory / store.MANIFEST).exists():
+                store.remove_output(directory)
+    written = [i for i in range(done + 1) if (m := store.read_manifest(params.layout.optimizer(i))) and not m.pruned]
+    for kind, i in to_prune(done, evaluated, rule.policies, rule.optimizers, written):
         directory = output_dir(params, kind, i)
         manifest = store.read_manifest(directory)
-        if manifest is not None and manifest.pruned and directory.exists():
-            store.remove_output(directory)  # what a kill interrupted: finish removing it
         if manifest is None or manifest.pruned:
             continue  # never finished, or already removed
         doomed.append((directory, f"retention.{SETTING[kind]}: {getattr(rule, SETTING[kind])}, "

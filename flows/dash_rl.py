@@ -34,6 +34,7 @@ from tasks import metrics, store
 from tasks.advantage import advantage_task
 from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
+from tasks import learn as learn_stage
 from tasks.learn import learn_task
 from tasks.prepare import prepare_task
 from tasks.reference import reference_task
@@ -80,7 +81,9 @@ def dash_rl(
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
 
-    with store.run_lock(params.layout.root):
+    # learn@i hands its state to learn@i+1 in memory (tasks/learn.py `holding`); what is held
+    # is written when the run ends, stops or fails
+    with store.run_lock(params.layout.root), learn_stage.holding(params):
         dvc(prepare_task(params, None, force=force("prepare", None)))
         if params.evaluated(-1):
             tracking.log_eval(params, -1, dvc(evaluate_task(params, -1, force=force("evaluate", -1)))["stats"])

@@ -41,10 +41,13 @@ checkpoint is never replaced by a bad one.
 
 Inputs : iter-i/kept with kept/sampled.json (and iter-i/reference when the KL penalty is
          on; the prompts in SFT mode), the policy and optimizer state written by iteration
-         i-1 (none before the first)
-Output : iter-i/policy/ (model.safetensors, config, tokenizer) and iter-i/optimizer/
-         (optimizer.pt, AdamW's state: twice the weights' size, needed only by the next
-         learn, so the retention setting can drop old ones while keeping the policies)
+         i-1 (none before the first; a missing state is rebuilt first, see replay_state)
+Output : iter-i/policy/ (model.safetensors in model.checkpoint_dtype, config, tokenizer)
+         and iter-i/optimizer/ (optimizer.pt, AdamW's state, and with bfloat16 checkpoints
+         master_low16.safetensors, the low 16 bits of every float32 master weight: policy +
+         low bits = the learner's weights bit for bit). The optimizer state is needed only
+         by the next learn: a local cache, not versioned by DVC, the last one kept by
+         default (retention.optimizers).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -161,7 +164,65 @@ def context(params: Params, iteration: int) -> Context:
 
 # How the learner runs, not what it computes: not part of the stage key (gradient
 # checkpointing recomputes the same activations; the result is the same).
-EXECUTION_ONLY = ("launcher", "nproc", "gradient_checkpointing")
+EXECUTION_ONLY = ("launcher", "nproc", "gradient_checkpointing", "state_every")
+
+# The learner's state handed from one learn to the next within one flow process (`holding`):
+# learn stage key -> (model, optimizer, iteration). Process-local; a new process starts empty.
+_held: dict[str, tuple] = {}
+_holding = False
+_trained: tuple | None = None  # what the last train() in this process left: (model, optimizer)
+
+
+@contextmanager
+def holding(params: Params):
+    """Within a flow run: learn@i hands its float32 model and AdamW state to learn@i+1 in
+    memory (no write, no read) and writes its optimizer state only every
+    `learn.state_every` iterations and at the schedule's last; on leaving (the flow ends,
+    stops at `until`, or fails) the state held is written. A process killed in between
+    loses only the held state: the next learn replays from the last one written
+    (replay_state), with the same bytes."""
+    global _holding
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+        try:
+            flush(params)
+        finally:
+            _held.clear()
+
+
+def flush(params: Params) -> None:
+    """Write the optimizer state held in memory, if it is not on disk yet."""
+    for key, (model, optimizer, iteration) in list(_held.items()):
+        main = store.read_manifest(params.layout.policy(iteration))
+        if main is None or main.key != key:
+            continue  # the policy it belongs to was replaced since
+        directory = params.layout.optimizer(iteration)
+        if _state_problem(directory) is None and store.read_manifest(directory).key == key:
+            continue
+        dtype = params["model"]["checkpoint_dtype"]
+        store.land_side(directory, main, lambda tmp: write_state(model, optimizer, tmp, dtype))
+
+
+def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: dict | None = None) -> None:
+    """The optimizer state files: AdamW's state and, with bfloat16 checkpoints, the master
+    weights' low 16 bits (`low`, when the caller already split them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    if checkpoint_dtype == "bfloat16":
+        if low is None:
+            low = {name: policy_mod.split_master(param.detach())[1] for name, param in model.named_parameters()}
+        save_file(low, directory / policy_mod.LOW_BITS_FILE)
+
+
+def _take_held(prev: Path) -> tuple | None:
+    """The model and optimizer learn@i-1 left in memory, if they are the ones `prev` records."""
+    found = store.read_manifest(prev)
+    held = _held.pop(found.key, None) if found is not None and not found.pruned else None
+    _held.clear()
+    return held
 
 
 def schedule_position(params: Params, iteration: int) -> tuple[int, int]:
@@ -185,10 +246,17 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout, cfg, sample_cfg, sft, temperature, with_kl, kept, src, prev, prev_opt, label = context(params, iteration)
     nproc = int(cfg.get("nproc") or 1)
 
+    torchrun = cfg.get("launcher") == "torchrun"
+    every = int(cfg.get("state_every") or 1)
+    # the optimizer state is written now unless a later learn of this flow takes it in memory
+    write = not _holding or torchrun or (iteration + 1) % every == 0 or iteration >= params.iterations - 1
+
     def build(tmp: Path) -> dict:
-        if cfg.get("launcher") == "torchrun":
+        if not (_holding and not torchrun and _take_held_peek(prev)):
+            replay_state(params, iteration)
+        if torchrun:
             return launch_torchrun(params, iteration, tmp, nproc)
-        return train(params, iteration, tmp)
+        return train(params, iteration, tmp, write_state_now=write)
 
     # the previous optimizer state is not a key input: it lands with the previous policy under
     # the same key, so the policy's digest stands for both (and a run whose states are gone --
@@ -203,35 +271,76 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         slice_["schedule_steps"] = schedule_position(params, iteration)
     if sft:
         slice_.update(prompts_per_iteration=sample_cfg["prompts_per_iteration"], seed=params["run"]["seed"])
-    return store.run_stage(
+    global _trained
+    _trained = None
+    manifest = store.run_stage(
         "learn", iteration, layout.stage_dir("learn", iteration), inputs=inputs, params=slice_,
         code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, problems, schema),
         build=build, force=force, side={"optimizer": layout.optimizer(iteration)},
     )
+    if _holding and _trained is not None:
+        _held.clear()
+        _held[manifest.key] = (*_trained, iteration)
+    _trained = None
+    return manifest
+
+
+def _take_held_peek(prev: Path) -> bool:
+    found = store.read_manifest(prev)
+    return found is not None and found.key in _held
+
+
+def _state_problem(prev_opt: Path) -> str | None:
+    """Why the optimizer state in `prev_opt` cannot be used (None: it can)."""
+    manifest = store.read_manifest(prev_opt)
+    if manifest is None:
+        return ("not here (a local cache of the machine that ran the learner, which DVC does not version: "
+                "`dvc pull` restores the policies only)")
+    if manifest.pruned:
+        return f"removed ({manifest.pruned})"
+    problem = store.content_problem(prev_opt, manifest)
+    return f"damaged ({problem})" if problem else None
+
+
+def replay_state(params: Params, iteration: int) -> None:
+    """Make sure the optimizer state learn@i continues from (learn@i-1's) is here: when the
+    retention setting removed it (or it never was here: a `dvc pull` on another machine), the
+    learner is replayed from the last state kept (or the base) over the versioned kept shards
+    -- learn@k ... learn@i-1 again, each checked to write the policy its manifest records, so
+    nothing downstream of them changes. Costs one learn per replayed iteration. On a machine
+    where the learner does not reproduce its bytes (another device or torch), the replayed
+    policy differs: it stays (it is a valid result of its inputs) and the stage stops, so the
+    next run reruns what follows it."""
+    if iteration == 0:
+        return
+    prev_opt = params.layout.optimizer(iteration - 1)
+    why = _state_problem(prev_opt)
+    if why is None:
+        return
+    recorded = store.require_output(params.layout.policy(iteration - 1), needed_by=f"learn@{iteration}")
+    print(f"learn@{iteration}: the optimizer state of iteration {iteration - 1} is {why}; replaying "
+          f"learn@{iteration - 1} from its kept rows")
+    replay_state(params, iteration - 1)
+    again = run(params, iteration - 1, force=True)
+    if again.digest != recorded.digest:
+        raise store.StageError(
+            f"learn@{iteration}: replaying learn@{iteration - 1} to rebuild its optimizer state wrote a different "
+            f"policy than the one recorded (digest {again.digest[:12]} vs {recorded.digest[:12]}): the learner "
+            "does not reproduce its bytes here (another device, torch or thread count). The replayed policy is "
+            "kept; run again and the stages after it rerun from it. Keep every optimizer state with "
+            "retention.optimizers: all to avoid replays")
 
 
 def previous_state(prev_opt: Path | None, iteration: int, label: str) -> Path | None:
-    """The optimizer state learn@i continues from (learn@i-1's; None before the first), checked:
-    present, finished and holding the bytes its manifest records. It is a local cache, not
-    versioned by DVC, and retention keeps the last `retention.optimizers` only; when it is
-    gone the message says how to rebuild it."""
+    """The optimizer state learn@i continues from (learn@i-1's; None before the first),
+    checked: present, finished and holding the bytes its manifest records (replay_state
+    rebuilds a missing one first)."""
     if prev_opt is None:
         return None
-    manifest = store.read_manifest(prev_opt)
-    rebuild = (f"Rebuild it by replaying the learner from the last optimizer state kept (or the base): "
-               f"`dashflow run --rerun learn@K ... --rerun learn@{iteration - 1}` for K after that state; on this "
-               f"machine (same torch, same device) the replay reproduces every policy byte for byte, so nothing "
-               f"downstream reruns. Keep them all with retention.optimizers: all.")
-    if manifest is None:
-        raise store.StageError(
-            f"{label}: the optimizer state of iteration {iteration - 1} ({prev_opt}: AdamW's moments and the "
-            f"float32 master weights' low bits) is not here: it is a local cache of the machine that ran "
-            f"learn@{iteration - 1}, which DVC does not version (`dvc pull` restores the policies only). {rebuild}")
-    if manifest.pruned:
-        raise store.StageError(f"{label}: the optimizer state {prev_opt} was removed ({manifest.pruned}). {rebuild}")
-    problem = store.content_problem(prev_opt, manifest)
-    if problem:
-        raise store.StageError(f"{label}: the optimizer state {prev_opt} is damaged: {problem}. {rebuild}")
+    why = _state_problem(prev_opt)
+    if why:
+        raise store.StageError(f"{label}: the optimizer state of iteration {iteration - 1} ({prev_opt}: AdamW's "
+                               f"moments and the float32 master weights' low bits) is {why}")
     return prev_opt
 
 
@@ -259,7 +368,8 @@ def enable_gradient_checkpointing(model) -> None:
     model.config.use_cache = False
 
 
-def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int = 1) -> dict:
+def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int = 1,
+          write_state_now: bool = True) -> dict:
     """The update, written into tmp (policy files) and tmp/optimizer. With world > 1 this is
     one rank of a torch.distributed job (see launch_torchrun): the rank computes the
     gradients of the rows of its own kept shards (shard k belongs to rank k % world), DDP
@@ -278,11 +388,16 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                          filter_stage.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
-    prev_opt = previous_state(prev_opt, iteration, label)
-    low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
-    # float32 master weights, whatever the precision: the previous policy plus the low bits
-    # its learn kept (bit-exact); the base policy's own weights at the first iteration
-    model = policy_mod.load_master(prev, low_bits if low_bits is not None and low_bits.is_file() else None, device)
+    held = _take_held(prev) if world == 1 else None
+    if held is not None:  # learn@i-1 of this flow left its model and AdamW state in memory
+        model, optimizer, _ = held
+    else:
+        prev_opt = previous_state(prev_opt, iteration, label)
+        low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
+        # float32 master weights, whatever the precision: the previous policy plus the low bits
+        # its learn kept (bit-exact); the base policy's own weights at the first iteration
+        model = policy_mod.load_master(prev, low_bits if low_bits is not None and low_bits.is_file() else None,
+                                       device)
     if cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     model.train()
@@ -293,7 +408,11 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     owner = row_owners(batch, src, world, sft)
-    optimizer = make_optimizer(model, cfg, prev_opt, device, label)
+    if held is None:
+        optimizer = make_optimizer(model, cfg, prev_opt, device, label)
+    else:
+        for group in optimizer.param_groups:  # this iteration's hyper-parameters, as after a load
+            group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
     offset, total_steps = (schedule_position(params, iteration) if cfg["lr_schedule"] != "constant"
                            or cfg["warmup_steps"] else (0, 0))
     plan = algorithms.plan_steps([g["prompt_id"] for g in batch.sampled], cfg["update"], int(cfg["steps"]))
@@ -414,10 +533,11 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 
     low = policy_mod.save_policy(model, tokenizer, tmp, params["model"]["checkpoint_dtype"])
     store.fault_point("mid-checkpoint", f"learn@{iteration}")
-    (tmp / "optimizer").mkdir()
-    torch.save(optimizer.state_dict(), tmp / "optimizer" / OPTIMIZER_FILE)
-    if low is not None:
-        save_file(low, tmp / "optimizer" / policy_mod.LOW_BITS_FILE)
+    if write_state_now:
+        write_state(model, optimizer, tmp / "optimizer", params["model"]["checkpoint_dtype"], low)
+    if world == 1:
+        global _trained
+        _trained = (model, optimizer)
     names = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
              "sampler_mismatch", "tis_weight", "kl_to_reference")
     return {

@@ -311,7 +311,8 @@ def run_stage(
     build: writes the output files into tmp_dir and returns {"stats": {...}, "timing": {...}}.
     side: name -> a second output directory; build writes its files into tmp_dir/<name>/,
     and it lands (with its own manifest, same key) just before the main output. A side
-    output is a cache for the next stage: one that is gone altogether leaves the stage done.
+    output is a cache for the next stage: one that is gone altogether leaves the stage done,
+    and a build may leave it unwritten (land_side writes it later).
     """
     out_dir = Path(out_dir)
     side = {name: Path(path) for name, path in (side or {}).items()}
@@ -361,11 +362,12 @@ def run_stage(
     started = time.perf_counter()
     try:
         result = build(tmp) or {}
-        landing = {}
+        landing, unwritten = {}, []
         for name, path in side.items():
             staged = _staging(path)
             if not (tmp / name).is_dir():
-                raise StageError(f"{label}: wrote no {name}/ output")
+                unwritten.append(path)  # a cache the build kept in memory (land_side writes it later)
+                continue
             os.replace(tmp / name, staged)
             landing[path] = staged
     except BaseException:
@@ -388,8 +390,33 @@ def run_stage(
     for path, staged in landing.items():
         _swap(staged, path)
         _remember(path, landed[path])
+    for path in unwritten:  # what is there belongs to an earlier result
+        if path.exists() or pruned_record(path).exists():
+            remove_output(path)
+            pruned_record(path).unlink(missing_ok=True)
     _swap(tmp, out_dir, label)
     _remember(out_dir, manifest)
+    return manifest
+
+
+def land_side(path: Path, main: Manifest, write: Callable[[Path], None]) -> Manifest:
+    """Land a side output of a finished stage after the fact (`write(tmp_dir)` writes its
+    files), under the main output's key, atomically as run_stage lands one."""
+    path = Path(path)
+    staged = _staging(path)
+    _remove(staged)
+    staged.mkdir(parents=True)
+    try:
+        write(staged)
+    except BaseException:
+        _remove(staged)
+        raise
+    manifest = Manifest(stage=main.stage, iteration=main.iteration, key=main.key, params=main.params,
+                        inputs=main.inputs, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        **_contents(staged, SIDE_DIGEST))
+    _seal(staged, manifest)
+    _swap(staged, path)
+    _remember(path, manifest)
     return manifest
 
 

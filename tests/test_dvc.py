@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,25 @@ def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
     assert (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).samefile(weights)
 
 
+def test_sigkill_mid_dvc_commit_then_the_rerun_records_the_same_lock(repo, prefect_server):
+    """The flow killed (SIGKILL) inside a DVC commit -- the iteration's outputs in DVC's cache,
+    dvc.lock not yet written: the rerun records them and the lock is the uninterrupted one."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    (repo / "dvc.lock").unlink()
+    env = dict(_env(), PREFECT_API_URL=prefect_server)  # the session's server: no temporary one to orphan
+    command = [sys.executable, "-m", "dashflow.cli", "run"]
+    killed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
+                            env=dict(env, DASHFLOW_FAULT="mid-dvc-commit@sample@1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    partial = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert "learn@0" in partial and "sample@1" not in partial
+    assert "sample@1" in json.loads(dvc(repo, "status", "--json").stdout)
+    rerun = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert yaml.safe_load((repo / "dvc.lock").read_text()) == lock
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
 def test_dag_chains_the_iterations(repo):
     dot = dvc(repo, "dag", "--dot", "learn@1").stdout
     edges = {tuple(part.strip().strip('";') for part in line.split("->")) for line in dot.splitlines() if "->" in line}
@@ -190,11 +210,11 @@ def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo
     run_flow(repo)  # every stage is still done: nothing reruns for want of the optimizer state
     assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
-    # continuing the run past its last iteration here says what is missing and what to do
+    # what a learn continuing the run here finds (it replays learn@0, learn@1 first: test_retention)
     from tasks import learn
 
-    with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not here: it is "
-                                               r"a local cache .* --rerun learn@1"):
+    with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not here \(a "
+                                               r"local cache of the machine that ran the learner"):
         learn.previous_state(repo / RUN / "iter-0001/optimizer", 2, "learn@2")
 
 

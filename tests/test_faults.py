@@ -115,6 +115,46 @@ def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path)
     assert [p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_path):
+    pytest.importorskip("ray")
+    pytest.importorskip("prefect_ray")
+    from tasks import sample
+
+    sets = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "sample.workers": 2})
+    params = tiny_params(tmp_path / "runs", **{"sample.workers": 2})
+    prepare.run(params)
+    log = tmp_path / "sample.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "sample", "-i", "0", *_sets(sets)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    family: list[int] = []
+
+    def workers_up() -> bool:  # the local cluster (gcs_server, raylet) and two sampling workers
+        family[:] = sorted(set(family) | set(descendants(proc.pid)))
+        lines = [_cmdline(p) for p in family]
+        return any("raylet" in c for c in lines) and sum("default_worker.py" in c for c in lines) >= 2
+
+    try:
+        _wait_for(workers_up, 240, "a Ray cluster with two workers", proc, log)
+        proc.kill()   # kill -9 of the command: no handler, no atexit, no ray.shutdown()
+        proc.wait(30)
+        deadline = time.time() + 60
+        while any(_alive(p) for p in family) and time.time() < deadline:
+            time.sleep(0.5)
+        assert [(p, _cmdline(p)[:80]) for p in family if _alive(p)] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in family:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    out_dir = params.layout.stage_dir("sample", 0)
+    assert store.read_manifest(out_dir) is None              # nothing landed
+    manifest = sample.run(params, 0)                          # the rerun lands
+    assert not manifest.cached and manifest.stats["rows"] == TINY["sample.prompts_per_iteration"] * \
+        TINY["sample.samples_per_prompt"]
+
+
 def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_policy(tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()

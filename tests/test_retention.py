@@ -5,6 +5,10 @@ them and refuses to rebuild from them. DVC's side is in test_dvc.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +24,11 @@ def test_to_prune_keeps_the_last_n_and_every_evaluated_policy():
     assert to_prune(4, [1, 3], policies=2, optimizers=1) == [
         ("policy", 0), ("policy", 2), ("optimizer", 0), ("optimizer", 1), ("optimizer", 2), ("optimizer", 3)]
     assert to_prune(4, [], policies=None, optimizers=None) == []
+    # a flow writes the optimizer state every learn.state_every (here 3: iterations 2, 5) and
+    # holds the rest in memory: the last written ones are kept, whatever came after them
+    assert to_prune(6, [], policies=None, optimizers=1, written=[2, 5]) == [("optimizer", 2)]
+    assert to_prune(4, [], policies=None, optimizers=1, written=[2]) == []
+    assert to_prune(6, [], policies=None, optimizers=2, written=[2, 5, 6]) == [("optimizer", 2)]
     assert to_prune(0, [], policies=1, optimizers=1) == []          # the first iteration's outputs are the last
     assert to_prune(2, [], policies=5, optimizers=3) == []          # fewer iterations than kept
 
@@ -34,7 +43,7 @@ def test_retention_counts_must_be_all_or_at_least_one(value):
 
 
 @pytest.mark.slow
-def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(prefect_server, tmp_path):
+def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(prefect_server, tmp_path, capsys):
     from flows.dash_rl import dash_rl
 
     keep = {"retention.policies": 1, "retention.optimizers": 1, "dvc.track": "off"}
@@ -78,9 +87,25 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     state = store.read_manifest(layout.optimizer(0))
     assert state.pruned == ("retention.optimizers: 1, removed after iteration 1; a local cache, not versioned by "
                             "DVC; deleted for good")
-    with pytest.raises(store.StageError, match=r"learn@1: the optimizer state .*iter-0000/optimizer was removed .* "
-                                               r"replaying the learner .*--rerun learn@0"):
-        learn.run(params, 1, force=True)
-    # the replay: learn@0 then learn@1 again give the same bytes, so nothing downstream would rerun
-    learn.run(params, 0, force=True)
+    # a learn that needs it replays the learner from the last state kept (here: the base), and
+    # the replay writes the same bytes, so nothing downstream reruns
+    policy0 = store.read_manifest(layout.policy(0))
     assert learn.run(params, 1, force=True).digest == policy1.digest
+    out = capsys.readouterr().out
+    assert ("learn@1: the optimizer state of iteration 0 is removed (retention.optimizers: 1, removed after "
+            "iteration 1; a local cache, not versioned by DVC; deleted for good); replaying learn@0") in out
+    assert store.read_manifest(layout.policy(0)).digest == policy0.digest
+    assert store.read_manifest(layout.optimizer(0)).pruned == ""  # rebuilt (the next prune removes it again)
+    # retention killed midway (SIGKILL after the manifest is gone, before the files are): what
+    # is left never reads as a finished output, and the next prune finishes the removal
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    command = [sys.executable, "-m", "dashflow.cli", "prune", *sets]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, DASHFLOW_FAULT="mid-retention@iter-0000/optimizer"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists() and not (layout.optimizer(0) / store.MANIFEST).exists()
+    assert store.read_manifest(layout.optimizer(0)).pruned  # the record speaks for it
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not layout.optimizer(0).exists() and store.read_manifest(layout.optimizer(0)).pruned
+    assert learn.run(params, 1).cached  # and the stage that wrote it is still done
