@@ -303,32 +303,54 @@ def _state_problem(prev_opt: Path) -> str | None:
 
 
 def replay_state(params: Params, iteration: int) -> None:
-    """Make sure the optimizer state learn@i continues from (learn@i-1's) is here: when the
-    retention setting removed it (or it never was here: a `dvc pull` on another machine), the
-    learner is replayed from the last state kept (or the base) over the versioned kept shards
-    -- learn@k ... learn@i-1 again, each checked to write the policy its manifest records, so
-    nothing downstream of them changes. Costs one learn per replayed iteration. On a machine
-    where the learner does not reproduce its bytes (another device or torch), the replayed
-    policy differs: it stays (it is a valid result of its inputs) and the stage stops, so the
-    next run reruns what follows it."""
+    """Make sure the optimizer state learn@i continues from (learn@i-1's) is on disk: when it
+    is not (never written: a flow holds it in memory between `learn.state_every` writes and a
+    kill lost it; removed by retention; or a `dvc pull` on another machine, which does not
+    bring it), the learner is replayed from the last state written (or the base) over the
+    versioned kept shards: learn@k ... learn@i-1 again, into scratch. Each replay must give the
+    policy its manifest records, byte for byte; then only its optimizer state lands, and the
+    recorded policy (and everything downstream of it) is untouched. Costs one learn per
+    replayed iteration. Where the learner does not reproduce its bytes (another device or
+    torch), nothing lands and the stage stops, saying how to go on."""
     if iteration == 0:
         return
     prev_opt = params.layout.optimizer(iteration - 1)
     why = _state_problem(prev_opt)
     if why is None:
         return
-    recorded = store.require_output(params.layout.policy(iteration - 1), needed_by=f"learn@{iteration}")
-    print(f"learn@{iteration}: the optimizer state of iteration {iteration - 1} is {why}; replaying "
-          f"learn@{iteration - 1} from its kept rows")
-    replay_state(params, iteration - 1)
-    again = run(params, iteration - 1, force=True)
-    if again.digest != recorded.digest:
-        raise store.StageError(
-            f"learn@{iteration}: replaying learn@{iteration - 1} to rebuild its optimizer state wrote a different "
-            f"policy than the one recorded (digest {again.digest[:12]} vs {recorded.digest[:12]}): the learner "
-            "does not reproduce its bytes here (another device, torch or thread count). The replayed policy is "
-            "kept; run again and the stages after it rerun from it. Keep every optimizer state with "
-            "retention.optimizers: all to avoid replays")
+    j = iteration - 1
+    recorded = store.require_output(params.layout.policy(j), needed_by=f"learn@{iteration}")
+    if recorded.pruned:
+        raise store.StageError(f"learn@{iteration}: the optimizer state of iteration {j} is {why}, and rebuilding it "
+                               f"needs policy {params.layout.policy(j)}, which was removed ({recorded.pruned}); "
+                               "restore it (`dvc pull`) or rerun from there")
+    print(f"learn@{iteration}: the optimizer state of iteration {j} is {why}; replaying learn@{j} from its kept rows")
+    replay_state(params, j)
+    cfg = params.stage("learn", j)
+    scratch = params.layout.policy(j).parent / f".replay-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        if cfg.get("launcher") == "torchrun":
+            launch_torchrun(params, j, scratch, int(cfg.get("nproc") or 1))
+        else:
+            train(params, j, scratch)
+        state = scratch.parent / f".{scratch.name}-optimizer"
+        os.replace(scratch / "optimizer", state)
+        try:
+            digest = store.directory_digest(scratch)
+            if digest != recorded.digest:
+                raise store.StageError(
+                    f"learn@{iteration}: replaying learn@{j} to rebuild its optimizer state gave a different policy "
+                    f"than the one recorded (digest {digest[:12]} vs {recorded.digest[:12]}): the learner does not "
+                    "reproduce its bytes here (another device, torch or thread count). Nothing was written. Rerun "
+                    f"from there (`dashflow run --from-stage learn@{j}`), or keep every optimizer state "
+                    "(retention.optimizers: all, learn.state_every: 1) on the machine that runs the learner")
+            store.land_side(prev_opt, recorded, lambda tmp: [os.replace(f, tmp / f.name) for f in state.iterdir()])
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def previous_state(prev_opt: Path | None, iteration: int, label: str) -> Path | None:

@@ -444,6 +444,11 @@ def _contents(directory: Path, algo: str = "md5") -> dict:
     return {"outputs": outputs, "digest": _hash_json({n: o[algo] for n, o in outputs.items()})}
 
 
+def directory_digest(directory: Path) -> str:
+    """The digest a manifest of these files would record (what downstream keys see)."""
+    return _contents(directory)["digest"]
+
+
 def _seal(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST).write_text(manifest.to_json())
     _fsync_dir(directory)

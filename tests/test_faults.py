@@ -115,7 +115,7 @@ def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path)
     assert [p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_path):
+def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_path, prefect_server):
     pytest.importorskip("ray")
     pytest.importorskip("prefect_ray")
     from tasks import sample
@@ -125,8 +125,11 @@ def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_pa
     prepare.run(params)
     log = tmp_path / "sample.log"
     with open(log, "w") as out:
+        # the session's Prefect server: a temporary one of the command's own would be orphaned by
+        # kill -9 (Prefect starts it; only SIGTERM and Ctrl-C stop it, see the README)
         proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "sample", "-i", "0", *_sets(sets)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PREFECT_API_URL=prefect_server))
     family: list[int] = []
 
     def workers_up() -> bool:  # the local cluster (gcs_server, raylet) and two sampling workers
@@ -159,7 +162,11 @@ def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_
     model = tmp_path / "my-model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
-    (model / "model.safetensors").write_bytes(b"A" * 4096)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2048, dtype=torch.bfloat16)}, model / "model.safetensors")  # bfloat16: copied as is
+    original = (model / "model.safetensors").read_bytes()
     params = tiny_params(tmp_path / "runs", **{"model.name": str(model)})
     first = prepare.prepare_policy(params)
     base = params.layout.policy(-1)
@@ -167,11 +174,12 @@ def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_
     assert prepare.prepare_policy(params).cached
     # rewrite the model in place, same size: a new base policy, and the run's copy was never touched
     with open(model / "model.safetensors", "r+b") as f:
-        f.write(b"B" * 64)
-    assert (base / "model.safetensors").read_bytes() == b"A" * 4096
+        f.seek(-64, os.SEEK_END)
+        f.write(b"B" * 64)  # the last weights
+    assert (base / "model.safetensors").read_bytes() == original
     again = prepare.prepare_policy(params)
     assert not again.cached and again.key != first.key
-    assert (base / "model.safetensors").read_bytes()[:64] == b"B" * 64
+    assert (base / "model.safetensors").read_bytes()[-64:] == b"B" * 64
 
 
 def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once_share_one_copy(tmp_path):
