@@ -294,8 +294,8 @@ def _state_problem(prev_opt: Path) -> str | None:
     """Why the optimizer state in `prev_opt` cannot be used (None: it can)."""
     manifest = store.read_manifest(prev_opt)
     if manifest is None:
-        return ("not here (a local cache of the machine that ran the learner, which DVC does not version: "
-                "`dvc pull` restores the policies only)")
+        return ("not on disk (a local cache: a flow writes it every learn.state_every iterations and at its "
+                "end, and DVC does not version it, so `dvc pull` restores the policies only)")
     if manifest.pruned:
         return f"removed ({manifest.pruned})"
     problem = store.content_problem(prev_opt, manifest)

@@ -213,8 +213,8 @@ def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo
     # what a learn continuing the run here finds (it replays learn@0, learn@1 first: test_retention)
     from tasks import learn
 
-    with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not here \(a "
-                                               r"local cache of the machine that ran the learner"):
+    with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not on disk "
+                                               r"\(a local cache: .*`dvc pull` restores the policies only"):
         learn.previous_state(repo / RUN / "iter-0001/optimizer", 2, "learn@2")
 
 
