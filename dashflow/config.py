@@ -129,7 +129,7 @@ _BETAS = ((lambda v: isinstance(v, list) and len(v) == 2 and all(_num(0, 1, hi_o
 RULES: dict[str, tuple] = {
     "run.seed": _num(0, integer=True),
     "model.dtype": _choice("float32", "bfloat16", "float16"),
-    "model.checkpoint_dtype": _choice("bfloat16", "float32"),
+    "model.checkpoint_dtype": _choice(None, "bfloat16", "float32"),
     "sample.backend": _choice("hf", "vllm"),
     "sample.prompts_per_iteration": _num(1, integer=True),
     "sample.samples_per_prompt": _num(1, integer=True),

@@ -42,7 +42,7 @@ checkpoint is never replaced by a bad one.
 Inputs : iter-i/kept with kept/sampled.json (and iter-i/reference when the KL penalty is
          on; the prompts in SFT mode), the policy and optimizer state written by iteration
          i-1 (none before the first; a missing state is rebuilt first, see replay_state)
-Output : iter-i/policy/ (model.safetensors in model.checkpoint_dtype, config, tokenizer)
+Output : iter-i/policy/ (model.safetensors in the samplers' dtype, config, tokenizer)
          and iter-i/optimizer/ (optimizer.pt, AdamW's state, and with bfloat16 checkpoints
          master_low16.safetensors, the low 16 bits of every float32 master weight: policy +
          low bits = the learner's weights bit for bit). The optimizer state is needed only
@@ -202,7 +202,7 @@ def flush(params: Params) -> None:
         directory = params.layout.optimizer(iteration)
         if _state_problem(directory) is None and store.read_manifest(directory).key == key:
             continue
-        dtype = params["model"]["checkpoint_dtype"]
+        dtype = policy_mod.stored_dtype(params["model"])
         store.land_side(directory, main, lambda tmp: write_state(model, optimizer, tmp, dtype))
 
 
@@ -264,7 +264,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     inputs = {"policy": prev, **({"prompts": layout.base / "prompts"} if sft else {"kept": kept}),
               **({"reference": src} if with_kl and not sft else {})}
     slice_ = {"learn": {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}, "temperature": temperature,
-              "checkpoint_dtype": params["model"]["checkpoint_dtype"],
+              "checkpoint_dtype": policy_mod.stored_dtype(params["model"]),
               "max_new_tokens": sample_cfg["max_new_tokens"],
               "sampling": {k: sample_cfg.get(k) for k in ("top_k", "top_p")}}
     if cfg["lr_schedule"] != "constant" or cfg["warmup_steps"]:
@@ -553,10 +553,10 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         if rank > 0:
             return {}
 
-    low = policy_mod.save_policy(model, tokenizer, tmp, params["model"]["checkpoint_dtype"])
+    low = policy_mod.save_policy(model, tokenizer, tmp, policy_mod.stored_dtype(params["model"]))
     store.fault_point("mid-checkpoint", f"learn@{iteration}")
     if write_state_now:
-        write_state(model, optimizer, tmp / "optimizer", params["model"]["checkpoint_dtype"], low)
+        write_state(model, optimizer, tmp / "optimizer", policy_mod.stored_dtype(params["model"]), low)
     if world == 1:
         global _trained
         _trained = (model, optimizer)

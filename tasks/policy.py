@@ -7,9 +7,9 @@ saved as a plain float32 safetensors checkpoint in the cache directory
 ($DASHFLOW_CACHE, default ~/.cache/dashflow). Any other name is a local HF model
 directory or a hub id.
 
-Every policy checkpoint (the base and each iteration's) is stored in
-`model.checkpoint_dtype` (bfloat16 by default: what GPU samplers load, half the bytes of
-float32); the samplers compute in `model.dtype`. The learner's float32 master weights stay
+Every policy checkpoint (the base and each iteration's) is stored in the dtype the samplers
+load (`stored_dtype`: `model.checkpoint_dtype`, by default `model.dtype`'s -- bfloat16 on
+GPU, half the bytes of float32; float32 on this CPU, where bf16 is slower). The learner's float32 master weights stay
 exact across iterations: with bfloat16 checkpoints, the optimizer state keeps the low 16
 bits of every master weight (`split_master` / `join_master`), so policy + low bits are the
 float32 weights bit for bit, while the policy alone is those weights rounded to nearest.
@@ -153,6 +153,14 @@ def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
 
 
 LOW_BITS_FILE = "master_low16.safetensors"
+
+
+def stored_dtype(model_cfg: dict) -> str:
+    """The dtype policy checkpoints are stored in: `model.checkpoint_dtype`, or when null the
+    samplers' (`model.dtype`: bfloat16 stays bfloat16, anything else is stored as float32).
+    A sampler computing in float32 from bfloat16 checkpoints would sample a rounded policy
+    that lags the learner's (README "Checkpoints and disk")."""
+    return model_cfg.get("checkpoint_dtype") or ("bfloat16" if model_cfg.get("dtype") == "bfloat16" else "float32")
 
 
 def split_master(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,7 +86,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
     def build(tmp: Path) -> dict:
         source = policy_mod.resolve_model(model_cfg["name"])
         src = Path(source)
-        dtype = model_cfg["checkpoint_dtype"]
+        dtype = policy_mod.stored_dtype(model_cfg)
         if src.is_dir() and policy_mod.checkpoint_dtype(src) == dtype:
             # already a single-file safetensors checkpoint in the checkpoint dtype: the embedded
             # model's cache (never rewritten in place: a new conversion is a new directory) is

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_params
 from tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample, samplers, schema, store
+from tasks import policy as policy_mod
 from tasks.scaleout import FAULT_ENV
 
 
@@ -86,11 +87,16 @@ def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
     params = one_worker[0].with_overrides({"filter.threshold": 0.0})  # keep every row with a nonzero advantage
     for stage in (reward, advantage, filter_stage, reference):
         stage.run(params, 0)
+    def master() -> dict:  # the learner's float32 weights: the bfloat16 policy + the low bits
+        low = params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE
+        model = policy_mod.load_master(params.layout.policy(0), low if low.exists() else None, torch.device("cpu"))
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
+
     one = learn.run(params, 0)
-    w1 = load_file(params.layout.policy(0) / "model.safetensors")
-    base = load_file(params.layout.policy(-1) / "model.safetensors")
+    w1 = master()
+    base = {k: v.float() for k, v in load_file(params.layout.policy(-1) / "model.safetensors").items()}
     two = learn.run(params.with_overrides({"learn.launcher": "torchrun", "learn.nproc": 2}), 0, force=True)
-    w2 = load_file(params.layout.policy(0) / "model.safetensors")
+    w2 = master()
     assert two.key == one.key and one.stats["updated"] and one.stats["rows"] >= 2
     for name in ("loss", "grad_norm", "entropy"):
         assert math.isclose(one.stats[name], two.stats[name], rel_tol=1e-5), (name, one.stats[name], two.stats[name])

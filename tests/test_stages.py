@@ -114,26 +114,48 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     out = params.layout.policy(0)
     assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
     assert learn.OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
-    # the AdamW state and the master weights' low bits land in their own output, same stage key
+    # the AdamW state lands in its own output, same stage key; the policy is stored in the
+    # samplers' dtype (float32 here), so it is the learner's weights themselves
     opt = store.read_manifest(params.layout.optimizer(0))
-    assert opt.key == m["learn"].key and list(opt.outputs) == [policy_mod.LOW_BITS_FILE, learn.OPTIMIZER_FILE]
+    assert opt.key == m["learn"].key and list(opt.outputs) == [learn.OPTIMIZER_FILE]
     assert all("xxh128" in info for info in opt.outputs.values())            # not DVC's: a fast digest
     assert all("md5" in info for info in m["learn"].outputs.values())         # DVC's, handed to it
-    # the policy is bfloat16 (half the bytes of the float32 weights); policy + low bits are the
-    # learner's float32 weights, which round (to nearest, ties away) back to the policy
-    assert policy_mod.checkpoint_dtype(out) == "bfloat16"
-    master = policy_mod.load_master(out, params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu"))
-    stored = load_file(out / "model.safetensors")
-    named = dict(master.named_parameters())
-    assert all(torch.equal(policy_mod.split_master(named[k])[0].view(torch.int16), stored[k].view(torch.int16))
-               for k in named)
-    moved = sum(int((named[k] != stored[k].float()).sum()) for k in named)
-    assert moved > 0.9 * sum(v.numel() for v in named.values())  # the low bits carry information
+    assert policy_mod.checkpoint_dtype(out) == "float32"
     state = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
     assert len(state["state"]) == sum(1 for _ in AutoModelForCausalLM.from_pretrained(out).parameters()) \
         or not m["learn"].stats["updated"]
     if m["filter"].stats["rows_kept"]:
         assert m["learn"].stats["updated"] is True
+
+
+def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_path):
+    """model.checkpoint_dtype: bfloat16 -- the policy is the float32 weights rounded to nearest
+    (ties away); the optimizer state keeps their low 16 bits; policy + low bits are the
+    float32 weights the learner computed, bit for bit."""
+    from conftest import fork_run
+
+    src, _ = run0
+    params = tiny_params(tmp_path, **{"filter.threshold": 0.0, "model.checkpoint_dtype": "bfloat16"})
+    fork_run(src, params, iteration_stages=("sample", "reward", "advantage"))
+    for stage in (filter_stage, reference):
+        stage.run(params, 0)
+    # the same update, once stored in float32 (the master weights themselves) and once in bfloat16
+    full = learn.run(params.with_overrides({"model.checkpoint_dtype": "float32"}), 0)
+    exact = {k: v.clone() for k, v in load_file(params.layout.policy(0) / "model.safetensors").items()}
+    half = learn.run(params, 0)
+    assert half.key != full.key and half.stats["loss"] == full.stats["loss"]
+    out = params.layout.policy(0)
+    assert policy_mod.checkpoint_dtype(out) == "bfloat16"
+    assert list(store.read_manifest(params.layout.optimizer(0)).outputs) == [policy_mod.LOW_BITS_FILE,
+                                                                             learn.OPTIMIZER_FILE]
+    stored = load_file(out / "model.safetensors")
+    master = policy_mod.load_master(out, params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu"))
+    named = dict(master.named_parameters())
+    assert all(torch.equal(named[k].detach().view(torch.int32), exact[k].view(torch.int32)) for k in named)
+    assert all(torch.equal(policy_mod.split_master(named[k].detach())[0].view(torch.int16),
+                           stored[k].view(torch.int16)) for k in named)
+    moved = sum(int((named[k].detach() != stored[k].float()).sum()) for k in named)
+    assert moved > 0.9 * sum(v.numel() for v in named.values())  # the low bits carry information
 
 
 def _policy_logprob(model, prompt_ids, completion_ids):
