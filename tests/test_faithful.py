@@ -163,8 +163,13 @@ def test_bf16_mixed_at_lr_3e_6_moves_the_weights(rollouts, tmp_path):
     m, new = _learn_variant(rollouts, tmp_path, "bf16", threshold=0.1, **{
         "model.dtype": "bfloat16", "learn.precision": "bf16-mixed", "learn.lr": 3e-6})
     base = load_file(rollouts.layout.policy(-1) / "model.safetensors")
-    moved = sum(int((new[k] != base[k]).sum()) for k in base) / sum(v.numel() for v in base.values())
-    assert m.stats["precision"] == "bf16-mixed" and new["model.embed_tokens.weight"].dtype == torch.float32
+    # the policy is stored in the samplers' dtype (bfloat16); the learner's float32 weights are
+    # the policy plus the low bits the optimizer state keeps
+    layout = tiny_params(tmp_path, "bf16").layout
+    assert m.stats["precision"] == "bf16-mixed" and new["model.embed_tokens.weight"].dtype == torch.bfloat16
+    master = {k: v.detach() for k, v in policy_mod.load_master(
+        layout.policy(0), layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu")).named_parameters()}
+    moved = sum(int((master[k] != base[k]).sum()) for k in master) / sum(v.numel() for v in master.values())
     assert moved > 0.5, moved
 
 
