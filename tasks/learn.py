@@ -217,10 +217,17 @@ def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: d
         save_file(low, directory / policy_mod.LOW_BITS_FILE)
 
 
-def _take_held(prev: Path) -> tuple | None:
-    """The model and optimizer learn@i-1 left in memory, if they are the ones `prev` records."""
+def _held_key(prev: Path) -> str | None:
+    """The key under which learn@i-1 left its model and optimizer in memory, if they are the
+    ones `prev` records."""
     found = store.read_manifest(prev)
-    held = _held.pop(found.key, None) if found is not None and not found.pruned else None
+    return found.key if found is not None and not found.pruned and found.key in _held else None
+
+
+def _take_held(prev: Path) -> tuple | None:
+    """The model and optimizer learn@i-1 left in memory (see _held_key); nothing stays held."""
+    key = _held_key(prev)
+    held = _held.pop(key) if key is not None else None
     _held.clear()
     return held
 
@@ -252,7 +259,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     write = not _holding or torchrun or (iteration + 1) % every == 0 or iteration >= params.iterations - 1
 
     def build(tmp: Path) -> dict:
-        if not (_holding and not torchrun and _take_held_peek(prev)):
+        if not (_holding and not torchrun and _held_key(prev)):
             replay_state(params, iteration)
         if torchrun:
             return launch_torchrun(params, iteration, tmp, nproc)
@@ -283,11 +290,6 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         _held[manifest.key] = (*_trained, iteration)
     _trained = None
     return manifest
-
-
-def _take_held_peek(prev: Path) -> bool:
-    found = store.read_manifest(prev)
-    return found is not None and found.key in _held
 
 
 def _state_problem(prev_opt: Path) -> str | None:
