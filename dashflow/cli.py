@@ -21,10 +21,15 @@ def _overrides(items: Optional[List[str]]) -> dict:
     return dict(_parse_override(i) for i in items or [])
 
 
-def _sigterm_as_interrupt() -> None:
-    """`kill` (SIGTERM) ends the command the way Ctrl-C does, so exit handlers run: Prefect's
-    temporary server (a uvicorn child) is stopped instead of left running with parent 1."""
+def _own_processes() -> None:
+    """`kill` (SIGTERM) ends the command the way Ctrl-C does, so exit handlers run (Prefect's
+    temporary server, a local Ray cluster are stopped); whatever they leave, and everything
+    the command started when it is killed with SIGKILL, is stopped by a guard (dashflow/reaper.py)."""
     import signal
+
+    from dashflow import reaper
+
+    reaper.watch()
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -51,7 +56,7 @@ def run(
                                                                "resumes; what is evaluated stays the schedule's)"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
-    _sigterm_as_interrupt()
+    _own_processes()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     if verify:
         os.environ["DASHFLOW_VERIFY"] = "1"
@@ -112,6 +117,7 @@ def stage(
 
     if name not in STAGES:
         _fail(ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}"))
+    _own_processes()
     import importlib
 
     module = importlib.import_module(f"tasks.{name}")

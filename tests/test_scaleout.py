@@ -5,7 +5,9 @@ torch.distributed ranks (gloo), and the vLLM backend's output conversion where v
 from __future__ import annotations
 
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +82,37 @@ def test_a_killed_worker_is_retried_and_the_output_is_complete(prefect_server, o
     assert sorted(p.name for p in params.layout.stage_dir("sample", 0).iterdir()) == sorted(
         ["part-00000.parquet", "part-00001.parquet", store.MANIFEST])
     _assert_same_rows(_rows(params), _rows(one_worker[0]))
+
+
+def _call_gcs_without_token(job) -> tuple[str, str]:
+    """Run on a Ray worker: what the local cluster's GCS answers a caller without the token
+    (anyone on the network: Ray binds it to the machine's address, not loopback)."""
+    import grpc
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    try:
+        grpc.insecure_channel(address).unary_unary("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo")(b"", timeout=10)
+        return address, "answered"
+    except grpc.RpcError as exc:
+        return address, exc.code().name
+
+
+@pytest.mark.slow
+def test_the_local_ray_cluster_refuses_a_caller_without_its_token(prefect_server, monkeypatch):
+    import types
+
+    from tasks import scaleout
+
+    # the cluster's workers import this file to run the probe
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(RuntimeError, match="RAY_AUTH_MODE=disabled would start a local Ray cluster without"):
+        scaleout.map_on_ray(_call_gcs_without_token, [types.SimpleNamespace(label="0")], name="probe")
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    [(address, answer)] = scaleout.map_on_ray(_call_gcs_without_token, [types.SimpleNamespace(label="0")],
+                                              name="probe")
+    assert answer == "UNAUTHENTICATED", address
 
 
 @pytest.mark.slow
