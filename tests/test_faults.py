@@ -287,3 +287,32 @@ def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp
     assert second.returncode == 1 and "another dashflow run is using" in second.stderr, second.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+_PARENT = """
+import subprocess, sys, time
+from dashflow import reaper
+guard = reaper.watch()
+child = subprocess.Popen(["sleep", "300"], start_new_session=True)   # escapes the process group
+print(guard.pid, child.pid, flush=True)
+if sys.argv[1] == "exit":
+    child.kill(); child.wait()
+else:
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill-9", "exit"])
+def test_the_guard_stops_what_a_killed_command_started_and_exits_with_it(how):
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT, how], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    guard, child = map(int, proc.stdout.readline().split())
+    time.sleep(1.5)   # the guard has looked at least once
+    if how == "kill-9":
+        assert _alive(child)
+        proc.kill()
+    proc.wait(30)
+    deadline = time.time() + 15
+    while (_alive(child) or _alive(guard)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child) and not _alive(guard)
