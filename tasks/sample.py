@@ -100,7 +100,7 @@ def sample_shards(job: ShardJob) -> dict:
                    finish_reason=comp.finish_reason,
                    completion=tokenizer.decode(comp.token_ids, skip_special_tokens=True))
     for k in sorted(todo):
-        scaleout.fault_point(job.label, k, out)
+        store.fault_point("worker-shard", f"{job.label.split()[0]}:{k}", once_in=out)
         table = pa.Table.from_pylist(todo[k], schema=schema.ROLLOUTS)
         store.write_shard(out, k, table, schema.ROLLOUTS, stage=job.label)   # atomic: whole or absent
     stats.update(rows=len(rows), generated_tokens=sum(len(c.token_ids) for c in completions),

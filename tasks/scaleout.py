@@ -28,12 +28,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 from pathlib import Path
 from typing import Any, Callable, Sequence
-
-FAULT_ENV = "DASHFLOW_FAULT_KILL"
-
 
 def _local_cluster_auth(name: str) -> None:
     """Token authentication for the local cluster this process starts (see the module doc)."""
@@ -79,16 +75,3 @@ def map_on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], *, name: str, addr
 
     return fan_out()
 
-
-def fault_point(label: str, shard: int, out_dir: Path) -> None:
-    """Fault injection for the worker-failure test: with DASHFLOW_FAULT_KILL=STAGE:SHARD
-    (e.g. sample@0:1) the process about to write that shard kills itself with SIGKILL,
-    once per output directory. Does nothing when the variable is unset."""
-    target = os.environ.get(FAULT_ENV)
-    if not target or target != f"{label.split()[0]}:{shard}":
-        return
-    marker = Path(out_dir) / f".fault-killed-{shard}"
-    if marker.exists():
-        return
-    marker.touch()
-    os.kill(os.getpid(), signal.SIGKILL)

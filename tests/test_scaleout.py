@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from conftest import tiny_params
 from tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample, samplers, schema, store
 from tasks import policy as policy_mod
-from tasks.scaleout import FAULT_ENV
 
 
 def test_seeded_sampling_draws_from_the_processed_distribution():
@@ -73,11 +72,14 @@ def test_two_ray_workers_sample_the_same_rows_as_one(prefect_server, one_worker,
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_retried_and_the_output_is_complete(prefect_server, one_worker, tmp_path, monkeypatch):
+def test_a_killed_worker_is_retried_and_the_output_is_complete(prefect_server, one_worker, tmp_path, monkeypatch,
+                                                               capfd):
     # the Ray worker about to write shard 1 SIGKILLs itself once; Ray runs its job again
-    monkeypatch.setenv(FAULT_ENV, "sample@0:1")
+    monkeypatch.setenv(store.FAULT_ENV, "worker-shard@sample@0:1")
     params = _two_workers(one_worker, tmp_path, "killed")
     manifest = sample.run(params, 0)
+    out = capfd.readouterr()
+    assert "a worker died or was killed" in (out.out + out.err).lower()          # Ray saw the kill and retried
     assert list(manifest.outputs) == ["part-00000.parquet", "part-00001.parquet"]   # no partial or marker files
     assert sorted(p.name for p in params.layout.stage_dir("sample", 0).iterdir()) == sorted(
         ["part-00000.parquet", "part-00001.parquet", store.MANIFEST])
