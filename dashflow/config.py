@@ -173,6 +173,7 @@ RULES: dict[str, tuple] = {
     "learn.launcher": _choice("local", "torchrun"),
     "learn.nproc": _num(1, integer=True),
     "learn.state_every": _num(1, integer=True),
+    "dvc.commit_every": _num(1, integer=True),
     "evaluate.num_prompts": _num(1, integer=True),
     "evaluate.max_new_tokens": _num(1, integer=True),
     "evaluate.samples": _num(0, integer=True),

@@ -140,6 +140,7 @@ def apply(params: Params, done: int, recorder=None) -> list[tuple[Path, int]]:
         store.write_pruned_record(directory, why)
     versioned = [d for d, _ in doomed if d not in optimizers]
     if recorded and versioned:
+        recorder.flush()  # the removed outputs must be in dvc.lock first
         recorder.evict(versioned, push=rule.dvc == "remote")
     for directory, _ in doomed:
         if directory in optimizers or not recorded:

@@ -99,8 +99,9 @@ class Recorder:
     def flush(self) -> None:
         """Commit the queued stages to dvc.lock in one locked DVC operation (one lock-file
         write: rewriting dvc.lock costs ~0.5 s per write once a run has many stages).
-        The flow flushes after each iteration; stages of an iteration a crash interrupted
-        are committed by the next run, which passes every stage through here again."""
+        The flow flushes every dvc.commit_every iterations and when it ends, stops or fails;
+        stages a kill left uncommitted are committed by the next run, which passes every
+        stage (cached ones too) through here again."""
         if not self.enabled or not self.pending:
             return
         targets, self.pending = self.pending, []
@@ -154,7 +155,8 @@ def _commit(repo, targets: list[str]) -> None:
             # (and DVC's run cache, which hashes deps and outputs, records complete stages only)
             stage.save(allow_missing=True, run_cache=all(x.exists for x in stage.deps + stage.outs))
             stage.commit(allow_missing=True)
-        store.fault_point("mid-dvc-commit", targets[0])  # the cache holds the outputs, dvc.lock does not yet
+        for target in targets:  # the cache holds the outputs, dvc.lock does not yet
+            store.fault_point("mid-dvc-commit", target)
         if stages:
             stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
 

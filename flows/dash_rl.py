@@ -89,31 +89,35 @@ def dash_rl(
             tracking.log_eval(params, -1, dvc(evaluate_task(params, -1, force=force("evaluate", -1)))["stats"])
         dvc.flush()
         history = []
-        for i in range(n if until is None else min(n, until + 1)):
-            started = time.perf_counter()
-            ran = [
-                dvc(sample_task(params, i, force=force("sample", i))),
-                dvc(reward_task(params, i, force=force("reward", i))),
-                dvc(advantage_task(params, i, force=force("advantage", i))),
-                dvc(filter_task(params, i, force=force("filter", i))),
-                # the frozen base model scores the kept rows (an empty output when KL is off)
-                dvc(reference_task(params, i, force=force("reference", i))),
-                dvc(learn_task(params, i, force=force("learn", i))),
-            ]
-            dvc.flush()  # the iteration's stages into dvc.lock (counted in its orchestration time)
-            fresh = not any(r["cached"] for r in ran)
-            wall = time.perf_counter() - started
-            if params.evaluated(i):
-                dvc(evaluate_task(params, i, force=force("evaluate", i)))
-            row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
-            history.append(row)
-            print_iteration(row, cached=all(r["cached"] for r in ran))
-            if keep.active:
-                dvc.flush()  # removed outputs must be in dvc.lock first
-                removed = retention.apply(params, i, dvc)
-                if removed:
-                    print(retention.describe(removed, params.layout.root, keep, dvc))
-        dvc.flush()
+        commit_every = int(params["dvc"].get("commit_every") or 1)
+        # dvc.lock every dvc.commit_every iterations, and whatever an end, a stop or a failure left queued
+        try:
+            for i in range(n if until is None else min(n, until + 1)):
+                started = time.perf_counter()
+                ran = [
+                    dvc(sample_task(params, i, force=force("sample", i))),
+                    dvc(reward_task(params, i, force=force("reward", i))),
+                    dvc(advantage_task(params, i, force=force("advantage", i))),
+                    dvc(filter_task(params, i, force=force("filter", i))),
+                    # the frozen base model scores the kept rows (an empty output when KL is off)
+                    dvc(reference_task(params, i, force=force("reference", i))),
+                    dvc(learn_task(params, i, force=force("learn", i))),
+                ]
+                if (i + 1) % commit_every == 0:
+                    dvc.flush()  # the iterations' stages into dvc.lock (counted in the orchestration time)
+                fresh = not any(r["cached"] for r in ran)
+                wall = time.perf_counter() - started
+                if params.evaluated(i):
+                    dvc(evaluate_task(params, i, force=force("evaluate", i)))
+                row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
+                history.append(row)
+                print_iteration(row, cached=all(r["cached"] for r in ran))
+                if keep.active:
+                    removed = retention.apply(params, i, dvc)
+                    if removed:
+                        print(retention.describe(removed, params.layout.root, keep, dvc))
+        finally:
+            dvc.flush()
         summary = metrics.run_summary(params, history)
         summary["report"] = report_task(params.layout.root)
         print_summary(summary)

@@ -288,6 +288,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     if _holding and _trained is not None:
         _held.clear()
         _held[manifest.key] = (*_trained, iteration)
+        if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"]:
+            # evaluate@i and sample@i+1 sample these weights without reading them back
+            policy_mod.offer_inference_model(layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"])
     _trained = None
     return manifest
 
@@ -412,6 +415,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                          filter_stage.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
+    policy_mod.release_inference_model()  # the held model may be serving as one; from here on it trains
     held = _take_held(prev) if world == 1 else None
     if held is not None:  # learn@i-1 of this flow left its model and AdamW state in memory
         model, optimizer, _ = held

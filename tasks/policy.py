@@ -17,6 +17,8 @@ float32 weights bit for bit, while the policy alone is those weights rounded to 
 
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import os
 import shutil
@@ -134,22 +136,79 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+# Loaded once per process (a flow runs every stage in one): tokenizers by the bytes of their
+# files (every policy directory holds the same ones), and one inference model by its files'
+# identity (path, inode, size, mtime_ns: a checkpoint lands by rename and is never written in
+# place). Sampling, evaluation and reference scoring never change weights, so evaluate@i and
+# sample@i+1 share policy@i, and learn@i hands over the float32 weights it has just written
+# (offer_inference_model) instead of a reload. Learn releases the model before it trains.
+_tokenizers: dict[str, object] = {}
+_inference: dict[tuple, object] = {}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+
+def load_tokenizer(path: str | Path):
+    """The policy's tokenizer (left padding; pad = eos where it has none), shared in the process
+    with every directory whose tokenizer files hold the same bytes; treat it as read-only."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith(("_", "."))
+                   and not p.name.endswith(_WEIGHT_SUFFIXES)) if Path(path).is_dir() else []
+    digest = hashlib.md5()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    key = digest.hexdigest() if files else f"name:{path}"
+    if key not in _tokenizers:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        _tokenizers[key] = tok
+    return _tokenizers[key]
 
 
 def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
+    """A fresh model of its own (the learner trains it)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model.to(device)
+
+
+def _files_identity(path: str | Path) -> tuple:
+    directory = Path(path).resolve()
+    return (str(directory), tuple(sorted((f.name, st.st_ino, st.st_size, st.st_mtime_ns)
+                                         for f in directory.iterdir() if f.is_file() for st in [f.stat()])))
+
+
+def inference_model(path: str | Path, device: torch.device, dtype: str = "float32"):
+    """The policy at `path` for sampling or scoring only (eval mode; callers run it under
+    no_grad and never change its weights): the process keeps the last one (see above)."""
+    key = (_files_identity(path), str(device), dtype)
+    if key not in _inference:
+        release_inference_model()  # one at a time: never two policies in (GPU) memory
+        _inference[key] = load_model(path, device, dtype).eval()
+    return _inference[key]
+
+
+def offer_inference_model(path: str | Path, model, dtype: str) -> bool:
+    """learn@i, after policy@i landed at `path`: its in-memory model as that policy's inference
+    model, where it is bit for bit what the file holds (the file written from these float32
+    weights, samplers computing in float32); the learner takes it back (release) before its
+    next step. Returns whether it was taken."""
+    params = list(model.parameters())
+    if dtype != "float32" or any(p.dtype != torch.float32 for p in params) or getattr(model, "is_gradient_checkpointing", False):
+        return False
+    release_inference_model()
+    _inference[(_files_identity(path), str(params[0].device), dtype)] = model
+    return True
+
+
+def release_inference_model() -> None:
+    _inference.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 LOW_BITS_FILE = "master_low16.safetensors"

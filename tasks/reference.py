@@ -41,7 +41,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         if not on:
             return {"stats": {"rows": 0, "skipped": "learn.kl_coef is 0: no KL penalty, no reference log-probs"}}
         t0 = time.perf_counter()
-        model = policy_mod.load_model(ref_dir, policy_mod.pick_device(params["run"]["device"]), params["model"]["dtype"])
+        model = policy_mod.inference_model(ref_dir, policy_mod.pick_device(params["run"]["device"]), params["model"]["dtype"])
         pad_id = policy_mod.load_tokenizer(ref_dir).pad_token_id
         t1 = time.perf_counter()
         rows = 0

@@ -96,9 +96,11 @@ class HFSampler:
         from transformers import GenerationConfig
 
         # only our own processor: none of the checkpoint's generation_config (repetition
-        # penalty, top_k, ...) may reach the distribution we sample from
-        model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
-                                                   eos_token_id=sorted(set(stop_ids)), pad_token_id=tokenizer.pad_token_id)
+        # penalty, top_k, ...) may reach the distribution we sample from; transformers fills
+        # what a passed config leaves unset from model.generation_config, so ours stands in
+        # for it during generate (and the model, possibly the learner's, is left as it was)
+        self.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                                  eos_token_id=sorted(set(stop_ids)), pad_token_id=tokenizer.pad_token_id)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
@@ -118,6 +120,14 @@ class HFSampler:
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, top_k=0, greedy=False, desc="sample",
                  request_ids=None):
+        own, self.model.generation_config = self.model.generation_config, self.generation_config
+        try:
+            return self._generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed, top_k=top_k, greedy=greedy, desc=desc, request_ids=request_ids)
+        finally:
+            self.model.generation_config = own
+
+    def _generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, top_k, greedy, desc, request_ids):
         from transformers import LogitsProcessorList
 
         device = next(self.model.parameters()).device
@@ -208,11 +218,11 @@ class VLLMSampler:
 def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: str, token_budget: int,
                  max_batch_size: int, group_size: int | None = None, tensor_parallel: int = 1) -> tuple[Sampler, object]:
     """(sampler, tokenizer) for the policy checkpoint at model_path."""
-    from tasks.policy import load_model, load_tokenizer, stop_token_ids
+    from tasks.policy import inference_model, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(model_path)
     if backend == "hf":
-        model = load_model(model_path, device, dtype)
+        model = inference_model(model_path, device, dtype)
         return HFSampler(model, tokenizer, stop_token_ids(tokenizer, model.generation_config),
                          token_budget=token_budget, max_batch_size=max_batch_size,
                          group_size=group_size), tokenizer

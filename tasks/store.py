@@ -276,7 +276,7 @@ def fault_point(point: str, label: str, *, once_in: Path | None = None) -> None:
     old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not),
     mid-retention (an output's manifest removed, its files not; the label is
     `iter-0000/optimizer`), mid-dvc-commit (dashflow/versioning.py: an iteration's md5s
-    handed to DVC, dvc.lock not yet written; the label is the first stage committed),
+    handed to DVC, dvc.lock not yet written; the label is any stage in that commit),
     worker-shard (a sampling worker about to write shard K; the label is `sample@0:K`).
     With `once_in` the kill happens once per that directory (a marker file remembers it), so
     the retried worker gets through. Does nothing when the variable is unset."""

@@ -141,19 +141,37 @@ def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
     assert (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).samefile(weights)
 
 
-def test_sigkill_mid_dvc_commit_then_the_rerun_records_the_same_lock(repo, prefect_server):
-    """The flow killed (SIGKILL) inside a DVC commit -- the iteration's outputs in DVC's cache,
-    dvc.lock not yet written: the rerun records them and the lock is the uninterrupted one."""
+@pytest.mark.parametrize("every, fault, committed, not_yet", [
+    # killed inside a commit: the iteration's outputs in DVC's cache, dvc.lock not yet written
+    (1, "mid-dvc-commit@sample@1", "learn@0", "sample@1"),
+    # killed between commits, as sample@1 is found finished (dvc.commit_every 4: nothing of
+    # iterations 0-1 is committed before the run ends)
+    (4, None, "evaluate@base", "learn@0"),
+], ids=["mid-commit", "between-commits"])
+def test_sigkill_then_the_rerun_records_the_same_lock(repo, prefect_server, every, fault, committed, not_yet):
+    """The flow killed (SIGKILL) inside a DVC commit or between two: the rerun records what
+    the killed run finished and the lock is the uninterrupted one."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     (repo / "dvc.lock").unlink()
     env = dict(_env(), PREFECT_API_URL=prefect_server)  # the session's server: no temporary one to orphan
-    command = [sys.executable, "-m", "dashflow.cli", "run"]
-    killed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
-                            env=dict(env, DASHFLOW_FAULT="mid-dvc-commit@sample@1"))
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    command = [sys.executable, "-m", "dashflow.cli", "run", "--set", f"dvc.commit_every={every}"]
+    if fault:
+        killed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
+                                env=dict(env, DASHFLOW_FAULT=fault))
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    else:
+        proc = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "Task run 'sample[iter=1]' - Finished" in line:
+                proc.kill()
+                break
+        assert proc.wait(60) == -signal.SIGKILL, "".join(seen)
     partial = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert "learn@0" in partial and "sample@1" not in partial
-    assert "sample@1" in json.loads(dvc(repo, "status", "--json").stdout)
+    assert committed in partial and not_yet not in partial
+    assert not_yet in json.loads(dvc(repo, "status", "--json").stdout)
     rerun = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert yaml.safe_load((repo / "dvc.lock").read_text()) == lock

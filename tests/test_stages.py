@@ -350,3 +350,55 @@ def test_sft_learns_the_reference_solutions(tmp_path, run0):
     nll = [-_policy_logprob(AutoModelForCausalLM.from_pretrained(params.layout.policy(i)), prompt, target)
            for i in (-1, 0)]
     assert nll[1] < nll[0], nll
+
+
+def test_a_policy_is_loaded_once_per_process_and_a_new_landing_is_loaded_again(run0, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    params, _ = run0
+    base, cpu = params.layout.policy(-1), torch.device("cpu")
+    first = policy_mod.inference_model(base, cpu, "float32")
+    assert policy_mod.inference_model(base, cpu, "float32") is first
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    assert policy_mod.load_tokenizer(copy) is policy_mod.load_tokenizer(base)     # the same bytes: one tokenizer
+    other = policy_mod.inference_model(copy, cpu, "float32")
+    assert other is not first                                                      # another checkpoint: its own
+    # a new landing (written beside, renamed over): loaded again, with the new weights
+    tensors = load_file(copy / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+    save_file(tensors, copy / ".new.safetensors", metadata={"format": "pt"})
+    os.replace(copy / ".new.safetensors", copy / "model.safetensors")
+    again = policy_mod.inference_model(copy, cpu, "float32")
+    assert again is not other and torch.equal(again.state_dict()["model.norm.weight"], tensors["model.norm.weight"])
+    (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text().replace("}", ' }', 1))
+    assert policy_mod.load_tokenizer(copy) is not policy_mod.load_tokenizer(base)  # other bytes: another tokenizer
+    policy_mod.release_inference_model()
+
+
+def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_holds(run0, tmp_path):
+    from tasks import samplers
+
+    params = tiny_params(tmp_path / "runs")
+    fork_run(run0[0], params)
+    with learn.holding(params):
+        learn.run(params, 0)
+        held = next(iter(learn._held.values()))[0]
+        served = policy_mod.inference_model(params.layout.policy(0), torch.device("cpu"), "float32")
+        assert served is held                                     # no second copy, no read of the file
+        gen_config = held.generation_config.to_dict()
+
+        def complete(model):
+            tokenizer = policy_mod.load_tokenizer(params.layout.policy(0))
+            sampler = samplers.HFSampler(model, tokenizer, [tokenizer.eos_token_id], token_budget=4096, max_batch_size=8)
+            out = sampler.generate([[1, 2, 3], [4, 5]], max_new_tokens=6, temperature=1.0, top_p=1.0, seed=7)
+            return [(c.token_ids, c.logprobs) for c in out]
+
+        from_memory = complete(served)
+        assert held.generation_config.to_dict() == gen_config   # sampling left the learner's model as it was
+    from_file = complete(policy_mod.load_model(params.layout.policy(0), torch.device("cpu"), "float32"))
+    assert from_memory == from_file
+    policy_mod.release_inference_model()
