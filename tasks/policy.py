@@ -17,8 +17,8 @@ float32 weights bit for bit, while the policy alone is those weights rounded to 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+
 import logging
 import os
 import shutil
@@ -245,35 +245,6 @@ def join_master(policy: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).view(torch.float32).view(policy.shape)
 
 
-_HASHED_WRITE_MAX = 4 << 30  # larger shards: transformers' own writer, then one read to hash
-
-
-@contextlib.contextmanager
-def _hashed_weight_writes():
-    """While saving a checkpoint, transformers' safetensors writes go through
-    store.write_hashed: the same bytes, md5 taken as they are written, so the landing stage
-    does not read the weights back to hash them (tasks/store.py file_digest). transformers
-    still decides what is written (tied weights, shards, metadata); only the writer changes.
-    Shards over 4 GiB keep transformers' writer (write_hashed holds a shard in memory)."""
-    import transformers.modeling_utils as mu
-    from safetensors.torch import save as to_bytes
-
-    from tasks import store
-
-    original = mu.safe_save_file
-
-    def write(tensors, filename, metadata=None):
-        if sum(t.numel() * t.element_size() for t in tensors.values()) > _HASHED_WRITE_MAX:
-            return original(tensors, filename, metadata=metadata)
-        store.write_hashed(Path(filename), to_bytes(tensors, metadata=metadata), "md5")
-
-    mu.safe_save_file = write
-    try:
-        yield
-    finally:
-        mu.safe_save_file = original
-
-
 def save_policy(model, tokenizer, out: Path, dtype: str) -> dict[str, torch.Tensor] | None:
     """Write `model` (float32 master weights) as a policy checkpoint in `dtype` into `out`.
     Returns the low bits of every master weight by parameter name when rounding loses them
@@ -290,13 +261,11 @@ def save_policy(model, tokenizer, out: Path, dtype: str) -> dict[str, torch.Tens
         saved_dtype = model.config.dtype
         model.config.dtype = torch.bfloat16
         try:
-            with _hashed_weight_writes():
-                model.save_pretrained(out, state_dict=state)
+            model.save_pretrained(out, state_dict=state)
         finally:
             model.config.dtype = saved_dtype
     elif dtype == "float32":
-        with _hashed_weight_writes():
-            model.save_pretrained(out)
+        model.save_pretrained(out)
     else:
         raise ValueError(f"model.checkpoint_dtype must be bfloat16 or float32, not {dtype!r}")
     tokenizer.save_pretrained(out)

@@ -140,50 +140,12 @@ def require_output(directory: Path, *, needed_by: str) -> Manifest:
 DIGESTS = {"md5": hashlib.md5, "xxh128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
-# digests taken of bytes as they were written (write_hashed), by the file's identity: a file
-# this process wrote and nobody changed since is not read again to be hashed
-_written: dict[tuple, str] = {}
-
-
-def _identity(st: os.stat_result, algo: str) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, algo)
-
-
 def file_digest(path: Path, algo: str = "md5") -> str:
-    known = _written.get(_identity(os.stat(path), algo))
-    if known is not None:
-        return known
     h = DIGESTS[algo]()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_hashed(path: Path, data, algo: str = "md5") -> str:
-    """Write `data` (bytes) to `path`, fsynced, hashing the same bytes at the same time on a
-    second thread (hashlib and the write both release the GIL): a large checkpoint costs
-    max(write, hash) instead of write + read back + hash. file_digest(path) then returns
-    the digest without reading the file, while its size, mtime and inode are unchanged."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    view = memoryview(data)
-
-    def digest() -> str:
-        h = DIGESTS[algo]()
-        for start in range(0, len(view), 1 << 24):
-            h.update(view[start:start + (1 << 24)])
-        return h.hexdigest()
-
-    with ThreadPoolExecutor(1) as pool:
-        hashed = pool.submit(digest)
-        with open(path, "wb") as f:
-            f.write(view)
-            f.flush()
-            os.fsync(f.fileno())
-        value = hashed.result()
-    _written[_identity(os.stat(path), algo)] = value
-    return value
 
 
 def file_sha256(path: Path) -> str:

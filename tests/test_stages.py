@@ -402,24 +402,3 @@ def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_h
     from_file = complete(policy_mod.load_model(params.layout.policy(0), torch.device("cpu"), "float32"))
     assert from_memory == from_file
     policy_mod.release_inference_model()
-
-
-def test_a_checkpoint_is_hashed_as_it_is_written_and_holds_transformers_bytes(run0, tmp_path):
-    import hashlib
-
-    params, _ = run0
-    model = policy_mod.load_model(params.layout.policy(-1), torch.device("cpu"), "float32")
-    tokenizer = policy_mod.load_tokenizer(params.layout.policy(-1))
-    policy_mod.save_policy(model, tokenizer, tmp_path / "ours", "float32")
-    model.save_pretrained(tmp_path / "theirs")                 # transformers' own writer
-    ours, theirs = (tmp_path / "ours" / "model.safetensors").read_bytes(), (tmp_path / "theirs" / "model.safetensors").read_bytes()
-    assert ours == theirs
-    st = (tmp_path / "ours" / "model.safetensors").stat()
-    assert store._written[(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, "md5")] == hashlib.md5(ours).hexdigest()
-    assert store.file_digest(tmp_path / "ours" / "model.safetensors") == hashlib.md5(ours).hexdigest()
-    # a file changed after it was written is read and hashed again
-    with open(tmp_path / "ours" / "model.safetensors", "r+b") as f:
-        f.seek(-8, 2)
-        f.write(b"\x00" * 8)
-    assert store.file_digest(tmp_path / "ours" / "model.safetensors") == \
-        hashlib.md5((tmp_path / "ours" / "model.safetensors").read_bytes()).hexdigest() != hashlib.md5(ours).hexdigest()
