@@ -148,6 +148,8 @@ BAD_PARAMETERS = [
     ("learn.betas", "[0.9]", "learn.betas = [0.9] is not allowed: expected a list of two numbers in [0, 1)"),
     ("filter.enabled", "'yes'", "filter.enabled = 'yes' is not allowed: expected true or false"),
     ("learn@2.lr", "-1", "learn@2.lr = -1 is not allowed: expected a finite number > 0"),
+    ("dvc.commit_every", "0", "dvc.commit_every = 0 is not allowed: expected an integer >= 1"),
+    ("learn.state_every", "0", "learn.state_every = 0 is not allowed: expected an integer >= 1"),
 ]
 
 
