@@ -127,8 +127,8 @@ def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_pa
     prepare.run(params)
     log = tmp_path / "sample.log"
     with open(log, "w") as out:
-        # the session's Prefect server: a temporary one of the command's own would be orphaned by
-        # kill -9 (Prefect starts it; only SIGTERM and Ctrl-C stop it, see the README)
+        # the session's Prefect server (a temporary one is the kill -9 test of `dashflow run`):
+        # what is left after the kill is then Ray's alone
         proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "sample", "-i", "0", *_sets(sets)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PREFECT_API_URL=prefect_server))
