@@ -18,7 +18,6 @@ float32 weights bit for bit, while the policy alone is those weights rounded to 
 from __future__ import annotations
 
 import hashlib
-
 import logging
 import os
 import shutil
@@ -177,9 +176,10 @@ def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
 
 
 def _files_identity(path: str | Path) -> tuple:
+    from tasks.store import stat_key  # what the store trusts an unchanged file by
+
     directory = Path(path).resolve()
-    return (str(directory), tuple(sorted((f.name, st.st_ino, st.st_size, st.st_mtime_ns)
-                                         for f in directory.iterdir() if f.is_file() for st in [f.stat()])))
+    return (str(directory), tuple(sorted((f.name, *stat_key(f.stat())) for f in directory.iterdir() if f.is_file())))
 
 
 def inference_model(path: str | Path, device: torch.device, dtype: str = "float32"):

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 from typing import Any, Callable, Sequence
+
 
 def _local_cluster_auth(name: str) -> None:
     """Token authentication for the local cluster this process starts (see the module doc)."""
