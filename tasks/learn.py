@@ -415,17 +415,21 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                          filter_stage.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
-    policy_mod.release_inference_model()  # the held model may be serving as one; from here on it trains
     held = _take_held(prev) if world == 1 else None
     if held is not None:  # learn@i-1 of this flow left its model and AdamW state in memory
+        policy_mod.release_inference_model()  # which may be serving as one; from here on it trains
         model, optimizer, _ = held
     else:
         prev_opt = previous_state(prev_opt, iteration, label)
         low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
+        low_bits = low_bits if low_bits is not None and low_bits.is_file() else None
         # float32 master weights, whatever the precision: the previous policy plus the low bits
-        # its learn kept (bit-exact); the base policy's own weights at the first iteration
-        model = policy_mod.load_master(prev, low_bits if low_bits is not None and low_bits.is_file() else None,
-                                       device)
+        # its learn kept (bit-exact); the base policy's own weights at the first iteration --
+        # the float32 model sample@i served them with, where this process holds it
+        model = policy_mod.take_inference_model(prev, device) if low_bits is None else None
+        if model is None:
+            policy_mod.release_inference_model()
+            model = policy_mod.load_master(prev, low_bits, device)
     if cfg.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     model.train()

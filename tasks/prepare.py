@@ -88,7 +88,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
         src = Path(source)
         dtype = policy_mod.stored_dtype(model_cfg)
         if src.is_dir() and policy_mod.checkpoint_dtype(src) == dtype:
-            # already a single-file safetensors checkpoint in the checkpoint dtype: the embedded
+            # already a safetensors checkpoint in the checkpoint dtype: the embedded
             # model's cache (never rewritten in place: a new conversion is a new directory) is
             # hard-linked; a model directory of yours is copied, so editing it later cannot
             # change this run's base
@@ -98,7 +98,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
                     (store.link_or_copy if embedded else shutil.copy2)(f, tmp / f.name)
         else:  # hub id, another format or dtype: load, cast (to nearest) and save as safetensors
             model = policy_mod.load_model(source, policy_mod.pick_device("cpu"), dtype)
-            model.save_pretrained(tmp)
+            policy_mod.write_weights(model, tmp)
             policy_mod.load_tokenizer(source).save_pretrained(tmp)
         return {"stats": {"source": source}}
 

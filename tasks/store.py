@@ -42,6 +42,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,7 +202,7 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
     except (OSError, json.JSONDecodeError):
         record = {}
     full = os.environ.get("DASHFLOW_VERIFY") == "1"
-    fresh, changed = {}, False
+    fresh, suspect = {}, {}
     for name, info in manifest.outputs.items():
         path = directory / name
         try:
@@ -210,14 +211,15 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
             return f"{path} is missing"
         if st.st_size != info["bytes"]:
             return f"{path} has {st.st_size} bytes, its manifest says {info['bytes']}"
-        key = stat_key(st)
-        if full or record.get(name) != key:
-            algo, digest = recorded_digest(info)
-            if file_digest(path, algo) != digest:
+        fresh[name] = stat_key(st)
+        if full or record.get(name) != fresh[name]:
+            suspect.setdefault(recorded_digest(info)[0], []).append(path)
+    for algo, paths in suspect.items():
+        digests = hash_files(paths, algo, flush=False)
+        for path in paths:
+            if digests[path] != recorded_digest(manifest.outputs[path.relative_to(directory).as_posix()])[1]:
                 return f"{path} does not hold the bytes its manifest records ({algo} differs; modified in place?)"
-            changed = True
-        fresh[name] = key
-    if changed or set(record) != set(fresh):
+    if suspect or set(record) != set(fresh):
         try:
             write_json(record_path, fresh)
         except OSError:
@@ -253,14 +255,31 @@ def outputs_verify(directory: Path, manifest: Manifest) -> bool:
     return content_problem(directory, manifest) is None
 
 
-def _describe_outputs(directory: Path, algo: str) -> dict[str, dict]:
+def hash_files(paths: list[Path], algo: str = "md5", flush: bool = True) -> dict[Path, str]:
+    """Each file's digest, one file per core at a time (hashlib and xxhash release the GIL),
+    largest first: a checkpoint written as shards (tasks/policy.py: SHARD_SIZE) is hashed
+    in about 1/cores of the time of one file. Meanwhile a thread flushes the same files
+    to disk (`flush`; fsync waits on the disk, not the CPU), so _seal's fsync finds them clean."""
+    paths = sorted(paths, key=lambda p: p.stat().st_size, reverse=True)
+    if len(paths) < 2 or sum(p.stat().st_size for p in paths) < (8 << 20):
+        return {p: file_digest(p, algo) for p in paths}
+    with ThreadPoolExecutor(max_workers=1) as flusher, \
+            ThreadPoolExecutor(max_workers=min(len(paths), len(os.sched_getaffinity(0)))) as hashers:
+        flushed = flusher.submit(lambda: [_fsync_file(p) for p in paths if flush])
+        digests = dict(zip(paths, hashers.map(lambda p: file_digest(p, algo), paths)))
+        flushed.result()
+    return digests
+
+
+def _describe_outputs(directory: Path, algo: str, flush: bool = True) -> dict[str, dict]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = hash_files(files, algo, flush)
     outputs = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
-        name = path.relative_to(directory).as_posix()
-        info = {algo: file_digest(path, algo), "bytes": path.stat().st_size}
+    for path in files:
+        info = {algo: digests[path], "bytes": path.stat().st_size}
         if path.suffix == ".parquet":
             info["rows"] = pq.ParquetFile(path).metadata.num_rows
-        outputs[name] = info
+        outputs[path.relative_to(directory).as_posix()] = info
     return outputs
 
 
@@ -388,10 +407,16 @@ def run_stage(
     fields = dict(stage=stage, iteration=iteration, key=key, params=params, inputs=input_digests,
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     landed = {}
+    for directory in (tmp, *landing.values()):
+        _drop_leftovers(directory)
+    with ThreadPoolExecutor(max_workers=1) as flusher:  # every file to disk while they are hashed
+        flushed = flusher.submit(lambda: [_fsync_dir(d) for d in (tmp, *landing.values())])
+        for path, staged in landing.items():
+            landed[path] = Manifest(**fields, **_contents(staged, SIDE_DIGEST, flush=False))
+        manifest = Manifest(**fields, **_contents(tmp, flush=False), timing=timing, stats=result.get("stats", {}))
+        flushed.result()
     for path, staged in landing.items():
-        landed[path] = Manifest(**fields, **_contents(staged, SIDE_DIGEST))
         _seal(staged, landed[path])
-    manifest = Manifest(**fields, **_contents(tmp), timing=timing, stats=result.get("stats", {}))
     _seal(tmp, manifest)
     # Swap into place: each finished output is either the old one or the new one, never a
     # mix; the main output (whose manifest says the stage is done) lands last.
@@ -445,10 +470,14 @@ def _staging(path: Path, unique: bool = False) -> Path:
     return path.parent / f".{path.name}.tmp"
 
 
-def _contents(directory: Path, algo: str = "md5") -> dict:
+def _drop_leftovers(directory: Path) -> None:
     for leftover in [p for p in directory.rglob(".*") if p.is_file()]:
         leftover.unlink()  # partial files of an attempt that died (see write_shard)
-    outputs = _describe_outputs(directory, algo)
+
+
+def _contents(directory: Path, algo: str = "md5", flush: bool = True) -> dict:
+    _drop_leftovers(directory)
+    outputs = _describe_outputs(directory, algo, flush)
     return {"outputs": outputs, "digest": _hash_json({n: o[algo] for n, o in outputs.items()})}
 
 
@@ -507,11 +536,15 @@ def _fsync_parent(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _fsync_dir(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            _fsync_file(path)
 
 
 # ---------------------------------------------------------------- Parquet shards

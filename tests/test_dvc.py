@@ -18,6 +18,7 @@ import yaml
 
 from conftest import ROOT, TINY
 from dashflow.config import Params, make_schedule
+from tasks import policy as policy_mod
 from tasks import store
 
 pytestmark = pytest.mark.slow
@@ -121,23 +122,23 @@ def test_flow_run_leaves_dvc_status_clean_and_every_stage_in_the_lock(repo):
     assert kept["nfiles"] == len([p for p in (repo / RUN / "iter-0001/kept").iterdir() if p.is_file()])
     assert lock["filter@1"]["params"]["params.yaml"]["filter"]["threshold"] == TINY["filter.threshold"]
     # the DVC cache holds the checkpoint as a hard link of the workspace file: stored once
-    assert (repo / RUN / "iter-0001/policy/model.safetensors").stat().st_nlink >= 2
+    assert all(f.stat().st_nlink >= 2 for f in policy_mod.weight_files(repo / RUN / "iter-0001/policy"))
 
 
 def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
     run = repo / RUN
     files = [p for p in run.rglob("*") if p.is_file() and p.name != "_manifest.json" and not p.name.startswith(".")
              and (p.parent / "_manifest.json").exists()]
-    assert len(files) > 20 and any(p.name == "model.safetensors" for p in files)
+    assert len(files) > 20 and any(p.name == "model-00001-of-00005.safetensors" for p in files)
     # every file of a stage output (checkpoints, shards) was hashed once, by dashflow as it
     # landed; DVC hashed only the manifests, the small metrics files and its deps (params, code)
     again = sorted({p.relative_to(run).as_posix() for p in DVC_HASHED if p in set(files)})
     assert again == []
     assert any(p.name == "_manifest.json" for p in DVC_HASHED)  # the counter saw DVC hash
     # and the digests DVC recorded are the real md5s: the cache object of a checkpoint is its md5
-    weights = run / "iter-0001/policy/model.safetensors"
+    weights = run / "iter-0001/policy/model-00001-of-00005.safetensors"
     md5 = hashlib.md5(weights.read_bytes()).hexdigest()
-    assert store.read_manifest(weights.parent).outputs["model.safetensors"]["md5"] == md5
+    assert store.read_manifest(weights.parent).outputs[weights.name]["md5"] == md5
     assert (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).samefile(weights)
 
 
@@ -304,7 +305,7 @@ def test_retention_removes_old_checkpoints_and_keeps_dvc_consistent(repo):
     dvc(repo, "checkout")
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
     policy0 = repo / RUN / "iter-0000/policy"
-    weights = _cache_object(repo, policy0 / "model.safetensors")
+    weights = _cache_object(repo, policy0 / "model-00001-of-00005.safetensors")
     shared = _cache_object(repo, policy0 / "tokenizer.json")  # the same bytes in every policy
     before = digests(policy0)
     assert weights.exists() and shared.exists()
@@ -313,7 +314,7 @@ def test_retention_removes_old_checkpoints_and_keeps_dvc_consistent(repo):
     assert "retention: removed iter-0000/policy" in out and "dvc pull" in out
     # gone from the workspace and the local cache; objects a kept policy shares stay
     assert not policy0.exists() and not weights.exists()
-    assert shared.exists() and (repo / RUN / "iter-0001/policy/model.safetensors").exists()
+    assert shared.exists() and policy_mod.weight_files(repo / RUN / "iter-0001/policy")
     # dvc.lock keeps the hashes: status names exactly the removed output and the stages reading it
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert set(status) == {"learn@0", "sample@1", "learn@1", "metrics@0"}, status

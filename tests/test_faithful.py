@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import ROOT, fork_run, tiny_params
 from dashflow.config import PRESETS, Params
@@ -93,7 +92,7 @@ def _learn_variant(src: Params, root: Path, name: str, *, threshold: float | Non
                     code="hand", build=build)
     filter_stage.run(params, 0)
     m = learn.run(params, 0)
-    return m, load_file(params.layout.policy(0) / "model.safetensors")
+    return m, policy_mod.read_weights(params.layout.policy(0))
 
 
 def _same_update(a, b, base):
@@ -117,7 +116,7 @@ def test_filtering_zero_advantage_rows_leaves_the_update_exactly_as_it_was(rollo
     zero = _learn_variant(rollouts, tmp_path, "zero", threshold=0.0, **{"learn.loss_agg": loss_agg})
     assert (everything[0].stats["rows"], zero[0].stats["rows"]) == (12, 8)
     assert zero[0].stats["sampled_rows"] == 12 and everything[0].stats["grad_norm"] > 0
-    _same_update(everything, zero, load_file(rollouts.layout.policy(-1) / "model.safetensors"))
+    _same_update(everything, zero, policy_mod.read_weights(rollouts.layout.policy(-1)))
 
 
 def test_filtering_small_advantages_changes_the_update_by_those_rows_only(rollouts, tmp_path):
@@ -126,7 +125,7 @@ def test_filtering_small_advantages_changes_the_update_by_those_rows_only(rollou
     small = _learn_variant(rollouts, tmp_path, "small", threshold=0.1)
     zeroed = _learn_variant(rollouts, tmp_path, "zeroed", threshold=None, zero_small=True)
     assert (small[0].stats["rows"], zeroed[0].stats["rows"]) == (6, 12)
-    _same_update(small, zeroed, load_file(rollouts.layout.policy(-1) / "model.safetensors"))
+    _same_update(small, zeroed, policy_mod.read_weights(rollouts.layout.policy(-1)))
 
 
 # ---------------------------------------------------------------- 3 + 7. optimizer settings, schedule
@@ -162,7 +161,7 @@ def test_bf16_mixed_at_lr_3e_6_moves_the_weights(rollouts, tmp_path):
     0.57% of them."""
     m, new = _learn_variant(rollouts, tmp_path, "bf16", threshold=0.1, **{
         "model.dtype": "bfloat16", "learn.precision": "bf16-mixed", "learn.lr": 3e-6})
-    base = load_file(rollouts.layout.policy(-1) / "model.safetensors")
+    base = policy_mod.read_weights(rollouts.layout.policy(-1))
     # the policy is stored in the samplers' dtype (bfloat16); the learner's float32 weights are
     # the policy plus the low bits the optimizer state keeps
     layout = tiny_params(tmp_path, "bf16").layout

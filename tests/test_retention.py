@@ -16,6 +16,7 @@ from conftest import ROOT, TINY, tiny_params
 from dashflow.config import Params, ParamsError
 from dashflow.retention import Retention, to_prune
 from tasks import learn, store
+from tasks import policy as policy_mod
 
 
 def test_to_prune_keeps_the_last_n_and_every_evaluated_policy():
@@ -60,10 +61,10 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     layout = params.layout
     # 2 iterations, evaluated: base and 1. Policy 0 is neither the last nor evaluated; optimizer 0 is not the last.
     assert not layout.policy(0).exists() and not layout.optimizer(0).exists()
-    assert (layout.policy(1) / "model.safetensors").exists() and (layout.optimizer(1) / learn.OPTIMIZER_FILE).exists()
-    assert (layout.policy(-1) / "model.safetensors").exists()
+    assert policy_mod.weight_files(layout.policy(1)) and (layout.optimizer(1) / learn.OPTIMIZER_FILE).exists()
+    assert policy_mod.weight_files(layout.policy(-1))
     record = json.loads(store.pruned_record(layout.policy(0)).read_text())
-    assert record["stage"] == "learn" and record["iteration"] == 0 and "model.safetensors" in record["outputs"]
+    assert record["stage"] == "learn" and record["iteration"] == 0 and "model.safetensors.index.json" in record["outputs"]
     assert record["pruned"] == "retention.policies: 1, removed after iteration 1; deleted for good"
     # the record stands in for the output: its digest still feeds sample@1's key, so a rerun skips everything
     manifests = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("_manifest.json")}
@@ -73,7 +74,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     with pytest.raises(store.StageError, match=r"iter-0000/policy was removed by the retention setting .*deleted for "
                                                r"good\); it cannot be restored: rebuild it"):
         learn.run(params, 1, force=True)
-    assert (layout.policy(1) / "model.safetensors").exists()  # and the good checkpoint stays
+    assert policy_mod.weight_files(layout.policy(1))  # and the good checkpoint stays
     # rebuilding a removed output brings it back and drops its record
     again = learn.run(params, 0, force=True)
     assert again.digest == record["digest"]  # same inputs, same seed, same bytes

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pyarrow.compute as pc
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
@@ -38,7 +38,7 @@ def test_prepare_writes_the_split_and_a_loadable_policy(run0):
     train, evals = prepare.read_prompts(params, "train"), prepare.read_prompts(params, "eval")
     assert train.num_rows == 24 and evals.num_rows == 4
     assert not set(train.column("prompt_id").to_pylist()) & set(evals.column("prompt_id").to_pylist())
-    assert (params.layout.policy(-1) / "model.safetensors").exists()
+    assert policy_mod.weight_files(params.layout.policy(-1))
 
 
 def test_sample_writes_whole_groups_with_token_ids_and_logprobs(run0):
@@ -112,8 +112,17 @@ def test_filter_keeps_rows_above_threshold(run0):
 def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     params, m = run0
     out = params.layout.policy(0)
-    assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors.index.json", "config.json"} <= {p.name for p in out.iterdir()}
     assert learn.OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
+    # the 0.54 GB of float32 weights as shards of at most SHARD_SIZE (128 MB), so the store
+    # hashes them on every core: 538 MB -> 5 shards, each listed by the index and the manifest
+    shards = policy_mod.weight_files(out)
+    assert [f.name for f in shards] == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    assert all(f.stat().st_size <= policy_mod.SHARD_SIZE + 10**5 for f in shards)  # + the header
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f.name for f in shards}
+    assert {f.name for f in shards} <= set(m["learn"].outputs)
+    assert set(policy_mod.read_weights(out)) == set(index["weight_map"])
     # the AdamW state lands in its own output, same stage key; the policy is stored in the
     # samplers' dtype (float32 here), so it is the learner's weights themselves
     opt = store.read_manifest(params.layout.optimizer(0))
@@ -141,14 +150,14 @@ def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_
         stage.run(params, 0)
     # the same update, once stored in float32 (the master weights themselves) and once in bfloat16
     full = learn.run(params.with_overrides({"model.checkpoint_dtype": "float32"}), 0)
-    exact = {k: v.clone() for k, v in load_file(params.layout.policy(0) / "model.safetensors").items()}
+    exact = {k: v.clone() for k, v in policy_mod.read_weights(params.layout.policy(0)).items()}
     half = learn.run(params, 0)
     assert half.key != full.key and half.stats["loss"] == full.stats["loss"]
     out = params.layout.policy(0)
     assert policy_mod.checkpoint_dtype(out) == "bfloat16"
     assert list(store.read_manifest(params.layout.optimizer(0)).outputs) == [policy_mod.LOW_BITS_FILE,
                                                                              learn.OPTIMIZER_FILE]
-    stored = load_file(out / "model.safetensors")
+    stored = policy_mod.read_weights(out)
     master = policy_mod.load_master(out, params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu"))
     named = dict(master.named_parameters())
     assert all(torch.equal(named[k].detach().view(torch.int32), exact[k].view(torch.int32)) for k in named)
@@ -208,8 +217,8 @@ def test_nothing_kept_passes_the_policy_on_unchanged(tmp_path, run0):
     assert not m.stats["updated"] and m.stats["rows"] == 0 and m.stats["sampled_rows"] == 12
     # the step still happens (as without the filter): zero gradient from a fresh AdamW moves nothing
     assert m.stats["optimizer_steps"] == 1 and m.stats["grad_norm"] == 0.0
-    base = load_file(params.layout.policy(-1) / "model.safetensors")
-    new = load_file(params.layout.policy(0) / "model.safetensors")
+    base = policy_mod.read_weights(params.layout.policy(-1))
+    new = policy_mod.read_weights(params.layout.policy(0))
     assert all(torch.equal(base[k], new[k]) for k in base)
 
 
@@ -328,8 +337,8 @@ def test_learn_with_three_passes_goes_off_policy(tmp_path, run0):
     one = learn.run(one_params, 0)
     assert one.stats["optimizer_steps"] == 1 and one.stats["approx_kl_to_sampling"] == pytest.approx(0.0, abs=1e-7)
     assert one.stats["clip_fraction"] == 0.0
-    a = load_file(params.layout.policy(0) / "model.safetensors")
-    b = load_file(one_params.layout.policy(0) / "model.safetensors")
+    a = policy_mod.read_weights(params.layout.policy(0))
+    b = policy_mod.read_weights(one_params.layout.policy(0))
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -368,10 +377,13 @@ def test_a_policy_is_loaded_once_per_process_and_a_new_landing_is_loaded_again(r
     other = policy_mod.inference_model(copy, cpu, "float32")
     assert other is not first                                                      # another checkpoint: its own
     # a new landing (written beside, renamed over): loaded again, with the new weights
-    tensors = load_file(copy / "model.safetensors")
+    from safetensors.torch import load_file
+
+    shard = next(f for f in policy_mod.weight_files(copy) if "model.norm.weight" in load_file(f))
+    tensors = load_file(shard)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
     save_file(tensors, copy / ".new.safetensors", metadata={"format": "pt"})
-    os.replace(copy / ".new.safetensors", copy / "model.safetensors")
+    os.replace(copy / ".new.safetensors", shard)
     again = policy_mod.inference_model(copy, cpu, "float32")
     assert again is not other and torch.equal(again.state_dict()["model.norm.weight"], tensors["model.norm.weight"])
     (copy / "tokenizer_config.json").write_text((copy / "tokenizer_config.json").read_text().replace("}", ' }', 1))
@@ -402,3 +414,17 @@ def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_h
     from_file = complete(policy_mod.load_model(params.layout.policy(0), torch.device("cpu"), "float32"))
     assert from_memory == from_file
     policy_mod.release_inference_model()
+
+
+def test_learn_trains_the_base_model_sample_served_instead_of_loading_it_again(run0, tmp_path):
+    """learn@0 in the process that ran sample@0 takes the float32 base model out of the
+    inference cache (no second load); the update is the same bytes as one loaded from the file."""
+    params = tiny_params(tmp_path / "runs")
+    fork_run(run0[0], params)
+    served = policy_mod.inference_model(params.layout.policy(-1), torch.device("cpu"), "float32")  # sample@0's
+    before = served.state_dict()["model.norm.weight"].clone()
+    taken = learn.run(params, 0)
+    assert taken.stats["updated"] and policy_mod._inference == {}              # out of the cache
+    assert not torch.equal(served.state_dict()["model.norm.weight"], before)    # it is the model that trained
+    loaded = learn.run(params, 0, force=True)                                   # nothing held: read from the file
+    assert not loaded.cached and loaded.digest == taken.digest and loaded.stats["loss"] == taken.stats["loss"]

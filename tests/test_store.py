@@ -207,3 +207,34 @@ def test_remove_output_killed_midway_never_leaves_a_manifest_over_missing_files(
             assert left >= set(m.outputs), "a manifest over missing files"
         else:
             assert store.read_manifest(out).pruned == "test"  # the record speaks for it
+
+
+def test_an_output_of_several_large_files_is_hashed_file_by_file_on_every_core(tmp_path, monkeypatch):
+    """A checkpoint in shards: each file gets its own digest (DVC's md5, one file per core),
+    the same as hashing it alone; damage to one shard of a finished output is named."""
+    import hashlib
+    import os
+    import threading
+
+    sizes = [9 << 20, 3 << 20, 5 << 20]  # 17 MiB: over the threshold for the thread pool
+    blobs = [os.urandom(n) for n in sizes]
+
+    def build(tmp):
+        for i, blob in enumerate(blobs):
+            (tmp / f"model-{i + 1:05d}-of-00003.safetensors").write_bytes(blob)
+        return {}
+
+    threads, real = set(), store.file_digest
+    monkeypatch.setattr(store, "file_digest",
+                        lambda p, algo="md5": threads.add(threading.get_ident()) or real(p, algo))
+    out = tmp_path / "policy"
+    m = store.run_stage("learn", 0, out, inputs={}, params={}, code="c", build=build)
+    assert {name: info["md5"] for name, info in m.outputs.items()} == {
+        f"model-{i + 1:05d}-of-00003.safetensors": hashlib.md5(b).hexdigest() for i, b in enumerate(blobs)}
+    assert [m.outputs[f"model-{i + 1:05d}-of-00003.safetensors"]["bytes"] for i in range(3)] == sizes
+    assert len(threads) == min(3, len(os.sched_getaffinity(0)))  # not one after the other on one thread
+    shard = out / "model-00002-of-00003.safetensors"
+    _damage_in_place(shard)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
+    assert store.content_problem(out, m) == (f"{shard} does not hold the bytes its manifest records "
+                                             "(md5 differs; modified in place?)")
