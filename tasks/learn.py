@@ -42,7 +42,7 @@ checkpoint is never replaced by a bad one.
 Inputs : iter-i/kept with kept/sampled.json (and iter-i/reference when the KL penalty is
          on; the prompts in SFT mode), the policy and optimizer state written by iteration
          i-1 (none before the first; a missing state is rebuilt first, see replay_state)
-Output : iter-i/policy/ (model.safetensors in the samplers' dtype, config, tokenizer)
+Output : iter-i/policy/ (safetensors shards in the samplers' dtype, config, tokenizer)
          and iter-i/optimizer/ (optimizer.pt, AdamW's state, and with bfloat16 checkpoints
          master_low16.safetensors, the low 16 bits of every float32 master weight: policy +
          low bits = the learner's weights bit for bit). The optimizer state is needed only
@@ -204,6 +204,7 @@ def flush(params: Params) -> None:
             continue
         dtype = policy_mod.stored_dtype(params["model"])
         store.land_side(directory, main, lambda tmp: write_state(model, optimizer, tmp, dtype))
+        store.drop_from_page_cache(directory)
 
 
 def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: dict | None = None) -> None:
@@ -288,9 +289,12 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     if _holding and _trained is not None:
         _held.clear()
         _held[manifest.key] = (*_trained, iteration)
-        if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"]:
-            # evaluate@i and sample@i+1 sample these weights without reading them back
-            policy_mod.offer_inference_model(layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"])
+        # evaluate@i and sample@i+1 sample these weights without reading them back
+        if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"] and policy_mod.offer_inference_model(
+                layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"]):
+            store.drop_from_page_cache(layout.stage_dir("learn", iteration))
+    if not manifest.cached and layout.optimizer(iteration).is_dir():
+        store.drop_from_page_cache(layout.optimizer(iteration))  # read only by a learn of a later process
     _trained = None
     return manifest
 
