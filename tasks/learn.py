@@ -204,7 +204,6 @@ def flush(params: Params) -> None:
             continue
         dtype = policy_mod.stored_dtype(params["model"])
         store.land_side(directory, main, lambda tmp: write_state(model, optimizer, tmp, dtype))
-        store.drop_from_page_cache(directory)
 
 
 def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: dict | None = None) -> None:
@@ -289,12 +288,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     if _holding and _trained is not None:
         _held.clear()
         _held[manifest.key] = (*_trained, iteration)
-        # evaluate@i and sample@i+1 sample these weights without reading them back
-        if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"] and policy_mod.offer_inference_model(
-                layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"]):
-            store.drop_from_page_cache(layout.stage_dir("learn", iteration))
-    if not manifest.cached and layout.optimizer(iteration).is_dir():
-        store.drop_from_page_cache(layout.optimizer(iteration))  # read only by a learn of a later process
+        if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"]:
+            # evaluate@i and sample@i+1 sample these weights without reading them back
+            policy_mod.offer_inference_model(layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"])
     _trained = None
     return manifest
 

@@ -630,23 +630,6 @@ def write_json(path: Path, obj: Any) -> None:
     _fsync_parent(path)
 
 
-def drop_from_page_cache(directory: Path) -> None:
-    """Let the kernel reuse the page cache an output's files hold (they are flushed, so the
-    pages are clean): for checkpoints no stage of this process reads back -- the learner
-    hands the weights over in memory, DVC was handed the digests. Measured here: with 0.54 GB
-    policies kept cached, each next write took 0.8-1.3 s; dropped, 0.2-0.5 s (new page cache
-    costs more than reused pages). A later reader just reads from disk."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in Path(directory).rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link a (read-only by convention) file; copy where links are not possible."""
     dst.parent.mkdir(parents=True, exist_ok=True)

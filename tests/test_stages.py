@@ -394,16 +394,11 @@ def test_a_policy_is_loaded_once_per_process_and_a_new_landing_is_loaded_again(r
 def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_holds(run0, tmp_path):
     from tasks import samplers
 
-    from conftest import resident_bytes
-
     params = tiny_params(tmp_path / "runs")
     fork_run(run0[0], params)
     with learn.holding(params):
         learn.run(params, 0)
         held = next(iter(learn._held.values()))[0]
-        # written, hashed, flushed and not read back: out of the page cache (mincore)
-        shards = policy_mod.weight_files(params.layout.policy(0))
-        assert len(shards) == 5 and sum(resident_bytes(f) for f in shards) == 0
         served = policy_mod.inference_model(params.layout.policy(0), torch.device("cpu"), "float32")
         assert served is held                                     # no second copy, no read of the file
         gen_config = held.generation_config.to_dict()
@@ -416,8 +411,6 @@ def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_h
 
         from_memory = complete(served)
         assert held.generation_config.to_dict() == gen_config   # sampling left the learner's model as it was
-    state = params.layout.optimizer(0) / learn.OPTIMIZER_FILE     # written on leaving; read only by a later process
-    assert state.stat().st_size > 10**9 and resident_bytes(state) == 0
     from_file = complete(policy_mod.load_model(params.layout.policy(0), torch.device("cpu"), "float32"))
     assert from_memory == from_file
     policy_mod.release_inference_model()
