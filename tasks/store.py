@@ -215,7 +215,7 @@ def content_problem(directory: Path, manifest: Manifest) -> str | None:
         if full or record.get(name) != fresh[name]:
             suspect.setdefault(recorded_digest(info)[0], []).append(path)
     for algo, paths in suspect.items():
-        digests = hash_files(paths, algo, flush=False)
+        digests = hash_files(paths, algo)
         for path in paths:
             if digests[path] != recorded_digest(manifest.outputs[path.relative_to(directory).as_posix()])[1]:
                 return f"{path} does not hold the bytes its manifest records ({algo} differs; modified in place?)"
@@ -255,25 +255,20 @@ def outputs_verify(directory: Path, manifest: Manifest) -> bool:
     return content_problem(directory, manifest) is None
 
 
-def hash_files(paths: list[Path], algo: str = "md5", flush: bool = True) -> dict[Path, str]:
+def hash_files(paths: list[Path], algo: str = "md5") -> dict[Path, str]:
     """Each file's digest, one file per core at a time (hashlib and xxhash release the GIL),
     largest first: a checkpoint written as shards (tasks/policy.py: SHARD_SIZE) is hashed
-    in about 1/cores of the time of one file. Meanwhile a thread flushes the same files
-    to disk (`flush`; fsync waits on the disk, not the CPU), so _seal's fsync finds them clean."""
+    in about 1/cores of the time of one file."""
     paths = sorted(paths, key=lambda p: p.stat().st_size, reverse=True)
     if len(paths) < 2 or sum(p.stat().st_size for p in paths) < (8 << 20):
         return {p: file_digest(p, algo) for p in paths}
-    with ThreadPoolExecutor(max_workers=1) as flusher, \
-            ThreadPoolExecutor(max_workers=min(len(paths), len(os.sched_getaffinity(0)))) as hashers:
-        flushed = flusher.submit(lambda: [_fsync_file(p) for p in paths if flush])
-        digests = dict(zip(paths, hashers.map(lambda p: file_digest(p, algo), paths)))
-        flushed.result()
-    return digests
+    with ThreadPoolExecutor(max_workers=min(len(paths), len(os.sched_getaffinity(0)))) as hashers:
+        return dict(zip(paths, hashers.map(lambda p: file_digest(p, algo), paths)))
 
 
-def _describe_outputs(directory: Path, algo: str, flush: bool = True) -> dict[str, dict]:
+def _describe_outputs(directory: Path, algo: str) -> dict[str, dict]:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    digests = hash_files(files, algo, flush)
+    digests = hash_files(files, algo)
     outputs = {}
     for path in files:
         info = {algo: digests[path], "bytes": path.stat().st_size}
@@ -406,15 +401,9 @@ def run_stage(
     timing["total_s"] = time.perf_counter() - started
     fields = dict(stage=stage, iteration=iteration, key=key, params=params, inputs=input_digests,
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    landed = {}
-    for directory in (tmp, *landing.values()):
-        _drop_leftovers(directory)
-    with ThreadPoolExecutor(max_workers=1) as flusher:  # every file to disk while they are hashed
-        flushed = flusher.submit(lambda: [_fsync_dir(d) for d in (tmp, *landing.values())])
-        for path, staged in landing.items():
-            landed[path] = Manifest(**fields, **_contents(staged, SIDE_DIGEST, flush=False))
-        manifest = Manifest(**fields, **_contents(tmp, flush=False), timing=timing, stats=result.get("stats", {}))
-        flushed.result()
+    *sides, main = _landing_contents([(staged, SIDE_DIGEST) for staged in landing.values()] + [(tmp, "md5")])
+    landed = {path: Manifest(**fields, **contents) for path, contents in zip(landing, sides)}
+    manifest = Manifest(**fields, **main, timing=timing, stats=result.get("stats", {}))
     for path, staged in landing.items():
         _seal(staged, landed[path])
     _seal(tmp, manifest)
@@ -446,7 +435,7 @@ def land_side(path: Path, main: Manifest, write: Callable[[Path], None]) -> Mani
         raise
     manifest = Manifest(stage=main.stage, iteration=main.iteration, key=main.key, params=main.params,
                         inputs=main.inputs, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        **_contents(staged, SIDE_DIGEST))
+                        **_landing_contents([(staged, SIDE_DIGEST)])[0])
     _seal(staged, manifest)
     _swap(staged, path)
     _remember(path, manifest)
@@ -475,10 +464,23 @@ def _drop_leftovers(directory: Path) -> None:
         leftover.unlink()  # partial files of an attempt that died (see write_shard)
 
 
-def _contents(directory: Path, algo: str = "md5", flush: bool = True) -> dict:
+def _contents(directory: Path, algo: str = "md5") -> dict:
     _drop_leftovers(directory)
-    outputs = _describe_outputs(directory, algo, flush)
+    outputs = _describe_outputs(directory, algo)
     return {"outputs": outputs, "digest": _hash_json({n: o[algo] for n, o in outputs.items()})}
+
+
+def _landing_contents(directories: list[tuple[Path, str]]) -> list[dict]:
+    """_contents of each (directory, digest algorithm) about to land, while one thread flushes
+    all their files to disk (fsync waits on the disk, not the CPU), so _seal's fsync finds
+    them clean."""
+    for directory, _ in directories:
+        _drop_leftovers(directory)  # before the flusher lists the files
+    with ThreadPoolExecutor(max_workers=1) as flusher:
+        flushed = flusher.submit(lambda: [_fsync_dir(directory) for directory, _ in directories])
+        contents = [_contents(directory, algo) for directory, algo in directories]
+        flushed.result()
+    return contents
 
 
 def directory_digest(directory: Path) -> str:
@@ -536,15 +538,11 @@ def _fsync_parent(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
-            _fsync_file(path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------- Parquet shards
