@@ -18,13 +18,17 @@ float32 weights bit for bit, while the policy alone is those weights rounded to 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -229,8 +233,65 @@ LOW_BITS_FILE = "master_low16.safetensors"
 SHARD_SIZE = 128 * 10**6
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_save_lock = threading.Lock()
+
+
 def write_weights(model, out: Path, state_dict: dict | None = None) -> None:
-    model.save_pretrained(out, state_dict=state_dict, max_shard_size=SHARD_SIZE)
+    """`model.save_pretrained` in SHARD_SIZE shards, each shard written by write_safetensors:
+    transformers decides what is saved (tied weights, names, shards, index, configs); only
+    the writing of each shard's bytes is ours, the shards written and md5-hashed on every
+    core at once. The files are byte for byte what save_pretrained writes alone
+    (tests/test_store.py)."""
+    import transformers.modeling_utils as modeling_utils
+
+    shards = []
+    with _save_lock:  # the hook is a module global for the length of one save
+        library_writer = modeling_utils.safe_save_file
+        modeling_utils.safe_save_file = lambda tensors, filename, metadata=None: shards.append(
+            (dict(tensors), Path(filename), metadata))
+        try:
+            model.save_pretrained(out, state_dict=state_dict, max_shard_size=SHARD_SIZE)
+        finally:
+            modeling_utils.safe_save_file = library_writer
+    with ThreadPoolExecutor(max_workers=min(len(shards), len(os.sched_getaffinity(0))) or 1) as writers:
+        list(writers.map(lambda shard: write_safetensors(*shard), shards))
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> str:
+    """Write `tensors` as the safetensors file `path` through store.write_hashed (around the
+    page cache, md5 taken on the way) and return its md5. The layout is safetensors' own
+    (header JSON with `__metadata__` first, tensors by descending element size then name,
+    padded with spaces to 8 bytes), so the bytes equal `safetensors.torch.save_file`'s for
+    metadata of at most one key (safetensors orders several keys as a hash map does)."""
+    from tasks import store
+
+    if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata=metadata)  # a dtype this writer does not know
+        return store.file_digest(path)
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def pieces():
+        yield struct.pack("<Q", len(blob)) + blob
+        for name in order:
+            t = tensors[name].detach()
+            if t.numel():
+                yield t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    return store.write_hashed(path, pieces())
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -137,6 +137,28 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
         assert m["learn"].stats["updated"] is True
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_files_are_byte_for_byte_what_save_pretrained_writes(run0, tmp_path, dtype):
+    """write_weights writes each shard itself (around the page cache, md5 on the way), yet
+    every file -- shards, index, configs -- is the one transformers' save_pretrained writes,
+    for float32 weights and for a bfloat16 state dict (bfloat16 checkpoints); the digest
+    taken while writing is the shard's md5."""
+    import hashlib
+
+    params, _ = run0
+    model = policy_mod.load_model(params.layout.policy(-1), torch.device("cpu"), "float32")
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "library", state_dict=dict(state), max_shard_size=policy_mod.SHARD_SIZE)
+    policy_mod.write_weights(model, tmp_path / "ours", dict(state))
+    names = sorted(p.name for p in (tmp_path / "library").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "ours").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) == (5 if dtype == torch.float32 else 3)
+    for name in names:
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "library" / name).read_bytes(), name
+    shard = policy_mod.weight_files(tmp_path / "ours")[0]
+    assert store._digest_written(shard, "md5") == hashlib.md5(shard.read_bytes()).hexdigest()
+
+
 def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_path):
     """model.checkpoint_dtype: bfloat16 -- the policy is the float32 weights rounded to nearest
     (ties away); the optimizer state keeps their low 16 bits; policy + low bits are the

@@ -238,3 +238,62 @@ def test_an_output_of_several_large_files_is_hashed_file_by_file_on_every_core(t
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
     assert store.content_problem(out, m) == (f"{shard} does not hold the bytes its manifest records "
                                              "(md5 differs; modified in place?)")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_write_hashed_writes_the_pieces_and_returns_their_digest(tmp_path, direct):
+    """Pieces of odd sizes crossing the 16 MiB staging buffer, ending off a block boundary:
+    the file holds exactly their concatenation (no padding left by O_DIRECT) and the digest
+    is hashlib's / xxhash's of those bytes."""
+    import hashlib
+    import os
+
+    import numpy as np
+    import xxhash
+
+    pieces = [os.urandom(5), np.frombuffer(os.urandom(20 << 20), dtype=np.uint8), b"", os.urandom(4097),
+              memoryview(os.urandom((16 << 20) - 3))]
+    whole = b"".join(bytes(memoryview(p).cast("B")) for p in pieces)
+    path = tmp_path / "blob.safetensors"
+    assert store.write_hashed(path, iter(pieces), "md5", direct=direct) == hashlib.md5(whole).hexdigest()
+    assert path.stat().st_size == len(whole) == (36 << 20) + 4099
+    assert path.read_bytes() == whole
+    again = tmp_path / "again"
+    assert store.write_hashed(again, [whole], "xxh128", direct=direct) == xxhash.xxh3_128(whole).hexdigest()
+    assert again.read_bytes() == whole
+
+
+def test_a_landing_records_the_digest_taken_while_writing_and_rehashes_a_touched_file(tmp_path):
+    """A file written by write_hashed lands with the digest taken on its way to the disk,
+    without being read back: bytes changed behind a restored mtime stay unseen (the same
+    stat trust rule as a resume's). A file touched after writing (new mtime) is hashed from
+    disk like any other, and a digest taken with another algorithm is not used."""
+    import hashlib
+    import os
+
+    written = os.urandom(3 << 20)
+
+    def build(damage_keeping_stat: bool, touch: bool):
+        def write(tmp):
+            shard = tmp / "model.safetensors"
+            store.write_hashed(shard, [written])
+            if damage_keeping_stat:
+                st = shard.stat()
+                _damage_in_place(shard)
+                os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if touch:
+                _damage_in_place(shard)
+                os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
+            store.write_hashed(tmp / "state.bin", [written], "xxh128")  # not md5: hashed from disk
+            return {}
+        return write
+
+    def landed(name, **how):
+        out = tmp_path / name
+        m = store.run_stage("learn", 0, out, inputs={}, params={}, code="c", build=build(**how))
+        return m.outputs["model.safetensors"]["md5"], m.outputs["state.bin"]["md5"], (out / "model.safetensors").read_bytes()
+
+    md5, state_md5, on_disk = landed("unread", damage_keeping_stat=True, touch=False)
+    assert md5 == state_md5 == hashlib.md5(written).hexdigest() != hashlib.md5(on_disk).hexdigest()
+    md5, _, on_disk = landed("touched", damage_keeping_stat=False, touch=True)
+    assert md5 == hashlib.md5(on_disk).hexdigest() != hashlib.md5(written).hexdigest()
