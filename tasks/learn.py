@@ -66,7 +66,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dashflow.config import Params
@@ -210,11 +209,12 @@ def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: d
     """The optimizer state files: AdamW's state and, with bfloat16 checkpoints, the master
     weights' low 16 bits (`low`, when the caller already split them)."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    with store.HashedFile(directory / OPTIMIZER_FILE, store.SIDE_DIGEST) as f:  # digested on the way
+        torch.save(optimizer.state_dict(), f)
     if checkpoint_dtype == "bfloat16":
         if low is None:
             low = {name: policy_mod.split_master(param.detach())[1] for name, param in model.named_parameters()}
-        save_file(low, directory / policy_mod.LOW_BITS_FILE)
+        policy_mod.write_safetensors(low, directory / policy_mod.LOW_BITS_FILE, algo=store.SIDE_DIGEST)
 
 
 def _held_key(prev: Path) -> str | None:

@@ -5,7 +5,9 @@ checkpoint) plus `_manifest.json`, the single source of truth for "is this stage
 The manifest holds the stage key -- a hash of the inputs' content digests, the stage's
 parameter slice and the code version -- and every output file's digest, size and rows.
 
-Each file is hashed once, as it lands. Outputs DVC versions are hashed with md5, DVC's own
+Each file is hashed once: checkpoints as they are written (`HashedFile`, around the page
+cache; the landing records that digest instead of reading the file back), everything else
+as it lands. Outputs DVC versions are hashed with md5, DVC's own
 hash: the flow hands each digest to DVC's state database (dashflow/versioning.py), so
 `dvc commit` reads no byte again. The learner's optimizer state (a `side` output DVC does
 not version) is hashed with XXH3-128 (xxhash; ~10x md5's speed here), enough to catch
@@ -285,54 +287,83 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+class HashedFile:
+    """A new file `path` written around the page cache and digested with `algo` on the way
+    (`write` / `close`, or a `with` block; torch.save accepts it as a file object). With
+    `direct` (and an OS and file system that allow it) the bytes bypass the page cache
+    (O_DIRECT, through an aligned staging buffer per thread; the last block padded, then the
+    file truncated to its size); otherwise they are written as usual. Not flushed: the
+    landing fsyncs it. On close the digest (`.digest`) is remembered with the file's stat,
+    so the stage's landing records it without reading the file back (`_describe_outputs`);
+    a file touched after that has another mtime and is hashed from disk like any other."""
+
+    def __init__(self, path: Path, algo: str = "md5", direct: bool = True):
+        self.path, self.algo, self.digest = Path(path), algo, None
+        self._hash = DIGESTS[algo]()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self._direct = getattr(os, "O_DIRECT", 0) if direct else 0
+        try:
+            self._fd = os.open(self.path, flags | self._direct, 0o644)
+        except OSError as e:
+            if not self._direct or e.errno != errno.EINVAL:
+                raise
+            self._fd, self._direct = os.open(self.path, flags, 0o644), 0  # no O_DIRECT here (tmpfs)
+        if getattr(_staging_buffer, "array", None) is None:
+            _staging_buffer.array = np.frombuffer(mmap.mmap(-1, _DIRECT_CHUNK), dtype=np.uint8)
+        self._buf, self._fill, self._size = _staging_buffer.array, 0, 0
+
+    def write(self, data: Any) -> int:
+        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        self._hash.update(src)
+        self._size += len(src)
+        offset = 0
+        while offset < len(src):
+            k = min(len(src) - offset, _DIRECT_CHUNK - self._fill)
+            self._buf[self._fill:self._fill + k] = src[offset:offset + k]
+            self._fill, offset = self._fill + k, offset + k
+            if self._fill == _DIRECT_CHUNK:
+                _write_all(self._fd, self._buf[:self._fill])
+                self._fill = 0
+        return len(src)
+
+    def flush(self) -> None:
+        """Nothing: bytes reach the file in whole staging buffers, and at close."""
+
+    def close(self) -> str:
+        if self.digest is not None:
+            return self.digest
+        try:
+            if self._fill:
+                end = -(-self._fill // _DIRECT_ALIGN) * _DIRECT_ALIGN if self._direct else self._fill
+                self._buf[self._fill:end] = 0
+                _write_all(self._fd, self._buf[:end])
+            if self._direct:
+                os.ftruncate(self._fd, self._size)
+            st = os.fstat(self._fd)
+        finally:
+            os.close(self._fd)
+        self.digest = self._hash.hexdigest()
+        with _written_lock:
+            _written[_identity(st)] = (self.algo, self.digest)
+        return self.digest
+
+    def __enter__(self) -> "HashedFile":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+        else:
+            os.close(self._fd)  # the partial file stays in the staging directory, which is removed
+
+
 def write_hashed(path: Path, pieces: Iterable[Any], algo: str = "md5", direct: bool = True) -> str:
     """Write the concatenated `pieces` (anything with the buffer protocol) as the new file
-    `path`, digesting them with `algo` as they go, and return the digest. With `direct`
-    (and an OS and file system that allow it) the bytes bypass the page cache (O_DIRECT,
-    through an aligned staging buffer; the last block padded, then the file truncated to
-    its size); otherwise they are written as usual. Not flushed: the landing fsyncs it.
-    The digest is remembered with the file's stat, so the stage's landing records it
-    without reading the file back (`_describe_outputs`); a file touched after this has
-    another mtime and is hashed from disk like any other."""
-    h = DIGESTS[algo]()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    o_direct = getattr(os, "O_DIRECT", 0) if direct else 0
-    try:
-        fd = os.open(path, flags | o_direct, 0o644)
-    except OSError as e:
-        if not o_direct or e.errno != errno.EINVAL:
-            raise
-        fd, o_direct = os.open(path, flags, 0o644), 0  # a file system without O_DIRECT (tmpfs)
-    if getattr(_staging_buffer, "array", None) is None:
-        _staging_buffer.array = np.frombuffer(mmap.mmap(-1, _DIRECT_CHUNK), dtype=np.uint8)
-    buf = _staging_buffer.array
-    size = fill = 0
-    try:
+    `path` through a HashedFile; returns their digest."""
+    with HashedFile(path, algo, direct) as f:
         for piece in pieces:
-            src = np.frombuffer(memoryview(piece).cast("B"), dtype=np.uint8)
-            h.update(src)
-            size += len(src)
-            offset = 0
-            while offset < len(src):
-                k = min(len(src) - offset, _DIRECT_CHUNK - fill)
-                buf[fill:fill + k] = src[offset:offset + k]
-                fill, offset = fill + k, offset + k
-                if fill == _DIRECT_CHUNK:
-                    _write_all(fd, buf[:fill])
-                    fill = 0
-        if fill:
-            end = -(-fill // _DIRECT_ALIGN) * _DIRECT_ALIGN if o_direct else fill
-            buf[fill:end] = 0
-            _write_all(fd, buf[:end])
-        if o_direct:
-            os.ftruncate(fd, size)
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    digest = h.hexdigest()
-    with _written_lock:
-        _written[_identity(st)] = (algo, digest)
-    return digest
+            f.write(piece)
+    return f.digest
 
 
 def _write_all(fd: int, data: np.ndarray) -> None:

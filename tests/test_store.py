@@ -297,3 +297,26 @@ def test_a_landing_records_the_digest_taken_while_writing_and_rehashes_a_touched
     assert md5 == state_md5 == hashlib.md5(written).hexdigest() != hashlib.md5(on_disk).hexdigest()
     md5, _, on_disk = landed("touched", damage_keeping_stat=False, touch=True)
     assert md5 == hashlib.md5(on_disk).hexdigest() != hashlib.md5(written).hexdigest()
+
+
+def test_torch_save_into_a_hashed_file_writes_what_it_writes_to_a_path(tmp_path):
+    """The learner's optimizer state goes through torch.save into a HashedFile: the file is
+    byte for byte what torch.save writes to any file object (a path would name the archive
+    after the file instead of `archive/`), torch.load reads it, and the xxh128 of those
+    bytes is remembered for the landing."""
+    import io
+
+    import torch
+    import xxhash
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5 << 20)},  # 20 MiB: 2 buffers
+                       1: {"step": torch.tensor(3.0), "exp_avg": torch.randn(7, 3)}},
+             "param_groups": [{"lr": 1e-6, "params": [0, 1]}]}
+    library = io.BytesIO()
+    torch.save(state, library)
+    with store.HashedFile(tmp_path / "ours.pt", store.SIDE_DIGEST) as f:
+        torch.save(state, f)
+    ours = (tmp_path / "ours.pt").read_bytes()
+    assert ours == library.getvalue()
+    assert f.digest == xxhash.xxh3_128(ours).hexdigest() == store._digest_written(tmp_path / "ours.pt", "xxh128")
+    assert torch.equal(torch.load(tmp_path / "ours.pt")["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
