@@ -145,10 +145,14 @@ class Recorder:
 def _commit(repo, targets: list[str]) -> None:
     """`dvc commit --force T1 T2 ...` with one write of dvc.lock. Uses the steps of DVC's
     own `Repo.commit` (dvc/repo/commit.py), which writes the lock once per target."""
+    from dvc.dvcfile import PROJECT_FILE, load_file
     from dvc.repo import lock_repo
 
     with lock_repo(repo):
-        stages = [info.stage for t in targets for info in repo.stage.collect_granular(t)]
+        # one parse of dvc.yaml and dvc.lock for all targets (collect_granular parses both
+        # again for each one: 28 targets, 56 parses, most of a 4-iteration commit's time)
+        loader = load_file(repo, repo.fs.join(repo.root_dir, PROJECT_FILE)).stages
+        stages = [loader[t] for t in targets]
         _hand_digests(repo, stages)
         for stage in stages:
             # allow_missing: an output the retention setting removed keeps its recorded hash
