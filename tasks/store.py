@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import inspect
 import json
@@ -322,23 +323,36 @@ class HashedFile:
             self._buf[self._fill:self._fill + k] = src[offset:offset + k]
             self._fill, offset = self._fill + k, offset + k
             if self._fill == _DIRECT_CHUNK:
-                _write_all(self._fd, self._buf[:self._fill])
+                self._write(self._buf[:self._fill])
                 self._fill = 0
         return len(src)
 
     def flush(self) -> None:
         """Nothing: bytes reach the file in whole staging buffers, and at close."""
 
+    def _write(self, data: np.ndarray) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError as e:
+                if not self._direct or e.errno != errno.EINVAL:
+                    raise
+                # opened with O_DIRECT but refused at write (some FUSE and overlay file
+                # systems): go on with buffered writes from the same offset
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~self._direct)
+                self._direct = 0
+
     def close(self) -> str:
         if self.digest is not None:
             return self.digest
         try:
-            if self._fill:
-                end = -(-self._fill // _DIRECT_ALIGN) * _DIRECT_ALIGN if self._direct else self._fill
+            end = -(-self._fill // _DIRECT_ALIGN) * _DIRECT_ALIGN if self._direct else self._fill
+            if end:
                 self._buf[self._fill:end] = 0
-                _write_all(self._fd, self._buf[:end])
-            if self._direct:
-                os.ftruncate(self._fd, self._size)
+                self._write(self._buf[:end])
+            if end != self._fill:
+                os.ftruncate(self._fd, self._size)  # the last block's padding
             st = os.fstat(self._fd)
         finally:
             os.close(self._fd)
@@ -366,10 +380,6 @@ def write_hashed(path: Path, pieces: Iterable[Any], algo: str = "md5", direct: b
     return f.digest
 
 
-def _write_all(fd: int, data: np.ndarray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _digest_written(path: Path, algo: str) -> str | None:

@@ -320,3 +320,27 @@ def test_torch_save_into_a_hashed_file_writes_what_it_writes_to_a_path(tmp_path)
     assert ours == library.getvalue()
     assert f.digest == xxhash.xxh3_128(ours).hexdigest() == store._digest_written(tmp_path / "ours.pt", "xxh128")
     assert torch.equal(torch.load(tmp_path / "ours.pt")["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+
+def test_a_file_system_that_refuses_o_direct_at_write_gets_buffered_writes(tmp_path, monkeypatch):
+    """Some file systems accept O_DIRECT at open and refuse it (EINVAL) at write: the file is
+    then written buffered from the same offset, padding-free, with the same digest. (This
+    machine's ext4 accepts O_DIRECT, so the refusal is injected at the first direct write.)"""
+    import errno
+    import fcntl
+    import hashlib
+    import os
+
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and not refused:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(store.os, "write", write)
+    blob = os.urandom((16 << 20) + 5)
+    path = tmp_path / "shard.safetensors"
+    assert store.write_hashed(path, [blob[:7], blob[7:]]) == hashlib.md5(blob).hexdigest()
+    assert refused == [16 << 20] and path.read_bytes() == blob
