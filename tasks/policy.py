@@ -244,7 +244,7 @@ def write_weights(model, out: Path, state_dict: dict | None = None) -> None:
     transformers decides what is saved (tied weights, names, shards, index, configs); only
     the writing of each shard's bytes is ours, the shards written and md5-hashed on every
     core at once. The files are byte for byte what save_pretrained writes alone
-    (tests/test_store.py)."""
+    (tests/test_stages.py)."""
     import transformers.modeling_utils as modeling_utils
 
     shards = []
