@@ -299,7 +299,7 @@ def test_a_landing_records_the_digest_taken_while_writing_and_rehashes_a_touched
     assert md5 == hashlib.md5(on_disk).hexdigest() != hashlib.md5(written).hexdigest()
 
 
-def test_torch_save_into_a_hashed_file_writes_what_it_writes_to_a_path(tmp_path):
+def test_torch_save_into_a_hashed_file_writes_what_it_writes_to_any_file_object(tmp_path):
     """The learner's optimizer state goes through torch.save into a HashedFile: the file is
     byte for byte what torch.save writes to any file object (a path would name the archive
     after the file instead of `archive/`), torch.load reads it, and the xxh128 of those
