@@ -261,9 +261,9 @@ def write_weights(model, out: Path, state_dict: dict | None = None) -> None:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None,
-                      algo: str = "md5") -> str:
+                      algo: str = "md5") -> None:
     """Write `tensors` as the safetensors file `path` through store.write_hashed (around the
-    page cache, digested with `algo` on the way) and return the digest. The layout is safetensors' own
+    page cache, digested with `algo` on the way for the stage's landing). The layout is safetensors' own
     (header JSON with `__metadata__` first, tensors by descending element size then name,
     padded with spaces to 8 bytes), so the bytes equal `safetensors.torch.save_file`'s for
     metadata of at most one key (safetensors orders several keys as a hash map does)."""
@@ -272,8 +272,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
         from safetensors.torch import save_file
 
-        save_file(tensors, str(path), metadata=metadata)  # a dtype this writer does not know
-        return store.file_digest(path, algo)
+        save_file(tensors, str(path), metadata=metadata)  # a dtype this writer does not know: hashed as it lands
+        return
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -292,7 +292,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
             if t.numel():
                 yield t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
-    return store.write_hashed(path, pieces(), algo)
+    store.write_hashed(path, pieces(), algo)
 
 
 def weight_files(path: Path) -> list[Path]:

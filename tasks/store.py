@@ -272,14 +272,15 @@ def hash_files(paths: list[Path], algo: str = "md5") -> dict[Path, str]:
         return dict(zip(paths, hashers.map(lambda p: file_digest(p, algo), paths)))
 
 
-# Large files (checkpoints) are written by `write_hashed`: hashed on their way to the disk
+# Large files (checkpoints) are written through `HashedFile`: hashed on their way to the disk
 # and written around the page cache. On this VM (a balloon driver that hands freed memory
 # back to the host), every fresh page of page cache costs a slow first touch: a 0.54 GB
 # buffered write + fsync took 2.9-3.3 s, the same bytes with O_DIRECT 0.7-0.9 s
 # (README "Orchestration overhead").
 _DIRECT_ALIGN = 4096          # O_DIRECT wants offsets, lengths and addresses in whole blocks
-_DIRECT_CHUNK = 16 << 20      # staging buffer per writing thread, allocated once and kept
-_staging_buffer = threading.local()
+_DIRECT_CHUNK = 16 << 20      # one staging buffer per file being written at once
+_staging_free: list[np.ndarray] = []  # buffers allocated once and kept: fresh pages are what is slow
+_staging_lock = threading.Lock()
 _written: dict[tuple[int, int, int, int], tuple[str, str]] = {}  # stat identity -> (algo, digest)
 _written_lock = threading.Lock()
 
@@ -292,7 +293,7 @@ class HashedFile:
     """A new file `path` written around the page cache and digested with `algo` on the way
     (`write` / `close`, or a `with` block; torch.save accepts it as a file object). With
     `direct` (and an OS and file system that allow it) the bytes bypass the page cache
-    (O_DIRECT, through an aligned staging buffer per thread; the last block padded, then the
+    (O_DIRECT, through a page-aligned staging buffer; the last block padded, then the
     file truncated to its size); otherwise they are written as usual. Not flushed: the
     landing fsyncs it. On close the digest (`.digest`) is remembered with the file's stat,
     so the stage's landing records it without reading the file back (`_describe_outputs`);
@@ -309,9 +310,9 @@ class HashedFile:
             if not self._direct or e.errno != errno.EINVAL:
                 raise
             self._fd, self._direct = os.open(self.path, flags, 0o644), 0  # no O_DIRECT here (tmpfs)
-        if getattr(_staging_buffer, "array", None) is None:
-            _staging_buffer.array = np.frombuffer(mmap.mmap(-1, _DIRECT_CHUNK), dtype=np.uint8)
-        self._buf, self._fill, self._size = _staging_buffer.array, 0, 0
+        with _staging_lock:  # a kept buffer, else a new one (kept after this file)
+            self._buf = _staging_free.pop() if _staging_free else np.frombuffer(mmap.mmap(-1, _DIRECT_CHUNK), np.uint8)
+        self._fill = self._size = 0
 
     def write(self, data: Any) -> int:
         src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
@@ -355,7 +356,7 @@ class HashedFile:
                 os.ftruncate(self._fd, self._size)  # the last block's padding
             st = os.fstat(self._fd)
         finally:
-            os.close(self._fd)
+            self._release()
         self.digest = self._hash.hexdigest()
         with _written_lock:
             _written[_identity(st)] = (self.algo, self.digest)
@@ -368,7 +369,12 @@ class HashedFile:
         if kind is None:
             self.close()
         else:
-            os.close(self._fd)  # the partial file stays in the staging directory, which is removed
+            self._release()  # the partial file stays in the staging directory, which is removed
+
+    def _release(self) -> None:
+        os.close(self._fd)
+        with _staging_lock:
+            _staging_free.append(self._buf)
 
 
 def write_hashed(path: Path, pieces: Iterable[Any], algo: str = "md5", direct: bool = True) -> str:
@@ -380,10 +386,8 @@ def write_hashed(path: Path, pieces: Iterable[Any], algo: str = "md5", direct: b
     return f.digest
 
 
-
-
 def _digest_written(path: Path, algo: str) -> str | None:
-    """The digest write_hashed took of `path` as it wrote it, if the file is untouched since
+    """The digest a HashedFile took of `path` as it wrote it, if the file is untouched since
     (same device, inode, size and mtime); each is used once."""
     with _written_lock:
         found = _written.pop(_identity(path.stat()), None)
