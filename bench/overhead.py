@@ -57,10 +57,11 @@ def analyse(run_dir: Path, label: str) -> list[list]:
 
 
 def run_config(label: str, overrides: dict, iterations: int, root: Path) -> Path:
-    from flows.dash_rl import dash_rl
+    from flows.dash_rl import dash_rl, prewarm
 
     overrides = dict(overrides, **{"run.root": str(root), "run.name": label, "run.iterations": iterations,
                                    "schedule.evaluate": {}})  # timing only: no evaluation
+    prewarm(str(ROOT / "params.yaml"), overrides)  # as `dashflow run` does (once per process)
     dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
     return root / label
 

@@ -31,7 +31,7 @@ def main(
     out: Path = typer.Option(Path("bench/results/scaling.json")),
 ):
     from dashflow.config import TINY, Params, _parse_override
-    from flows.dash_rl import dash_rl
+    from flows.dash_rl import dash_rl, prewarm
 
     base = dict(TINY) if tiny else gpu_overrides() if gpu else {}
     base.update(dict(_parse_override(s) for s in set_ or []))
@@ -44,6 +44,7 @@ def main(
             overrides = dict(base, **{"run.root": str(root), "run.name": name, "run.iterations": iterations,
                                       "schedule.evaluate": {},  # timing only: no evaluation
                                       "sample.prompts_per_iteration": max(n // g, 1), "task.num_train": max(n // g, 8)})
+            prewarm(str(ROOT / "params.yaml"), overrides)  # as `dashflow run` does (once per process)
             dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides)
             for i in range(iterations):
                 m = json.loads((root / name / f"iter-{i:04d}" / "metrics.json").read_text())

@@ -37,6 +37,19 @@ def _own_processes() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+# Prefect waits 20 s for its temporary server; a first start (a fresh PREFECT_HOME creates and
+# migrates its database) takes 10 s on an idle 2-core machine and has passed 20 s under load.
+TEMPORARY_SERVER_STARTUP_S = 120
+
+
+def temporary_server_env(env) -> None:
+    """Settings for the temporary local Prefect server `dashflow run` starts when no
+    PREFECT_API_URL is set; a value the user set is kept."""
+    # its telemetry write races its own start-up ("database is locked")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(TEMPORARY_SERVER_STARTUP_S))
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg="red", err=True)
     raise typer.Exit(1)
@@ -60,13 +73,13 @@ def run(
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     if verify:
         os.environ["DASHFLOW_VERIFY"] = "1"
-    # the temporary local server's telemetry write races its own start-up ("database is locked")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    temporary_server_env(os.environ)
     from dashflow.config import ParamsError
     from dashflow.versioning import DvcError
-    from flows.dash_rl import dash_rl
+    from flows.dash_rl import dash_rl, prewarm
     from tasks.store import StageError
 
+    prewarm(str(params), {**_overrides(set_), **({"run.preset": preset} if preset else {})})
     try:
         dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,
                 preset=preset, from_stage=from_stage, until=until)

@@ -31,6 +31,7 @@ from dashflow import retention, tracking
 from dashflow.report import write_report
 from dashflow.versioning import Recorder
 from tasks import metrics, store
+from tasks import policy as policy_mod
 from tasks.advantage import advantage_task
 from tasks.evaluate import evaluate_task
 from tasks.filter import filter_task
@@ -57,6 +58,24 @@ def report_task(run_dir) -> str:
     return write_report(run_dir)["png"]
 
 
+def prewarm(params_path: str = "params.yaml", overrides: dict | None = None) -> None:
+    """Before calling the flow in this process (`dashflow run`, the benches): start importing
+    transformers' model code in a thread (tasks/policy.py `prewarm`) while Prefect starts its
+    temporary server. Prefect's own start-up imports are done here first, so the two threads
+    import disjoint sets of modules; the flow waits for the thread before its first stage."""
+    import prefect.flow_engine  # noqa: F401
+    import prefect.task_engine  # noqa: F401
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        import prefect.server.api.server  # noqa: F401  (the temporary server's client side)
+    try:
+        name = Params.load(params_path, overrides or {}).stage("model")["name"]
+    except Exception:  # noqa: BLE001 -- the flow loads them again and reports what is wrong
+        return
+    policy_mod.prewarm(name)
+
+
 @flow(name="dash-rl", log_prints=True)
 def dash_rl(
     params_path: str = "params.yaml",
@@ -69,6 +88,7 @@ def dash_rl(
 ) -> dict:
     """`until`: run iterations 0..until of the schedule and stop (a later call resumes; the
     schedule, and so what is evaluated, stays that of the whole run)."""
+    policy_mod.prewarmed()  # no stage imports transformers while prewarm's thread does
     overrides = {**(overrides or {}), **({"run.preset": preset} if preset else {}),
                  **({"run.iterations": iterations} if iterations is not None else {})}
     params = Params.load(params_path, overrides)
@@ -105,10 +125,17 @@ def dash_rl(
                 ]
                 if (i + 1) % commit_every == 0:
                     dvc.flush()  # the iterations' stages into dvc.lock (counted in the orchestration time)
+                # every learn.state_every: the optimizer state learn@i holds, written in a thread
+                # while the next stages compute (after the commit, whose CPU it would slow)
+                learn_stage.write_due_state()
                 fresh = not any(r["cached"] for r in ran)
                 wall = time.perf_counter() - started
                 if params.evaluated(i):
                     dvc(evaluate_task(params, i, force=force("evaluate", i)))
+                if keep.optimizers is not None:
+                    # retention keeps the state being written, not the one before: wait for it
+                    # to land, and count the wait in the iteration (it is its bookkeeping)
+                    wall += learn_stage.wait_for_state()
                 row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
                 history.append(row)
                 print_iteration(row, cached=all(r["cached"] for r in ran))

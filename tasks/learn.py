@@ -59,6 +59,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -170,6 +171,11 @@ EXECUTION_ONLY = ("launcher", "nproc", "gradient_checkpointing", "state_every")
 _held: dict[str, tuple] = {}
 _holding = False
 _trained: tuple | None = None  # what the last train() in this process left: (model, optimizer)
+# the held optimizer state due to be written (the flow's params), the thread writing it
+# while the next stages compute, and what that raised (`holding`)
+_due: Params | None = None
+_writer: threading.Thread | None = None
+_writer_failed: list[BaseException] = []
 
 
 @contextmanager
@@ -177,9 +183,13 @@ def holding(params: Params):
     """Within a flow run: learn@i hands its float32 model and AdamW state to learn@i+1 in
     memory (no write, no read) and writes its optimizer state only every
     `learn.state_every` iterations and at the schedule's last; on leaving (the flow ends,
-    stops at `until`, or fails) the state held is written. A process killed in between
-    loses only the held state: the next learn replays from the last one written
-    (replay_state), with the same bytes."""
+    stops at `until`, or fails) the state held is written. The every-`state_every` write
+    is left due (`_due`): the flow starts it in a thread once the iteration's bookkeeping
+    is done (`write_due_state`), so it waits for the disk while the next stages compute;
+    learn@i+1 waits for it before it steps the optimizer the thread reads, and writes it
+    itself if it was never started (`wait_for_state`). The state lands atomically either
+    way (store.land_side). A process killed in between loses only the held state: the next
+    learn replays from the last one written (replay_state), with the same bytes."""
     global _holding
     _holding = True
     try:
@@ -187,9 +197,51 @@ def holding(params: Params):
     finally:
         _holding = False
         try:
-            flush(params)
+            try:
+                wait_for_state()
+            except store.StageError as exc:
+                print(f"{exc}; writing it again")
+            flush(params)  # what is held and not on disk yet, the background write's included if it failed
         finally:
             _held.clear()
+
+
+def write_due_state() -> None:
+    """Start writing the optimizer state a learn of this flow left due (if any) in a thread."""
+    global _writer, _due
+    if _due is None:
+        return
+    params, _due = _due, None
+
+    def write() -> None:
+        try:
+            flush(params)
+        except BaseException as exc:  # noqa: BLE001 -- raised by wait_for_state, in the flow's thread
+            _writer_failed.append(exc)
+
+    _writer = threading.Thread(target=write, name="dashflow-optimizer-state")
+    _writer.start()
+
+
+def wait_for_state() -> float:
+    """Make sure the optimizer state due to be written is on disk: wait for its thread, or
+    write it now if it was not started. Returns the seconds that took (the caller's time
+    spent on the write). Raises a StageError if the thread failed (the state stays held, so
+    leaving `holding` writes it)."""
+    global _writer, _due
+    started = time.perf_counter()
+    if _due is not None:
+        params, _due = _due, None
+        flush(params)
+    if _writer is not None:
+        _writer.join()
+        _writer = None
+    blocked = time.perf_counter() - started
+    if _writer_failed:
+        exc = _writer_failed.pop()
+        raise store.StageError(f"writing the optimizer state in the background failed ({type(exc).__name__}: "
+                               f"{exc})") from exc
+    return blocked
 
 
 def flush(params: Params) -> None:
@@ -202,7 +254,12 @@ def flush(params: Params) -> None:
         if _state_problem(directory) is None and store.read_manifest(directory).key == key:
             continue
         dtype = policy_mod.stored_dtype(params["model"])
-        store.land_side(directory, main, lambda tmp: write_state(model, optimizer, tmp, dtype))
+
+        def write(tmp: Path) -> None:
+            write_state(model, optimizer, tmp, dtype)
+            store.fault_point("mid-state", f"learn@{iteration}")
+
+        store.land_side(directory, main, write)
 
 
 def write_state(model, optimizer, directory: Path, checkpoint_dtype: str, low: dict | None = None) -> None:
@@ -225,7 +282,8 @@ def _held_key(prev: Path) -> str | None:
 
 
 def _take_held(prev: Path) -> tuple | None:
-    """The model and optimizer learn@i-1 left in memory (see _held_key); nothing stays held."""
+    """The model and optimizer learn@i-1 left in memory (see _held_key); nothing stays held.
+    Its caller, learn's build, has waited for their background write (wait_for_state)."""
     key = _held_key(prev)
     held = _held.pop(key) if key is not None else None
     _held.clear()
@@ -255,10 +313,14 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     torchrun = cfg.get("launcher") == "torchrun"
     every = int(cfg.get("state_every") or 1)
-    # the optimizer state is written now unless a later learn of this flow takes it in memory
-    write = not _holding or torchrun or (iteration + 1) % every == 0 or iteration >= params.iterations - 1
+    # the optimizer state is written with the policy outside a flow (and by torchrun's rank 0);
+    # in a flow it is held for the next learn and written in a thread every `every`
+    # iterations and at the schedule's last (see holding)
+    write = not _holding or torchrun
+    background = not write and ((iteration + 1) % every == 0 or iteration >= params.iterations - 1)
 
     def build(tmp: Path) -> dict:
+        wait_for_state()  # a replay may need the state being written, and a held model must not move
         if not (_holding and not torchrun and _held_key(prev)):
             replay_state(params, iteration)
         if torchrun:
@@ -278,7 +340,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         slice_["schedule_steps"] = schedule_position(params, iteration)
     if sft:
         slice_.update(prompts_per_iteration=sample_cfg["prompts_per_iteration"], seed=params["run"]["seed"])
-    global _trained
+    global _trained, _due
     _trained = None
     manifest = store.run_stage(
         "learn", iteration, layout.stage_dir("learn", iteration), inputs=inputs, params=slice_,
@@ -291,6 +353,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         if policy_mod.stored_dtype(params["model"]) == params["model"]["dtype"]:
             # evaluate@i and sample@i+1 sample these weights without reading them back
             policy_mod.offer_inference_model(layout.stage_dir("learn", iteration), _trained[0], params["model"]["dtype"])
+        if background:
+            _due = params  # the flow starts it (write_due_state); the next learn waits for it
     _trained = None
     return manifest
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 def _quiet_transformers() -> None:
     """Our own progress bars say what is happening; transformers' per-load bars are noise."""
+    prewarmed()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -91,6 +92,7 @@ def _fetch_gguf(spec: dict, into: Path) -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantise a GGUF Llama checkpoint to a plain safetensors HF checkpoint in `out`."""
+    prewarmed()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -150,6 +152,49 @@ _inference: dict[tuple, object] = {}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".index.json")
 
 
+# transformers imports its tokenizer and model-loading code (and torch's dynamo, sympy and
+# DTensor modules with it) on first use: 2-3 s of the first stage that loads a policy, on
+# this CPU. `dashflow run` starts these imports in a thread while the main thread waits for
+# Prefect's temporary server (prewarm); the first load waits for the thread, so the two
+# threads never import transformers at once.
+_prewarm: threading.Thread | None = None
+
+
+def prewarm(model_name: str) -> None:
+    """Import transformers' tokenizer and model-loading code in a thread, with the model class
+    of `model_name` where its config is on disk already (a local directory, or the embedded
+    model once converted); nothing is downloaded or converted here. Call it before the
+    flow, once the main thread's own imports are done (the caller's job); a failure
+    here is ignored: the load that needs the module imports it again and says what failed."""
+    global _prewarm
+    if _prewarm is not None or "transformers.modeling_utils" in sys.modules:
+        return
+    directory = cache_dir() / model_name.split(":", 1)[1] / "hf" if model_name in EMBEDDED else Path(model_name)
+    config = directory / "config.json"
+
+    def imports() -> None:
+        try:
+            import transformers.core_model_loading  # noqa: F401
+            import transformers.masking_utils  # noqa: F401
+            import transformers.modeling_utils  # noqa: F401
+            from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            if config.is_file():
+                MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(directory))]
+        except Exception:  # noqa: BLE001 -- see the docstring
+            log.debug("prewarm imports failed", exc_info=True)
+
+    _prewarm = threading.Thread(target=imports, name="dashflow-prewarm", daemon=True)
+    _prewarm.start()
+
+
+def prewarmed() -> None:
+    """Wait for prewarm's imports (if any are under way): call before importing transformers."""
+    if _prewarm is not None:
+        _prewarm.join()
+
+
 def load_tokenizer(path: str | Path):
     """The policy's tokenizer (left padding; pad = eos where it has none), shared in the process
     with every directory whose tokenizer files hold the same bytes; treat it as read-only."""
@@ -160,6 +205,7 @@ def load_tokenizer(path: str | Path):
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     key = digest.hexdigest() if files else f"name:{path}"
     if key not in _tokenizers:
+        prewarmed()
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)

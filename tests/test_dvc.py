@@ -142,6 +142,36 @@ def test_dvc_is_handed_dashflows_md5_and_hashes_no_output_file_again(repo):
     assert (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).samefile(weights)
 
 
+def test_the_lock_dashflow_writes_is_byte_for_byte_what_dvcs_own_dump_writes(repo, tmp_path):
+    """versioning._write_lock reads dvc.lock with DVC's fast loader instead of its round-trip
+    one; written in two commits (the second merging into the first), the file is the one
+    DVC's `dump_stages` writes."""
+    from dvc.dvcfile import load_file
+    from dvc.repo import Repo
+
+    from dashflow import versioning
+
+    lock = repo / "dvc.lock"
+    recorded = lock.read_bytes()
+    names = list(yaml.safe_load(recorded)["stages"])
+    assert len(names) == 2 + len(STAGES) * ITERS + 1
+    written = {}
+    try:
+        with Repo(str(repo)) as r:
+            loader = load_file(r, str(repo / "dvc.yaml")).stages
+            stages = [loader[n] for n in reversed(names)]  # another order than the flow's commits
+            for label, write in (("dvc", lambda part: part[0].dvcfile.dump_stages(part, update_pipeline=False)),
+                                 ("dashflow", lambda part: versioning._write_lock(r, part))):
+                lock.unlink()
+                write(stages[:5])
+                write(stages[3:])  # two stages again: replaced in place
+                written[label] = lock.read_bytes()
+    finally:
+        lock.write_bytes(recorded)
+    assert written["dashflow"] == written["dvc"]
+    assert yaml.safe_load(written["dashflow"]) == yaml.safe_load(recorded)
+
+
 @pytest.mark.parametrize("every, fault, committed, not_yet", [
     # killed inside a commit: the iteration's outputs in DVC's cache, dvc.lock not yet written
     (1, "mid-dvc-commit@sample@1", "learn@0", "sample@1"),

@@ -49,6 +49,26 @@ def _sets(overrides: dict) -> list[str]:
     return out
 
 
+def test_the_temporary_server_gets_two_minutes_to_start_unless_the_user_set_a_limit(monkeypatch):
+    """Prefect's own 20 s ran out in CI while a fresh PREFECT_HOME migrated its database."""
+    from prefect.settings import Settings
+
+    from dashflow.cli import temporary_server_env
+
+    for key in [k for k in os.environ if k.startswith("PREFECT_")]:
+        monkeypatch.delenv(key)
+    assert Settings().server.ephemeral.startup_timeout_seconds == 20
+    env = {}
+    temporary_server_env(env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings().server.ephemeral.startup_timeout_seconds == 120
+    assert Settings().server.analytics_enabled is False
+    mine = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"}
+    temporary_server_env(mine)
+    assert mine["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "45"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_a_killed_dashflow_run_leaves_no_temporary_prefect_server(tmp_path, sig):
     """SIGTERM runs Prefect's exit handler; after SIGKILL the command's guard stops the server."""
@@ -268,6 +288,38 @@ def test_sigkill_at_a_named_point_then_the_rerun_gives_the_same_bytes(finished, 
     assert _files(out) == _files(finished.layout.stage_dir(stage, 0))
     assert store.read_manifest(out).digest == store.read_manifest(finished.layout.stage_dir(stage, 0)).digest
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))] == []
+
+
+def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_replay_gives_the_same_bytes(
+        finished, tmp_path):
+    """A flow writes the held optimizer state in a thread (tasks/learn.py `holding`); killed
+    in the middle of it, nothing looks finished, and the next learn's replay lands the bytes
+    of an uninterrupted learn@0."""
+    from conftest import fork_run
+    from tasks import learn
+
+    extra = {"learn.state_every": 1}  # learn@0 of 2 iterations: its state is written in the thread
+    params = tiny_params(tmp_path / "runs", **extra)
+    fork_run(finished, params, iteration_stages=ORDER[:-1])
+    overrides = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}, **extra)
+    flow = ("from dashflow.config import Params\nfrom tasks import learn\n"
+            f"params = Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r})\n"
+            "with learn.holding(params):\n    learn.run(params, 0)\n    learn.write_due_state()\n"
+            "    learn.wait_for_state()\n")
+    killed = subprocess.run([sys.executable, "-c", flow], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, DASHFLOW_FAULT="mid-state@learn@0"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    state, policy = params.layout.optimizer(0), params.layout.policy(0)
+    assert store.read_manifest(policy).digest == store.read_manifest(finished.layout.policy(0)).digest
+    assert store.read_manifest(state) is None and not state.exists()  # only a hidden staging directory
+    assert (state.parent / f".{state.name}.tmp" / learn.OPTIMIZER_FILE).exists()
+    replay = ("from dashflow.config import Params\nfrom tasks import learn\n"
+              f"learn.replay_state(Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r}), 1)\n")
+    done = subprocess.run([sys.executable, "-c", replay], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the optimizer state of iteration 0 is not on disk" in done.stdout
+    assert _files(state) == _files(finished.layout.optimizer(0))
+    assert [p.name for p in state.parent.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))] == []
 
 
 def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp_path):

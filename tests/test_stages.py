@@ -438,6 +438,112 @@ def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_h
     policy_mod.release_inference_model()
 
 
+def test_a_held_state_is_written_in_the_background_and_lands_the_bytes_a_synchronous_write_lands(run0, tmp_path):
+    """Every learn.state_every iterations of a flow the held optimizer state is written in a
+    thread while the next stages run; it lands the same bytes as learn's own write (run0's,
+    outside a flow), and the model stays held for the next learn."""
+    params, m = run0
+    flow = tiny_params(tmp_path / "runs", **{"learn.state_every": 1})  # learn@0 is not the schedule's last
+    fork_run(params, flow)
+    with learn.holding(flow):
+        landed = learn.run(flow, 0)
+        assert learn._due is flow and learn._writer is None        # due; the flow starts it ...
+        assert store.read_manifest(flow.layout.optimizer(0)) is None
+        learn.write_due_state()                                      # ... after its bookkeeping
+        writer = learn._writer
+        assert writer is not None and writer.name == "dashflow-optimizer-state"
+        learn.wait_for_state()
+        assert not writer.is_alive() and learn._writer is None
+        state = store.read_manifest(flow.layout.optimizer(0))
+        assert state.key == landed.key == m["learn"].key and store.content_problem(flow.layout.optimizer(0), state) is None
+        assert (flow.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes() == \
+            (params.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes()
+        assert list(learn._held) == [landed.key]                   # still held: learn@1 takes it from memory
+    assert learn._held == {}
+    # a due write that the flow never started is written by whoever needs it next
+    again = tiny_params(tmp_path / "again", **{"learn.state_every": 1})
+    fork_run(params, again)
+    with learn.holding(again):
+        learn.run(again, 0)
+        learn.wait_for_state()
+        assert learn._due is None and learn._writer is None
+        assert store.read_manifest(again.layout.optimizer(0)).key == landed.key
+    policy_mod.release_inference_model()
+
+
+def test_a_background_state_write_that_fails_stops_the_next_learn_and_is_written_again_on_leaving(
+        run0, tmp_path, monkeypatch, capsys):
+    params, m = run0
+    flow = tiny_params(tmp_path / "runs", **{"learn.state_every": 1})
+    fork_run(params, flow)
+    write_state = learn.write_state
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(learn, "write_state", disk_full)
+    with learn.holding(flow):
+        learn.run(flow, 0)  # the policy lands; its state is written in the thread, which fails
+        learn.write_due_state()
+        with pytest.raises(store.StageError, match=r"writing the optimizer state in the background failed "
+                                                   r"\(OSError: \[Errno 28\] No space left on device\)"):
+            learn.wait_for_state()
+        # nothing half-written: no manifest, no staging directory
+        assert store.read_manifest(flow.layout.optimizer(0)) is None
+        assert not [p.name for p in flow.layout.optimizer(0).parent.iterdir() if "optimizer" in p.name]
+        assert learn._held                                           # the state is still held ...
+        monkeypatch.setattr(learn, "write_state", write_state)
+    state = store.read_manifest(flow.layout.optimizer(0))            # ... and leaving the flow writes it
+    assert state is not None and state.key == m["learn"].key
+    assert (flow.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes() == \
+        (params.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes()
+    policy_mod.release_inference_model()
+
+
+_PREWARM_SCRIPT = """
+import json, sys, threading
+from flows.dash_rl import prewarm
+from tasks import policy
+
+found = []
+
+
+class Recorder:  # notes which thread first imports each transformers module; imports nothing
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "transformers":
+            found.append([name, threading.current_thread().name])
+
+
+sys.meta_path.insert(0, Recorder())
+before = "transformers" in sys.modules
+prewarm(sys.argv[1], {"model.name": sys.argv[2]})
+policy.load_tokenizer(sys.argv[2])
+model = policy.load_model(sys.argv[2], policy.pick_device("cpu"))
+print(json.dumps({"before": before, "found": found, "model": type(model).__name__}))
+"""
+
+
+def test_prewarm_imports_the_model_code_in_its_thread_and_the_first_load_waits_for_it(run0):
+    """Every transformers module the first tokenizer and model loads need is imported by
+    prewarm's thread, the llama class included; none by the main thread beside it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    params, _ = run0
+    out = subprocess.run([sys.executable, "-c", _PREWARM_SCRIPT, str(ROOT / "params.yaml"),
+                          str(params.layout.policy(-1))], cwd=ROOT, capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["before"] is False and seen["model"] == "LlamaForCausalLM"
+    by_thread = {}
+    for name, thread in seen["found"]:
+        by_thread.setdefault(thread, []).append(name)
+    assert set(by_thread) == {"dashflow-prewarm"}, {t: n[:5] for t, n in by_thread.items()}
+    assert {"transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
+            "transformers.tokenization_utils_tokenizers"} <= set(by_thread["dashflow-prewarm"])
+
+
 def test_learn_trains_the_base_model_sample_served_instead_of_loading_it_again(run0, tmp_path):
     """learn@0 in the process that ran sample@0 takes the float32 base model out of the
     inference cache (no second load); the update is the same bytes as one loaded from the file."""
