@@ -226,8 +226,8 @@ def test_sampler_applies_exactly_the_configured_processors(rollouts, tmp_path):
     bias TIS weights would carry if the two were compared directly."""
     ckpt = tmp_path / "qwen-like"
     for f in rollouts.layout.policy(-1).iterdir():
-        if f.name != store.MANIFEST:
-            store.link_or_copy(f, ckpt / f.name)
+        if f.name not in (store.MANIFEST, "generation_config.json"):   # a hard link would write through
+            store.link_or_copy(f, ckpt / f.name)                      # to the shared run's base policy
     (ckpt / "generation_config.json").write_text(json.dumps(
         {"repetition_penalty": 1.5, "top_k": 2, "temperature": 0.1, "do_sample": True, "eos_token_id": 2}))
     sampler, tok = samplers.make_sampler("hf", str(ckpt), device=torch.device("cpu"), dtype="float32",
