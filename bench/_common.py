@@ -43,15 +43,15 @@ def emit(title: str, headers: list[str], rows: list[list], out: Path, **extra) -
 
 
 def base_policy_path(model: str = "embedded:smollm2-135m-instruct") -> str:
-    from tasks.policy import resolve_model
+    from dashflow.core.policy import resolve_model
 
     return resolve_model(model)
 
 
 def arithmetic_prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """n chat-formatted prompts of the default task (the lengths the stages see)."""
-    from tasks.policy import chat_prompt
-    from tasks.problems import arithmetic
+    from dashflow.core.policy import chat_prompt
+    from dashflow.core.problems import arithmetic
 
     train, _ = arithmetic(max(n, 8), 0, seed=seed, level_weights=[0.4, 0.25, 0.15, 0.2],
                           instruction="Put the final answer in \\boxed{}.")

@@ -36,7 +36,7 @@ from _common import ROOT, gpu_overrides, machine
 
 def _one(run: Path, iterations: int) -> dict:
     """One (arm, seed) run's numbers."""
-    from dashflow.config import RunLayout
+    from dashflow.core.config import RunLayout
 
     layout = RunLayout(run)
     metrics = [json.loads(layout.metrics(i).read_text()) for i in range(iterations)]
@@ -111,8 +111,8 @@ def main(
     keep: bool = typer.Option(False, help="keep --root afterwards (checkpoints: GBs)"),
     out: Path = typer.Option(Path("bench/results/arms.json"), help="JSON with the table's numbers"),
 ):
-    from dashflow.config import PRESETS, TINY, _parse_override
-    from flows.dash_rl import dash_rl
+    from dashflow.core.config import PRESETS, TINY, _parse_override
+    from dashflow.flows.dash_rl import dash_rl
 
     arms = [a.strip() for a in presets.split(",") if a.strip()]
     unknown = [a for a in arms if a not in PRESETS]

@@ -28,7 +28,7 @@ from _common import ROOT, arithmetic_prompts, emit, gpu_overrides, scratch
 def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, seed: int = 0):
     import pyarrow as pa
 
-    from tasks import schema
+    from dashflow.core import schema
 
     rng = random.Random(seed)
     out = []
@@ -43,13 +43,13 @@ def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, se
 
 
 def write_kept(params, table) -> None:
-    from tasks import schema, store
+    from dashflow.core import schema, store
 
-    from tasks import filter as filter_stage
+    from dashflow.core import sampled
 
     def build(tmp):
         store.write_shard(tmp, 0, table, schema.KEPT, stage="bench")
-        filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
+        sampled.write_sampled(tmp, sampled.sampled_groups(table))
         return {"stats": {"rows_kept": table.num_rows}}
 
     store.run_stage("filter", 0, params.layout.stage_dir("filter", 0), inputs={}, params={"rows": table.num_rows},
@@ -60,7 +60,7 @@ def bare_step(path, table, rows_per_micro: int, device, precision: str = "fp32",
               temperature: float = 0.9) -> tuple[float, int]:
     import torch
 
-    from tasks import algorithms, policy
+    from dashflow.core import algorithms, policy
 
     model = policy.load_model(path, device, "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -94,8 +94,9 @@ def main(
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/learner.json")),
 ):
-    from dashflow.config import TINY, Params
-    from tasks import learn, policy, prepare
+    from dashflow.core.config import TINY, Params
+    from dashflow.tasks import learn, prepare
+    from dashflow.core import policy
 
     if tiny:
         rows, completion_len, micro, kept, sampled = 4, 8, "1,2", "2,4", 4

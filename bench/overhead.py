@@ -25,7 +25,7 @@ STAGES = ("sample", "reward", "advantage", "filter", "reference", "learn")
 
 
 def iteration_split(it_dir: Path) -> dict:
-    from dashflow.config import RunLayout
+    from dashflow.core.config import RunLayout
 
     layout, i = RunLayout(it_dir.parent), int(it_dir.name.split("-")[1])
     t = json.loads(layout.metrics(i).read_text())["time"]
@@ -57,7 +57,7 @@ def analyse(run_dir: Path, label: str) -> list[list]:
 
 
 def run_config(label: str, overrides: dict, iterations: int, root: Path) -> Path:
-    from flows.dash_rl import dash_rl, prewarm
+    from dashflow.flows.dash_rl import dash_rl, prewarm
 
     overrides = dict(overrides, **{"run.root": str(root), "run.name": label, "run.iterations": iterations,
                                    "schedule.evaluate": {}})  # timing only: no evaluation
@@ -72,7 +72,7 @@ def main(
     tiny: bool = typer.Option(False, help="the tiny config only"),
     out: Path = typer.Option(Path("bench/results/overhead.json")),
 ):
-    from dashflow.config import TINY
+    from dashflow.core.config import TINY
 
     rows = []
     if run_dir:

@@ -7,7 +7,7 @@ sizes. The curve that motivates preemptive sampling: throughput grows with the b
     python bench/sampler.py --dtypes float32,bfloat16   # the policy's weights in each dtype, one table
     python bench/sampler.py --tiny                # seconds; what CI runs
 
-The stage path is `tasks.samplers.HFSampler.generate` (left padding, the per-batch seed,
+The stage path is `dashflow.core.samplers.HFSampler.generate` (left padding, the per-batch seed,
 the sampled tokens' log-probs from the processed scores); the bare loop is one
 `model.generate` call on the same left-padded batch with the same seed, without scores.
 Both count the tokens up to and including the first stop token. Model loading and Parquet
@@ -58,8 +58,8 @@ def main(
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/sampler.json")),
 ):
-    from tasks import policy
-    from tasks.samplers import HFSampler
+    from dashflow.core import policy
+    from dashflow.core.samplers import HFSampler
 
     sizes = [1, 2, 4] if tiny else [int(b) for b in batches.split(",")]
     max_new_tokens = 8 if tiny else max_new_tokens

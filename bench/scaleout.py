@@ -30,8 +30,9 @@ def main(
     tiny: bool = typer.Option(False),
     out: Path = typer.Option(Path("bench/results/scaleout.json")),
 ):
-    from dashflow.config import TINY, Params, _parse_override
-    from tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
+    from dashflow.core.config import TINY, Params, _parse_override
+    from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
+    from dashflow.core import schema, store
 
     base = dict(TINY) if tiny else {}
     base.update(dict(_parse_override(s) for s in set_ or []))
@@ -68,7 +69,7 @@ def main(
 
 
 def _link(src, dst):
-    from tasks.store import link_or_copy
+    from dashflow.core.store import link_or_copy
 
     link_or_copy(Path(src), Path(dst))
 

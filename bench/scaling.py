@@ -30,8 +30,8 @@ def main(
     gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
     out: Path = typer.Option(Path("bench/results/scaling.json")),
 ):
-    from dashflow.config import TINY, Params, _parse_override
-    from flows.dash_rl import dash_rl, prewarm
+    from dashflow.core.config import TINY, Params, _parse_override
+    from dashflow.flows.dash_rl import dash_rl, prewarm
 
     base = dict(TINY) if tiny else gpu_overrides() if gpu else {}
     base.update(dict(_parse_override(s) for s in set_ or []))

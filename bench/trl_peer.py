@@ -2,7 +2,7 @@
 
 The same model (the embedded SmolLM2-135M-Instruct, float32), the same prompts (the
 arithmetic task's level 1: single-digit a + b and a - b, 96 train prompts from the run's
-seed), the same reward (params.yaml's reward.functions, through tasks.reward.score_row), and the same
+seed), the same reward (params.yaml's reward.functions, through dashflow.core.rewards.score_row), and the same
 algorithm: 8 prompts x 4 samples, 64 new tokens, temperature 0.8 (top_k off), one on-policy
 optimizer step per 32 completions, std-normalised advantages (epsilon 1e-4), token-mean
 loss (TRL's `dapo`), PPO clip 0.2, AdamW lr 2e-5 constant, gradient clipping 1.0, no KL.
@@ -58,8 +58,8 @@ def dashflow_overrides(seed: int, steps: int, filtered: bool, root: Path, name: 
 
 
 def run_dashflow(seed: int, steps: int, filtered: bool, root: Path) -> list[dict]:
-    from dashflow.config import RunLayout
-    from flows.dash_rl import dash_rl
+    from dashflow.core.config import RunLayout
+    from dashflow.flows.dash_rl import dash_rl
 
     name = f"{'dash' if filtered else 'dashflow'}-seed{seed}"
     dash_rl(params_path=str(ROOT / "params.yaml"), overrides=dashflow_overrides(seed, steps, filtered, root, name),
@@ -83,9 +83,9 @@ def run_trl(seed: int, steps: int, root: Path) -> list[dict]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from dashflow.config import Params
-    from tasks.problems import arithmetic
-    from tasks.reward import functions, score_row, settings
+    from dashflow.core.config import Params
+    from dashflow.core.problems import arithmetic
+    from dashflow.core.rewards import functions, score_row, settings
 
     train, _ = arithmetic(PROMPTS_PER_STEP * steps, TASK["task.num_eval"], seed=seed,
                           level_weights=TASK["task.level_weights"], instruction=INSTRUCTION)

@@ -1,1 +1,1 @@
-"""Prefect flows: compose the stages in tasks/, no algorithm code."""
+"""Prefect flows (installed as `dashflow.flows`): compose the stages in tasks/, no algorithm code."""

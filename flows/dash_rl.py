@@ -14,8 +14,8 @@ the flow again resumes where it stopped. `rerun` forces named stages (`filter@2`
 their downstream stages then rerun only if their inputs changed. `from_stage` forces a
 stage and everything after it (`reward@2`). Each iteration publishes a Prefect table
 artifact with its metrics. In a DVC repository each finished stage is committed to
-dvc.lock (`dvc`, dashflow/versioning.py), so `dvc status` is clean after the run. After each
-iteration the retention setting removes the checkpoints it no longer keeps (dashflow/retention.py).
+dvc.lock (`dvc`, dashflow/ops/versioning.py), so `dvc status` is clean after the run. After each
+iteration the retention setting removes the checkpoints it no longer keeps (dashflow/ops/retention.py).
 """
 
 from __future__ import annotations
@@ -25,22 +25,23 @@ import time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from dashflow.config import Params, parse_stage_ref, stages_from
-from dashflow.console import print_iteration, print_summary
-from dashflow import retention, tracking
-from dashflow.report import write_report
-from dashflow.versioning import Recorder
-from tasks import metrics, store
-from tasks import policy as policy_mod
-from tasks.advantage import advantage_task
-from tasks.evaluate import evaluate_task
-from tasks.filter import filter_task
-from tasks import learn as learn_stage
-from tasks.learn import learn_task
-from tasks.prepare import prepare_task
-from tasks.reference import reference_task
-from tasks.reward import reward_task
-from tasks.sample import sample_task
+from dashflow.core.config import Params, parse_stage_ref, stages_from
+from dashflow.ops.console import print_iteration, print_summary
+from dashflow.ops import retention, tracking
+from dashflow.ops.report import write_report
+from dashflow.ops.versioning import Recorder
+from dashflow.tasks import metrics
+from dashflow.core import store
+from dashflow.core import policy as policy_mod
+from dashflow.tasks.advantage import advantage_task
+from dashflow.tasks.evaluate import evaluate_task
+from dashflow.tasks.filter import filter_task
+from dashflow.tasks import learn as learn_stage
+from dashflow.tasks.learn import learn_task
+from dashflow.tasks.prepare import prepare_task
+from dashflow.tasks.reference import reference_task
+from dashflow.tasks.reward import reward_task
+from dashflow.tasks.sample import sample_task
 
 
 @task(name="metrics", task_run_name="metrics[iter={iteration}]", cache_policy=NO_CACHE)
@@ -60,7 +61,7 @@ def report_task(run_dir) -> str:
 
 def prewarm(params_path: str = "params.yaml", overrides: dict | None = None) -> None:
     """Before calling the flow in this process (`dashflow run`, the benches): start importing
-    transformers' model code in a thread (tasks/policy.py `prewarm`) while Prefect starts its
+    transformers' model code in a thread (dashflow/core/policy.py `prewarm`) while Prefect starts its
     temporary server. Prefect's own start-up imports are done here first, so the two threads
     import disjoint sets of modules; the flow waits for the thread before its first stage."""
     import prefect.flow_engine  # noqa: F401

@@ -1,4 +1,3 @@
-"""One module per pipeline stage, plus the shared pieces every stage uses:
-`schema` (the rollout table), `store` (manifests, stage keys, atomic writes),
-`algorithms` (advantage, filter and loss math), `problems` (datasets), `policy`
-(model loading) and `samplers` (generation backends)."""
+"""The pipeline's stages, one module per stage (installed as `dashflow.tasks`): each holds
+its plain function (Parquet in -> Parquet out, cached by its manifest key) and its Prefect
+task. A stage imports the library (dashflow.core) only, never another stage."""

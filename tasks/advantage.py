@@ -1,6 +1,6 @@
 """Stage `advantage`: group-normalised advantages with a registered estimator.
 
-`advantage.estimator` names a function in tasks.algorithms (grpo, drgrpo, rloo). Rows
+`advantage.estimator` names a function in dashflow.core.algorithms (grpo, drgrpo, rloo). Rows
 are grouped by prompt_id; every group must have the same size G (the sampler writes
 whole groups per shard).
 
@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dashflow.config import Params
-from tasks import algorithms, schema, store
-from tasks.prefecting import stage_task
+from dashflow.core.config import Params
+from dashflow.core import algorithms, schema, store
+from dashflow.core.prefecting import stage_task
 
 
 def add_advantages(table: pa.Table, estimator: str, epsilon: float, *, where: str = "table") -> pa.Table:

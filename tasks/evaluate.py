@@ -2,7 +2,7 @@
 
 Greedy decoding (one completion per prompt) and, with `evaluate.samples` n > 0, n samples
 per prompt at the training temperature (top_k, top_p). Every completion is checked twice
-(tasks/answers.py): `strict` (the DASH paper's checker: a box in the last 4 lines) and
+(dashflow/core/answers.py): `strict` (the DASH paper's checker: a box in the last 4 lines) and
 `flexible` (the last box anywhere, else the last number). Per checker the stats are
 greedy accuracy and, over the n samples, mean@n, the unbiased pass@k for k = 1, 2, 4, .., n
 and maj@n -- strict next to flexible, never one alone.
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.config import Params
-from tasks import policy as policy_mod
-from tasks import answers, problems, reward, samplers, sandbox, sandbox_runner, schema, store
-from tasks import code as code_mod
-from tasks.prefecting import stage_task
-from tasks.prepare import read_prompts
+from dashflow.core import answers, problems, rewards, samplers, sandbox, sandbox_runner, schema, store
+from dashflow.core import code as code_mod
+from dashflow.core import policy as policy_mod
+from dashflow.core import prompts as prompts_mod
+from dashflow.core.config import Params
+from dashflow.core.prefecting import stage_task
 
 
 ANSWER_COLUMNS = ("strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "reward_error")
@@ -81,7 +81,7 @@ def set_prompts(params: Params, name: str, spec: dict, limit: int) -> list[dict]
     try:
         instruction = problems.instruction(dict(params["task"], hub_format=spec.get("hub_format")), kind)
         if kind == answers.HELDOUT:
-            rows = read_prompts(params, "eval").to_pylist()
+            rows = prompts_mod.read_prompts(params, "eval").to_pylist()
         elif kind in FILE_KINDS:
             if not spec.get("path"):
                 raise store.StageError(f"{where}: kind {kind} needs path (a JSONL or Parquet file)")
@@ -106,8 +106,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     layout = params.layout
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
-    reward_cfg = reward.settings(params)
-    reward_key = reward.key_params(reward_cfg)
+    reward_cfg = rewards.settings(params)
+    reward_key = rewards.key_params(reward_cfg)
     policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
     out_dir = Path(out) if out is not None else layout.eval(iteration)
     if policy is not None and not (policy_dir / "config.json").is_file():
@@ -125,7 +125,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
                     "reward": {k: reward_key[k] for k in ("timeout_s", "max_chars", "sandbox")},
                     "seed": params["run"]["seed"]}
-    code = store.code_digest(sys.modules[__name__], answers, reward, samplers, policy_mod, schema, sandbox, sandbox_runner,
+    code = store.code_digest(sys.modules[__name__], answers, rewards, samplers, policy_mod, schema, sandbox, sandbox_runner,
                              code_mod)
     policy_id = (store.read_manifest(policy_dir).digest if stage_output else checkpoint_identity(policy_dir))
     # what makes one set's rows: not the other sets
@@ -199,7 +199,7 @@ def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, rewar
                                  top_k=int(sample_cfg.get("top_k") or 0), seed=seed + 7919,
                                  greedy=mode == "greedy", desc=f"{label} {mode}")
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-        scored = reward.score_many([{"completion": t, "answer": prompts[p]["answer"]} for t, (p, _) in zip(texts, order)],
+        scored = rewards.score_many([{"completion": t, "answer": prompts[p]["answer"]} for t, (p, _) in zip(texts, order)],
                                    [], reward_cfg, desc=label)
         for (p, j), c, text, s in zip(order, comps, texts, scored):
             rows.append({"prompt_id": prompts[p]["prompt_id"], "prompt": prompts[p]["prompt"],

@@ -16,7 +16,6 @@ Input : iter-i/advantaged   Output: iter-i/kept (schema.KEPT), shard for shard (
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,9 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from dashflow.config import Params
-from tasks import algorithms, schema, store
-from tasks.prefecting import stage_task
+from dashflow.core import algorithms, sampled, schema, store
+from dashflow.core.config import Params
+from dashflow.core.prefecting import stage_task
 
 
 def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Table:
@@ -35,34 +34,6 @@ def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Tab
     advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
     mask = algorithms.filter_mask(advantages, threshold)
     return table.filter(pa.array(mask.tolist(), pa.bool_()))
-
-
-SAMPLED = "sampled.json"
-
-
-def sampled_groups(table: pa.Table) -> list[dict[str, Any]]:
-    """Each prompt group of an (unfiltered) shard in order: {prompt_id, rows, completion_tokens}."""
-    groups: dict[str, dict[str, Any]] = {}
-    for pid, tokens in zip(table.column("prompt_id").to_pylist(), table.column("completion_token_ids").to_pylist()):
-        g = groups.setdefault(pid, {"prompt_id": pid, "rows": 0, "completion_tokens": 0})
-        g["rows"] += 1
-        g["completion_tokens"] += len(tokens)
-    return list(groups.values())
-
-
-def write_sampled(directory: Path, groups: list[dict[str, Any]]) -> None:
-    """kept/sampled.json: the sampled batch's groups, in order (see the module docstring)."""
-    data = {"sequences": sum(g["rows"] for g in groups), "groups": groups}
-    (Path(directory) / SAMPLED).write_text(json.dumps(data, indent=1))
-
-
-def read_sampled(kept_dir: Path, *, needed_by: str) -> list[dict[str, Any]]:
-    """The sampled batch's groups recorded by filter@i (see the module docstring)."""
-    path = Path(kept_dir) / SAMPLED
-    if not path.is_file():
-        raise store.StageError(f"{needed_by}: {path} is missing: the filter output predates the sampled-batch "
-                               f"record; rerun it (`dashflow stage filter@N --force`)")
-    return json.loads(path.read_text())["groups"]
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -78,8 +49,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
-            groups += sampled_groups(table)
-        write_sampled(tmp, groups)
+            groups += sampled.sampled_groups(table)
+        sampled.write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
                           "dropped": {f"abs_advantage_le_{cfg['threshold']}" if cfg["enabled"] else "filter_disabled":
                                       rows_in - kept}}}

@@ -7,7 +7,7 @@ paper's GRPO, preemptive sampling and DASH all take one on-policy step per sampl
 group, is an option that is none of the paper's arms). Each step's rows are packed into
 micro-batches of at most `learn.micro_batch_tokens` padded tokens; the per-token loss
 (clipped surrogate x optional TIS weight + optional beta x KL to the reference, see
-tasks/algorithms.py) is aggregated with constants of the whole step *as sampled* -- rows
+dashflow/core/algorithms.py) is aggregated with constants of the whole step *as sampled* -- rows
 and completion tokens counted before the filter (kept/sampled.json) -- so accumulating the
 micro-batch gradients gives exactly the step's loss, and the filter saves compute without
 rescaling the gradient of the rows it keeps. A step whose groups were all filtered still
@@ -69,13 +69,12 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from dashflow.config import Params
-from tasks import algorithms, problems, reference, schema, store
-from tasks import filter as filter_stage
-from tasks import policy as policy_mod
-from tasks.prefecting import stage_task
-from tasks.prepare import read_prompts
-from tasks.sample import iteration_prompts
+from dashflow.core import algorithms, problems, schema, store
+from dashflow.core import policy as policy_mod
+from dashflow.core import prompts as prompts_mod
+from dashflow.core import sampled as sampled_mod
+from dashflow.core.config import Params
+from dashflow.core.prefecting import stage_task
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -107,7 +106,7 @@ def rl_batch(table, sampled: list[dict]) -> Batch:
 def sft_batch(params: Params, iteration: int, tokenizer) -> Batch:
     """The iteration's prompts (the same ones `sample` drew) with reference solutions as completions."""
     cfg = params.stage("sample", iteration)
-    rows = iteration_prompts(read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"],
+    rows = prompts_mod.iteration_prompts(prompts_mod.read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"],
                              params["run"]["seed"])
     prompts, completions = [], []
     for row in rows:
@@ -155,7 +154,7 @@ def context(params: Params, iteration: int) -> Context:
     cfg = params.stage("learn", iteration)
     sample_cfg = params.stage("sample", iteration)
     sft = cfg["mode"] == "sft"
-    with_kl = reference.needed(params, iteration)
+    with_kl = params.needs_reference(iteration)
     kept = layout.stage_dir("filter", iteration)
     return Context(layout, cfg, sample_cfg, sft, 1.0 if sft else sample_cfg["temperature"], with_kl, kept,
                    layout.stage_dir("reference", iteration) if with_kl else kept,
@@ -294,14 +293,13 @@ def schedule_position(params: Params, iteration: int) -> tuple[int, int]:
     """(optimizer steps taken before learn@i, optimizer steps of the whole run): where the
     learning-rate schedule stands. Derived from the plan of every iteration (the steps one
     sampled batch gives do not depend on what the filter kept), so it needs no state."""
-    from tasks.prepare import read_prompts as _read
 
     groups_available = None
     counts = []
     for i in range(params.iterations):
         cfg, sample_cfg = params.stage("learn", i), params.stage("sample", i)
         if groups_available is None:
-            groups_available = _read(params, "train").num_rows
+            groups_available = prompts_mod.read_prompts(params, "train").num_rows
         groups = min(int(sample_cfg["prompts_per_iteration"]), groups_available)
         counts.append(algorithms.planned_steps(cfg["update"], int(cfg["steps"]), groups))
     return sum(counts[:iteration]), sum(counts)
@@ -476,7 +474,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         batch = sft_batch(params, iteration, tokenizer)
     else:
         batch = rl_batch(store.read_stage(src, schema.REFERENCED if with_kl else schema.KEPT, stage=label),
-                         filter_stage.read_sampled(kept, needed_by=label))
+                         sampled_mod.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
     held = _take_held(prev) if world == 1 else None
@@ -698,7 +696,7 @@ def launch_torchrun(params: Params, iteration: int, tmp: Path, nproc: int) -> di
     job = tmp / ".learn-job.json"
     job.write_text(json.dumps({"params": json.loads(params.to_json()), "iteration": iteration, "out": str(tmp)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "tasks.learn", str(job)]
+           "-m", "dashflow.tasks.learn", str(job)]
     # torchrun dies with this process (util-linux setpriv: parent-death signal SIGKILL), and each
     # rank with torchrun (_rank_main), so no rank outlives a killed or failed learn to write
     # into the next attempt's scratch directory
@@ -732,7 +730,7 @@ def _die_with_parent() -> None:
 
 
 def _rank_main(job_path: str) -> None:
-    """Entry point of one torchrun rank (`python -m tasks.learn JOB.json`)."""
+    """Entry point of one torchrun rank (`python -m dashflow.tasks.learn JOB.json`)."""
     import torch.distributed as dist
 
     _die_with_parent()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dashflow.config import Params
-from tasks import answers, reference, store
+from dashflow.core import answers, store
+from dashflow.core.config import Params
 
 TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
 LEARNER_METRICS = ("loss", "grad_norm", "lr", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
@@ -24,7 +24,7 @@ LEARNER_METRICS = ("loss", "grad_norm", "lr", "clip_fraction", "approx_kl_to_sam
 def iteration_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:
     layout = params.layout
     m = {s: store.require_output(layout.stage_dir(s, iteration), needed_by=f"metrics@{iteration}") for s in TRAIN_STAGES}
-    if reference.needed(params, iteration):
+    if params.needs_reference(iteration):
         m["reference"] = store.require_output(layout.stage_dir("reference", iteration), needed_by=f"metrics@{iteration}")
     work = {k: m[s].timing.get("work_s", 0.0) for k, s in (("sampling", "sample"), ("reward", "reward"), ("learner", "learn"))}
     # the reference forward pass is learner-side work (GRPO's baseline pays it too)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dashflow.config import Params
-from tasks import policy as policy_mod
-from tasks import problems, schema, store
-from tasks.prefecting import stage_task
+from dashflow.core.config import Params
+from dashflow.core import policy as policy_mod
+from dashflow.core import problems, schema, store
+from dashflow.core.prefecting import stage_task
 
 
 def _file_digest(path: str | None) -> dict[str, str]:
@@ -50,12 +50,6 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
         code=store.code_digest(sys.modules[__name__], problems, schema, *user), build=build, force=force,
         extra_inputs=_file_digest(task_cfg.get("path")),
     )
-
-
-def read_prompts(params: Params, split: str) -> pa.Table:
-    directory = params.layout.base / "prompts"
-    store.require_output(directory, needed_by="prompts")
-    return store.read_shard(directory / f"{split}.parquet", schema.PROMPTS, stage="prepare")
 
 
 def _model_identity(name: str, record: Path) -> dict[str, str]:

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.config import Params
-from tasks import algorithms, schema, store
-from tasks import policy as policy_mod
-from tasks.prefecting import stage_task
-
-
-def needed(params: Params, iteration: int) -> bool:
-    cfg = params.stage("learn", iteration)
-    return cfg["mode"] == "rl" and float(cfg["kl_coef"]) > 0
+from dashflow.core.config import Params
+from dashflow.core import algorithms, schema, store
+from dashflow.core import policy as policy_mod
+from dashflow.core.prefecting import stage_task
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -35,7 +30,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     temperature = params.stage("sample", iteration)["temperature"]
     budget = params.stage("sample", iteration)["token_budget"]
     label = f"reference@{iteration}"
-    on = needed(params, iteration)
+    on = params.needs_reference(iteration)
 
     def build(tmp: Path) -> dict:
         if not on:

@@ -6,8 +6,8 @@ This is DASH's preemptive sampling: inference runs at its efficient (large) batc
 
 `sample.workers: N > 1` splits the iteration's Parquet shards (whole prompt groups) into
 N jobs that run in parallel on a Ray cluster through Prefect's Ray task runner
-(tasks/scaleout.py); each worker loads the policy once and writes its own shards. Every
-request samples from its own seeded stream (tasks/samplers.py), so N workers give the same
+(dashflow/core/scaleout.py); each worker loads the policy once and writes its own shards. Every
+request samples from its own seeded stream (dashflow/core/samplers.py), so N workers give the same
 rows as one. With `workers: 1` the single job runs in this process and Ray is not imported.
 
 Inputs : base/prompts/train.parquet, the policy written by iteration i-1
@@ -16,7 +16,6 @@ Output : iter-i/rollouts/part-*.parquet (schema.ROLLOUTS), whole prompt groups p
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -24,33 +23,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.config import Params
-from tasks import policy as policy_mod
-from tasks import samplers, scaleout, schema, store
-from tasks.prefecting import stage_task
-from tasks.prepare import read_prompts
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The train split's prompt order in one epoch: a fresh seeded permutation per epoch."""
-    order = list(range(n))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order
-
-
-def iteration_prompts(prompts: pa.Table, iteration: int, count: int, seed: int) -> list[dict]:
-    """The `count` prompts of iteration i: the train split walked epoch by epoch, each epoch
-    in its own seeded permutation (every prompt once per epoch, a new order each epoch)."""
-    rows = prompts.to_pylist()
-    n = len(rows)
-    orders: dict[int, list[int]] = {}
-    out = []
-    for k in range(min(count, n)):
-        epoch, pos = divmod(iteration * count + k, n)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(n, seed, epoch)
-        out.append(rows[orders[epoch][pos]])
-    return out
+from dashflow.core import policy as policy_mod
+from dashflow.core import prompts, samplers, scaleout, schema, store
+from dashflow.core.config import Params
+from dashflow.core.prefecting import stage_task
 
 
 def sample_seed(seed: int, iteration: int) -> int:
@@ -128,7 +104,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         t0 = time.perf_counter()
         policy_version = store.require_output(policy_dir, needed_by=label).digest[:16]
         tokenizer = policy_mod.load_tokenizer(policy_dir)
-        chosen = iteration_prompts(read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"], seed)
+        chosen = prompts.iteration_prompts(prompts.read_prompts(params, "train"), iteration, cfg["prompts_per_iteration"], seed)
         g = cfg["samples_per_prompt"]
         rows = []
         for p, prompt in enumerate(chosen):

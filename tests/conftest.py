@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from dashflow.config import TINY, Params
+from dashflow.core.config import TINY, Params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-# The tiny configuration (dashflow.config.TINY): every stage runs on the real SmolLM2 model, in seconds.
+# The tiny configuration (dashflow.core.config.TINY): every stage runs on the real SmolLM2 model, in seconds.
 
 
 def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:
@@ -26,7 +26,7 @@ def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:
 
 def fork_run(src_params: Params, params: Params, iteration_stages=("sample", "reward", "advantage", "filter")) -> None:
     """Give `params`' run the prepared base and iteration 0's outputs of another run (hard links)."""
-    from tasks import store
+    from dashflow.core import store
 
     for name in ("policy", "prompts"):
         for f in (src_params.layout.base / name).iterdir():

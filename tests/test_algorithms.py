@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from tasks import algorithms
-from tasks.algorithms import ADVANTAGE_ESTIMATORS, filter_mask, policy_gradient_loss, token_logprobs
+from dashflow.core import algorithms
+from dashflow.core.algorithms import ADVANTAGE_ESTIMATORS, filter_mask, policy_gradient_loss, token_logprobs
 
 
 def approx(t, values, tol=1e-5):
@@ -245,7 +245,7 @@ def test_lr_schedule_factors_by_hand_and_as_transformers(schedule, expected):
 def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_model():
     """K = 1: old log-probs are the current ones detached, so the ratio is 1, nothing is
     clipped, and every parameter's gradient equals plain policy gradient's."""
-    from tasks import policy
+    from dashflow.core import policy
 
     path = policy.resolve_model("embedded:smollm2-135m-instruct")
     model = policy.load_model(path, torch.device("cpu"))
@@ -272,7 +272,7 @@ def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_mod
 
 
 def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions():
-    from tasks.algorithms import token_logprobs_and_entropy
+    from dashflow.core.algorithms import token_logprobs_and_entropy
 
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 3, 7), torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -291,7 +291,7 @@ def _f32(bits: list[int]) -> torch.Tensor:
 
 
 def test_master_weights_split_into_a_nearest_bfloat16_and_low_bits_that_restore_them_exactly():
-    from tasks.policy import join_master, split_master
+    from dashflow.core.policy import join_master, split_master
 
     # float32 bit patterns, by hand: 1.0 = 0x3F800000; a bfloat16 unit at 1.0 is 0x10000 of them
     w = _f32([0x3F800000,    # 1.0: exact in bfloat16, low bits 0
@@ -311,7 +311,7 @@ def test_master_weights_split_into_a_nearest_bfloat16_and_low_bits_that_restore_
 
 
 def test_master_weight_split_is_exact_for_any_weights():
-    from tasks.policy import join_master, split_master
+    from dashflow.core.policy import join_master, split_master
 
     g = torch.Generator().manual_seed(0)
     w = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-6, 1e-2, 1.0, 1e3)]).view(64, 256)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from tasks import answers
-from tasks.reward import score_row
+from dashflow.core import answers
+from dashflow.core.rewards import score_row
 
 # (completion, reference, strict correct, strict answer, flexible correct, flexible answer)
 CASES = [

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_params
-from tasks import advantage, filter as filter_stage, learn, prepare, reward, schema, store
-from tasks import policy as policy_mod
+from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward
+from dashflow.core import sampled, store
+from dashflow.core import policy as policy_mod
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def _fake_output(params, stage, iteration, table, schema_name="bad"):
     def build(tmp):
         pq.write_table(table, tmp / "part-00000.parquet")
         if stage == "filter":
-            filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
+            sampled.write_sampled(tmp, sampled.sampled_groups(table))
         return {}
     return store.run_stage(stage, iteration, params.layout.stage_dir(stage, iteration), inputs={}, params={},
                            code=schema_name, build=build)
@@ -81,7 +82,7 @@ def test_non_utf8_dataset_names_the_file_row_and_fix(tmp_path):
 
 
 def test_sample_without_a_policy_says_what_to_run(tmp_path):
-    from tasks import sample
+    from dashflow.tasks import sample
 
     params = tiny_params(tmp_path)
     with pytest.raises(store.StageError, match=r"sample@0: input .*base/policy is not a finished stage output"):

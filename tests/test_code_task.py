@@ -1,4 +1,4 @@
-"""Code tasks (tasks/code.py): the built-in synthetic task and MBPP / HumanEval files, read
+"""Code tasks (dashflow/core/code.py): the built-in synthetic task and MBPP / HumanEval files, read
 through the real loaders and checked by running their reference solutions in the sandbox."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from dashflow.config import PRESETS, Params
-from tasks import code, problems, sandbox
+from dashflow.core.config import PRESETS, Params
+from dashflow.core import code, problems, sandbox
 
 WEIGHTS = [0.4, 0.25, 0.15, 0.2]
 
@@ -97,9 +97,9 @@ def test_the_code_preset_and_the_code_tasks_defaults():
     params = Params.load(ROOT / "params.yaml", ["run.preset=dash-code"])
     assert params["filter"]["threshold"] == 0.01 and params["task"]["kind"] == "pyfunc"
     assert PRESETS["dash"]["filter.threshold"] == 0.1
-    from tasks import reward
+    from dashflow.core import rewards
 
-    assert reward.settings(params)["functions"] == {"code": {"weight": 1.0, "extraction": "strict"}}
+    assert rewards.settings(params)["functions"] == {"code": {"weight": 1.0, "extraction": "strict"}}
     assert problems.instruction(params["task"]) == code.INSTRUCTION
     assert problems.instruction({"kind": "arithmetic", "instruction": None}) == "Put the final answer in \\boxed{}."
     assert problems.instruction({"kind": "mbpp", "instruction": "Mine."}) == "Mine."
@@ -115,8 +115,8 @@ def test_sft_trains_on_the_reference_code_and_refuses_a_problem_without_one():
 
 @pytest.mark.slow
 def test_the_code_preset_runs_the_flow_rewarding_by_tests(prefect_server, tmp_path):
-    from flows.dash_rl import dash_rl
-    from tasks import schema, store
+    from dashflow.flows.dash_rl import dash_rl
+    from dashflow.core import schema, store
     from conftest import TINY
 
     overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": "code", "sample.max_new_tokens": 48,

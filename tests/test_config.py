@@ -5,7 +5,7 @@ import pytest
 from conftest import ROOT
 import shutil
 
-from dashflow.config import Params, ParamsError, make_schedule, parse_stage_ref, write_schedule
+from dashflow.core.config import Params, ParamsError, make_schedule, parse_stage_ref, write_schedule
 
 
 def test_defaults_and_dotted_override():
@@ -52,7 +52,7 @@ def test_preset_fills_parameters_and_explicit_overrides_win():
 
 
 def test_from_stage_is_that_stage_and_everything_after():
-    from dashflow.config import stages_from
+    from dashflow.core.config import stages_from
 
     got = stages_from("learn@0", 2)
     assert ("learn", 0) in got and ("evaluate", 0) in got and ("sample", 1) in got and ("evaluate", 1) in got

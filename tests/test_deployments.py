@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, descendants
-from dashflow.config import TINY
-from dashflow.serving import healthy
-from tasks import policy as policy_mod
+from dashflow.core.config import TINY
+from dashflow.app.serving import healthy
+from dashflow.core import policy as policy_mod
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def served(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     out = open(home / "serve.out", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "dashflow.app.cli", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     worker_log = home / "dashflow-serve" / "worker.log"
     try:
@@ -63,7 +63,7 @@ def served(tmp_path_factory):
             urllib.request.urlopen(f"{url}/deployments/filter", data=b"{}", timeout=10)
         assert refused.value.code == 401
         env["PREFECT_API_URL"] = url
-        deployed = subprocess.run([sys.executable, "-m", "dashflow.cli", "deploy"], cwd=ROOT, env=env,
+        deployed = subprocess.run([sys.executable, "-m", "dashflow.app.cli", "deploy"], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=180)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert "dash-rl/local" in deployed.stdout and "dash-eval/local" in deployed.stdout
@@ -113,7 +113,7 @@ def _client(url):
 
 
 def _last_run(url: str, deployment: str):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import FlowRunSort
 
     flow_name, name = deployment.split("/")
@@ -201,7 +201,7 @@ def test_evaluation_deployment_of_one_checkpoint(served, first_run):
 
 def test_clear_errors_without_server_or_deployment(served):
     env = dict(served["env"], PREFECT_API_URL=f"http://127.0.0.1:{_free_port()}/api")
-    dead = subprocess.run([sys.executable, "-m", "dashflow.cli", "deploy"], cwd=ROOT, env=env, capture_output=True,
+    dead = subprocess.run([sys.executable, "-m", "dashflow.app.cli", "deploy"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert dead.returncode == 1 and "no Prefect server answers" in dead.stderr and "dashflow serve" in dead.stderr
     missing = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "dash-rl/nope"], cwd=ROOT,

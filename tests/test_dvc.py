@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY
-from dashflow.config import Params, make_schedule
-from tasks import policy as policy_mod
-from tasks import store
+from dashflow.core.config import Params, make_schedule
+from dashflow.core import policy as policy_mod
+from dashflow.core import store
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def run_flow(repo: Path) -> dict:
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     cwd = os.getcwd()
     os.chdir(repo)
@@ -149,7 +149,7 @@ def test_the_lock_dashflow_writes_is_byte_for_byte_what_dvcs_own_dump_writes(rep
     from dvc.dvcfile import load_file
     from dvc.repo import Repo
 
-    from dashflow import versioning
+    from dashflow.ops import versioning
 
     lock = repo / "dvc.lock"
     recorded = lock.read_bytes()
@@ -185,7 +185,7 @@ def test_sigkill_then_the_rerun_records_the_same_lock(repo, prefect_server, ever
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     (repo / "dvc.lock").unlink()
     env = dict(_env(), PREFECT_API_URL=prefect_server)  # the session's server: no temporary one to orphan
-    command = [sys.executable, "-m", "dashflow.cli", "run", "--set", f"dvc.commit_every={every}"]
+    command = [sys.executable, "-m", "dashflow.app.cli", "run", "--set", f"dvc.commit_every={every}"]
     if fault:
         killed = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600,
                                 env=dict(env, DASHFLOW_FAULT=fault))
@@ -260,7 +260,7 @@ def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo
     assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
     # what a learn continuing the run here finds (it replays learn@0, learn@1 first: test_retention)
-    from tasks import learn
+    from dashflow.tasks import learn
 
     with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not on disk "
                                                r"\(a local cache: .*`dvc pull` restores the policies only"):
@@ -293,7 +293,7 @@ def test_repro_of_one_stage_reruns_it_alone(repo):
     changed = json.loads(dvc(repo, "status", "--json").stdout)
     assert "filter@1" not in changed and "filter@0" in changed and "reference@1" in changed
     # the committed revision still holds the old shard
-    from dashflow.inspecting import summarize
+    from dashflow.app.inspecting import summarize
 
     cwd = os.getcwd()
     os.chdir(repo)
@@ -305,8 +305,8 @@ def test_repro_of_one_stage_reruns_it_alone(repo):
 
 
 def test_recording_is_refused_with_the_reason_and_the_fix(tmp_path):
-    from dashflow.config import ParamsError
-    from dashflow.versioning import Recorder
+    from dashflow.core.config import ParamsError
+    from dashflow.ops.versioning import Recorder
 
     params = Params.load(ROOT / "params.yaml", {"dvc.track": "on"})
     with pytest.raises(ParamsError, match=r"is not a DVC repository; run `dvc init` there"):

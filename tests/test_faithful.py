@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from conftest import ROOT, fork_run, tiny_params
-from dashflow.config import PRESETS, Params
-from tasks import advantage, algorithms, filter as filter_stage, learn, prepare, reward, sample, schema, store
-from tasks import policy as policy_mod
-from tasks import samplers
+from dashflow.core.config import PRESETS, Params
+from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward, sample
+from dashflow.core import algorithms, schema, store
+from dashflow.core import policy as policy_mod
+from dashflow.core import prompts as prompts_mod
+from dashflow.core import samplers
 
 pytestmark = pytest.mark.slow
 
@@ -252,12 +254,12 @@ def test_sampler_applies_exactly_the_configured_processors(rollouts, tmp_path):
 
 def test_each_epoch_walks_the_train_split_in_a_fresh_order():
     prompts = pa.Table.from_pylist([{"prompt_id": f"p{i}"} for i in range(6)])
-    picks = [r["prompt_id"] for i in range(3) for r in sample.iteration_prompts(prompts, i, 4, seed=0)]
+    picks = [r["prompt_id"] for i in range(3) for r in prompts_mod.iteration_prompts(prompts, i, 4, seed=0)]
     first, second = picks[:6], picks[6:]
     assert sorted(first) == sorted(second) == [f"p{i}" for i in range(6)]   # every prompt once per epoch
     assert first != second                                                  # in a new order
-    assert picks == [r["prompt_id"] for i in range(3) for r in sample.iteration_prompts(prompts, i, 4, seed=0)]
-    assert picks != [r["prompt_id"] for i in range(3) for r in sample.iteration_prompts(prompts, i, 4, seed=1)]
+    assert picks == [r["prompt_id"] for i in range(3) for r in prompts_mod.iteration_prompts(prompts, i, 4, seed=0)]
+    assert picks != [r["prompt_id"] for i in range(3) for r in prompts_mod.iteration_prompts(prompts, i, 4, seed=1)]
 
 
 def test_learner_refuses_a_filter_output_without_the_sampled_record(rollouts, tmp_path):

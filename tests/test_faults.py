@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, descendants, tiny_params
-from tasks import prepare, store
+from dashflow.tasks import prepare
+from dashflow.core import store
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_the_temporary_server_gets_two_minutes_to_start_unless_the_user_set_a_li
     """Prefect's own 20 s ran out in CI while a fresh PREFECT_HOME migrated its database."""
     from prefect.settings import Settings
 
-    from dashflow.cli import temporary_server_env
+    from dashflow.app.cli import temporary_server_env
 
     for key in [k for k in os.environ if k.startswith("PREFECT_")]:
         monkeypatch.delenv(key)
@@ -76,7 +77,7 @@ def test_a_killed_dashflow_run_leaves_no_temporary_prefect_server(tmp_path, sig)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "run",
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.app.cli", "run",
                                  *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs")}))],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -100,7 +101,7 @@ def test_a_killed_dashflow_run_leaves_no_temporary_prefect_server(tmp_path, sig)
 
 
 def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path):
-    from tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+    from dashflow.tasks import advantage, filter as filter_stage, learn, reference, reward, sample
 
     params = tiny_params(tmp_path / "runs", **{"filter.threshold": 0.0, "learn.launcher": "torchrun",
                                                "learn.nproc": 2})
@@ -111,13 +112,13 @@ def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path)
     sets = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "filter.threshold": 0.0,
                          "learn.launcher": "torchrun", "learn.nproc": 2})
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "learn", "-i", "0", *_sets(sets)],
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.app.cli", "stage", "learn", "-i", "0", *_sets(sets)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     family: list[int] = []
 
     def ranks_up() -> bool:
         family[:] = sorted(set(family) | set(descendants(proc.pid)))
-        return sum("tasks.learn" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p) for p in family) >= 2
+        return sum("dashflow.tasks.learn" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p) for p in family) >= 2
 
     try:
         _wait_for(ranks_up, 180, "two torchrun ranks", proc, log)
@@ -140,7 +141,7 @@ def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path)
 def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_path, prefect_server):
     pytest.importorskip("ray")
     pytest.importorskip("prefect_ray")
-    from tasks import sample
+    from dashflow.tasks import sample
 
     sets = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "sample.workers": 2})
     params = tiny_params(tmp_path / "runs", **{"sample.workers": 2})
@@ -149,7 +150,7 @@ def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_pa
     with open(log, "w") as out:
         # the session's Prefect server (a temporary one is the kill -9 test of `dashflow run`):
         # what is left after the kill is then Ray's alone
-        proc = subprocess.Popen([sys.executable, "-m", "dashflow.cli", "stage", "sample", "-i", "0", *_sets(sets)],
+        proc = subprocess.Popen([sys.executable, "-m", "dashflow.app.cli", "stage", "sample", "-i", "0", *_sets(sets)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PREFECT_API_URL=prefect_server))
     family: list[int] = []
@@ -207,7 +208,7 @@ def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_
 def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once_share_one_copy(tmp_path):
     import shutil
 
-    from tasks import policy
+    from dashflow.core import policy
 
     name = "embedded:smollm2-135m-instruct"
     spec = policy.EMBEDDED[name]
@@ -219,7 +220,7 @@ def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once
     # the other waits for it; neither sees the other's scratch files
     cache = tmp_path / "cache"
     env = dict(os.environ, DASHFLOW_CACHE=str(cache))
-    script = f"from tasks.policy import resolve_model; print(resolve_model({name!r}))"
+    script = f"from dashflow.core.policy import resolve_model; print(resolve_model({name!r}))"
     try:
         procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -237,7 +238,7 @@ def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once
 
 # ---------------------------------------------------------------- the fault matrix
 # Each row: the process running one stage kills itself with SIGKILL at a named point of the
-# stage's life (tasks/store.py fault_point); the same command run again must finish with
+# stage's life (dashflow/core/store.py fault_point); the same command run again must finish with
 # outputs byte-identical to an uninterrupted run's. (Retention killed midway:
 # tests/test_store.py; a whole flow killed mid-checkpoint: tests/test_flow.py.)
 ORDER = ("sample", "reward", "advantage", "filter", "reference", "learn")
@@ -248,7 +249,7 @@ FAULTS = [("mid-shard", "sample"), ("after-shards", "reward"), ("mid-swap", "adv
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A tiny run through learn@0, uninterrupted: the bytes every faulted stage must give."""
-    from tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+    from dashflow.tasks import advantage, filter as filter_stage, learn, reference, reward, sample
 
     params = tiny_params(tmp_path_factory.mktemp("finished") / "runs")
     prepare.run(params)
@@ -268,7 +269,7 @@ def test_sigkill_at_a_named_point_then_the_rerun_gives_the_same_bytes(finished, 
 
     params = tiny_params(tmp_path / "runs")
     fork_run(finished, params, iteration_stages=ORDER[: ORDER.index(stage)])
-    command = [sys.executable, "-m", "dashflow.cli", "stage", stage, "-i", "0",
+    command = [sys.executable, "-m", "dashflow.app.cli", "stage", stage, "-i", "0",
                *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}))]
     out = params.layout.stage_dir(stage, 0)
     if point == "mid-swap":   # replacing a finished output: it must be the old one or the new one
@@ -296,13 +297,13 @@ def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_repl
     in the middle of it, nothing looks finished, and the next learn's replay lands the bytes
     of an uninterrupted learn@0."""
     from conftest import fork_run
-    from tasks import learn
+    from dashflow.tasks import learn
 
     extra = {"learn.state_every": 1}  # learn@0 of 2 iterations: its state is written in the thread
     params = tiny_params(tmp_path / "runs", **extra)
     fork_run(finished, params, iteration_stages=ORDER[:-1])
     overrides = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}, **extra)
-    flow = ("from dashflow.config import Params\nfrom tasks import learn\n"
+    flow = ("from dashflow.core.config import Params\nfrom dashflow.tasks import learn\n"
             f"params = Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r})\n"
             "with learn.holding(params):\n    learn.run(params, 0)\n    learn.write_due_state()\n"
             "    learn.wait_for_state()\n")
@@ -313,7 +314,7 @@ def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_repl
     assert store.read_manifest(policy).digest == store.read_manifest(finished.layout.policy(0)).digest
     assert store.read_manifest(state) is None and not state.exists()  # only a hidden staging directory
     assert (state.parent / f".{state.name}.tmp" / learn.OPTIMIZER_FILE).exists()
-    replay = ("from dashflow.config import Params\nfrom tasks import learn\n"
+    replay = ("from dashflow.core.config import Params\nfrom dashflow.tasks import learn\n"
               f"learn.replay_state(Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r}), 1)\n")
     done = subprocess.run([sys.executable, "-c", replay], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -332,7 +333,7 @@ def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp
     fork_run(finished, params, iteration_stages=("sample", "reward", "advantage", "filter"))
     out = params.layout.stage_dir("filter", 0)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    command = [sys.executable, "-m", "dashflow.cli", "stage", "filter", "-i", "0",
+    command = [sys.executable, "-m", "dashflow.app.cli", "stage", "filter", "-i", "0",
                *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny", "filter.threshold": 0.3}))]
     with store.run_lock(params.layout.root):
         second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -343,7 +344,7 @@ def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp
 
 _PARENT = """
 import subprocess, sys, time
-from dashflow import reaper
+from dashflow.app import reaper
 guard = reaper.watch()
 child = subprocess.Popen(["sleep", "300"], start_new_session=True)   # escapes the process group
 print(guard.pid, child.pid, flush=True)

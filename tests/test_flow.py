@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
-from dashflow.config import Params
-from tasks import store
+from dashflow.core.config import Params
+from dashflow.core import store
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def _task_runs(flow_run_id):
 
 @pytest.fixture(scope="module")
 def reference_run(prefect_server, tmp_path_factory):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     root = tmp_path_factory.mktemp("flow")
     state = dash_rl(params_path=str(ROOT / "params.yaml"), overrides=_overrides(root), return_state=True)
@@ -91,7 +91,7 @@ def test_flow_runs_every_stage_as_a_named_prefect_task(reference_run):
 
 
 def test_second_run_is_fully_cached(reference_run):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     root, _ = reference_run
     before = _manifests(root)
@@ -103,7 +103,7 @@ def test_second_run_is_fully_cached(reference_run):
 
 
 def test_forced_rerun_of_one_stage_leaves_upstream_alone(reference_run):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     root, _ = reference_run
     before = _manifests(root)
@@ -116,7 +116,7 @@ def test_forced_rerun_of_one_stage_leaves_upstream_alone(reference_run):
 
 
 def test_new_threshold_for_one_iteration_reruns_it_and_downstream(reference_run):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     root, _ = reference_run
     before = _manifests(root)
@@ -134,7 +134,7 @@ def test_new_threshold_for_one_iteration_reruns_it_and_downstream(reference_run)
 
 
 def _cli_run(root: Path, api_url: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "dashflow.cli", "run", "--params", str(ROOT / "params.yaml")]
+    args = [sys.executable, "-m", "dashflow.app.cli", "run", "--params", str(ROOT / "params.yaml")]
     for k, v in _overrides(root).items():
         args += ["--set", f"{k}={v}"]
     env = dict(os.environ, PREFECT_API_URL=api_url)

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from dashflow.cli import app
-from dashflow.inspecting import InspectError, diff, summarize
-from dashflow.report import ReportError, collect, plot, write_report
-from tasks import store
+from dashflow.app.cli import app
+from dashflow.app.inspecting import InspectError, diff, summarize
+from dashflow.ops.report import ReportError, collect, plot, write_report
+from dashflow.core import store
 
 
 def _rollouts(rewards_by_prompt: dict[str, list[float]], lengths=None):

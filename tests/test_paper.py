@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import ROOT, TINY
-from dashflow.config import Params, ParamsError
+from dashflow.core.config import Params, ParamsError
 
 PAPER = ROOT / "params" / "paper.yaml"
 
@@ -47,7 +47,7 @@ def test_an_extending_file_refuses_unknown_keys(tmp_path):
 
 @pytest.mark.slow
 def test_the_paper_file_runs_on_cpu_with_tiny_sizes(prefect_server, tmp_path):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     math_train, math500, gsm8k = tmp_path / "math_train.jsonl", tmp_path / "math500.jsonl", tmp_path / "gsm8k.jsonl"
     math_train.write_text("".join(json.dumps({"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = \\boxed{{{a + b}}}"})

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import ROOT, TINY
-from dashflow.config import PRESETS
+from dashflow.core.config import PRESETS
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 # dash-code (the code task) has its own run: tests/test_code_task.py
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p != "dash-code"])
 def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": preset})
     state = dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=1, preset=preset,
@@ -64,9 +64,9 @@ def test_preset_runs_and_writes_its_metrics(preset, prefect_server, tmp_path):
 def _steps_with_kept_rows(run, cfg) -> int:
     """How many of the learner's planned steps see a kept row (Mini: a step whose groups the
     filter all dropped moves no weight, so the next step may still be on-policy)."""
-    from tasks import schema, store
-    from tasks.algorithms import plan_steps
-    from tasks.filter import read_sampled
+    from dashflow.core import schema, store
+    from dashflow.core.algorithms import plan_steps
+    from dashflow.core.sampled import read_sampled
 
     it = run / "iter-0000"
     sampled = [g["prompt_id"] for g in read_sampled(it / "kept", needed_by="test")]

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SHARED
-from tasks import problems
-from tasks.problems import ProblemError
+from dashflow.core import problems
+from dashflow.core.problems import ProblemError
 
 
 def test_arithmetic_is_seeded_disjoint_and_correct():
@@ -89,7 +89,7 @@ def test_last_boxed_nested_braces():
 
 
 def test_sft_target_ends_in_the_checked_answer_format():
-    from tasks.problems import last_boxed, sft_target
+    from dashflow.core.problems import last_boxed, sft_target
 
     assert sft_target("2 + 3 = 5. The answer is \\boxed{5}.", "5") == "2 + 3 = 5. The answer is \\boxed{5}."
     gsm = sft_target("She has 3 + 4 = 7 apples.", "7")  # GSM8K: worked answer without the '#### 7' line
@@ -115,7 +115,7 @@ def twice(seed):
 
 
 def test_a_task_of_your_own_by_import_path(tmp_path, monkeypatch):
-    from tasks import problems as p
+    from dashflow.core import problems as p
 
     (tmp_path / "my_tasks.py").write_text(USER_TASK)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -139,7 +139,7 @@ def test_a_task_of_your_own_by_import_path(tmp_path, monkeypatch):
 
 def test_prepare_keys_a_task_of_your_own_by_its_source(tmp_path, monkeypatch):
     from conftest import tiny_params
-    from tasks import prepare
+    from dashflow.tasks import prepare
 
     (tmp_path / "my_tasks2.py").write_text(USER_TASK)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -153,8 +153,8 @@ def test_prepare_keys_a_task_of_your_own_by_its_source(tmp_path, monkeypatch):
 
 def test_a_task_brings_its_default_reward_and_eval_sets_where_params_say_null(tmp_path, monkeypatch):
     from conftest import tiny_params
-    from tasks import problems as p
-    from tasks import reward
+    from dashflow.core import problems as p
+    from dashflow.core import rewards
 
     (tmp_path / "my_tasks3.py").write_text(USER_TASK + '''
 REWARD_FUNCTIONS = {"boxed": {"function": "math", "extraction": "strict", "weight": 2.0}}
@@ -163,15 +163,15 @@ EVAL_SETS = {"mine": {"kind": "math", "path": "mine.jsonl"}}
     monkeypatch.syspath_prepend(str(tmp_path))
     nulls = {"reward.functions": None, "evaluate.sets": None}
     mine = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}, **nulls)
-    assert reward.settings(mine)["functions"] == {"boxed": {"function": "math", "extraction": "strict", "weight": 2.0}}
+    assert rewards.settings(mine)["functions"] == {"boxed": {"function": "math", "extraction": "strict", "weight": 2.0}}
     assert p.task_defaults(mine["task"])["eval_sets"] == {"mine": {"kind": "math", "path": "mine.jsonl"}}
     # a task module without them, and the built-in tasks: the math reward (flexible) and the held-out split
     plain = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks:squares"}, **nulls)
     (tmp_path / "my_tasks.py").write_text(USER_TASK)
     for params in (plain, tiny_params(tmp_path / "runs", **nulls)):
-        assert reward.settings(params)["functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}
+        assert rewards.settings(params)["functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}
         assert p.task_defaults(params["task"])["eval_sets"] == {"heldout": {"kind": "heldout"}}
     # params.yaml's own value wins over the task's
     explicit = {"reward.functions": {"math": {"weight": 1.0, "extraction": "flexible"}}}
-    assert reward.settings(tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}, **explicit))[
+    assert rewards.settings(tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks3:squares"}, **explicit))[
         "functions"] == {"math": {"weight": 1.0, "extraction": "flexible"}}

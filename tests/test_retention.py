@@ -13,10 +13,11 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, tiny_params
-from dashflow.config import Params, ParamsError
-from dashflow.retention import Retention, to_prune
-from tasks import learn, store
-from tasks import policy as policy_mod
+from dashflow.core.config import Params, ParamsError
+from dashflow.ops.retention import Retention, to_prune
+from dashflow.tasks import learn
+from dashflow.core import store
+from dashflow.core import policy as policy_mod
 
 
 def test_to_prune_keeps_the_last_n_and_every_evaluated_policy():
@@ -45,7 +46,7 @@ def test_retention_counts_must_be_all_or_at_least_one(value):
 
 @pytest.mark.slow
 def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(prefect_server, tmp_path, capsys):
-    from flows.dash_rl import dash_rl
+    from dashflow.flows.dash_rl import dash_rl
 
     keep = {"retention.policies": 1, "retention.optimizers": 1, "dvc.track": "off"}
     overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": "tiny"}, **keep)
@@ -81,7 +82,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists()
     assert not store.pruned_record(layout.policy(0)).exists() and not store.pruned_record(layout.optimizer(0)).exists()
     # an optimizer state is a local cache: removed for good, and a learn that needs it says how to replay it
-    from dashflow import retention
+    from dashflow.ops import retention
 
     policy1 = store.read_manifest(layout.policy(1))
     retention.apply(tiny_params(tmp_path, **dict(keep, **{"retention.policies": "all"})), 1)
@@ -100,7 +101,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     # retention killed midway (SIGKILL after the manifest is gone, before the files are): what
     # is left never reads as a finished output, and the next prune finishes the removal
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    command = [sys.executable, "-m", "dashflow.cli", "prune", *sets]
+    command = [sys.executable, "-m", "dashflow.app.cli", "prune", *sets]
     killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, DASHFLOW_FAULT="mid-retention@iter-0000/optimizer"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr

@@ -11,7 +11,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from tasks import reward, schema, store
+from dashflow.core import rewards
+from dashflow.core import schema, store
 
 USER_MODULE = textwrap.dedent('''
     import time
@@ -53,7 +54,7 @@ CFG = {"timeout_s": 1, "max_chars": 4000}
 def test_weighted_functions_each_in_its_own_column(user_rewards):
     cfg = dict(CFG, functions={"math": {"weight": 1.0, "extraction": "strict"},
                                "short": {"function": "my_rewards:brevity", "weight": 0.5}})
-    table = reward.add_rewards(_rollouts(["\\boxed{12}", "12", "\\boxed{13}"]), cfg)
+    table = rewards.add_rewards(_rollouts(["\\boxed{12}", "12", "\\boxed{13}"]), cfg)
     rows = table.to_pylist()
     assert [r["reward_math"] for r in rows] == [1.0, 0.0, 0.0]            # strict: a bare 12 does not count
     assert [r["reward_short"] for r in rows] == pytest.approx([0.9, 0.8, 0.7])  # 1 - tokens / 10
@@ -66,14 +67,14 @@ def test_weighted_functions_each_in_its_own_column(user_rewards):
 
 def test_flexible_math_reward_pays_the_bare_number():
     cfg = dict(CFG, functions={"math": {"extraction": "flexible"}})
-    rows = reward.add_rewards(_rollouts(["\\boxed{12}", "12", "no"]), cfg).to_pylist()
+    rows = rewards.add_rewards(_rollouts(["\\boxed{12}", "12", "no"]), cfg).to_pylist()
     assert [r["reward"] for r in rows] == [1.0, 1.0, 0.0] and rows[1]["parsed_answer"] == "12"
 
 
 def test_exception_timeout_and_bad_return_are_recorded_per_row(user_rewards):
     cfg = dict(CFG, functions={"math": {"extraction": "flexible"}, "picky": {"function": "my_rewards:picky"}})
     t0 = time.monotonic()
-    rows = reward.add_rewards(_rollouts(["\\boxed{12}", "boom \\boxed{12}", "slow \\boxed{12}", "text 12"]), cfg).to_pylist()
+    rows = rewards.add_rewards(_rollouts(["\\boxed{12}", "boom \\boxed{12}", "slow \\boxed{12}", "text 12"]), cfg).to_pylist()
     elapsed = time.monotonic() - t0
     assert [r["reward_picky"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
     assert [r["reward_math"] for r in rows] == [1.0, 1.0, 1.0, 1.0]     # the other function still paid
@@ -92,7 +93,7 @@ def test_rows_are_scored_in_a_spawned_process_off_the_main_thread(user_rewards):
     rows = [{"prompt": "12?", "completion": c, "answer": "12", "prompt_id": "p", "completion_token_ids": [1]}
             for c in ("\\boxed{12}", "slow 12")]
     out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("r", reward.score_many(rows, reward.functions(cfg), cfg)))
+    thread = threading.Thread(target=lambda: out.setdefault("r", rewards.score_many(rows, rewards.functions(cfg), cfg)))
     thread.start()
     thread.join(60)
     assert [r["reward"] for r in out["r"]] == [2.0, 1.0]
@@ -106,7 +107,7 @@ def test_the_alarm_puts_an_outer_alarm_back():
     try:
         t0 = time.monotonic()
         signal.setitimer(signal.ITIMER_REAL, 1.5)
-        with reward.time_bound(5):
+        with rewards.time_bound(5):
             time.sleep(0.2)
         assert 1.0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 1.3
         time.sleep(1.6)
@@ -127,11 +128,11 @@ def test_the_alarm_puts_an_outer_alarm_back():
 ])
 def test_bad_reward_settings_are_refused_with_the_key(functions, message):
     with pytest.raises(store.StageError, match=message):
-        reward.functions({"functions": functions})
+        rewards.functions({"functions": functions})
 
 
 def test_a_function_that_cannot_be_imported_names_the_setting():
     with pytest.raises(store.StageError, match=r"reward.functions.mine.function = 'no_such_module_x:f'.*cannot import"):
-        reward.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "no_such_module_x:f"}}))
+        rewards.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "no_such_module_x:f"}}))
     with pytest.raises(store.StageError, match="has no function 'nothing'"):
-        reward.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "json:nothing"}}))
+        rewards.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "json:nothing"}}))

@@ -1,10 +1,9 @@
-"""The code reward's sandbox (tasks/sandbox.py) with real processes in real namespaces:
+"""The code reward's sandbox (dashflow/core/sandbox.py) with real processes in real namespaces:
 what passes, what fails and how, and hostile programs that must get reward 0, a
 `reward_error`, and leave no process and no file behind."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import code, reward, sandbox
+from dashflow.core import code, sandbox
+from dashflow.core import rewards
 
 LIMITS = sandbox.Limits(timeout_s=2, memory_mb=512, output_kb=1024, processes=16)
 ADD_TESTS = {"format": "mbpp", "asserts": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 5) == 5"],
@@ -20,7 +20,7 @@ ADD_TESTS = {"format": "mbpp", "asserts": ["assert add(1, 2) == 3", "assert add(
 
 
 def _sandbox_processes() -> list[str]:
-    """Live processes of any sandbox user id (tasks/sandbox.py draws them from [2^20, 2^30))."""
+    """Live processes of any sandbox user id (dashflow/core/sandbox.py draws them from [2^20, 2^30))."""
     left = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -131,8 +131,8 @@ def test_a_hostile_completion_gets_reward_0_an_error_and_leaves_nothing(case, tm
     cfg = {"timeout_s": 5, "max_chars": 4000, "functions": {"code": {"extraction": "strict"}},
            "sandbox": dict(LIMITS.__dict__, workers=1)}
     t0 = time.monotonic()
-    row = reward.score_many([{"completion": completion, "answer": code.tests_answer(ADD_TESTS)}],
-                            reward.functions(cfg), cfg)[0]
+    row = rewards.score_many([{"completion": completion, "answer": code.tests_answer(ADD_TESTS)}],
+                            rewards.functions(cfg), cfg)[0]
     elapsed = time.monotonic() - t0
     server.close()
     assert row["reward"] == 0.0 and row["reward_code"] == 0.0 and row["strict_correct"] is False
@@ -185,7 +185,7 @@ def test_the_code_reward_columns_and_the_no_code_counts():
                       "iteration": [0] * n, "finish_reason": ["stop"] * n})
     cfg = {"timeout_s": 5, "max_chars": 4000, "functions": {"code": {"extraction": "strict", "weight": 2.0}}}
     tally: dict = {}
-    rows = reward.add_rewards(table, cfg, tally=tally).to_pylist()
+    rows = rewards.add_rewards(table, cfg, tally=tally).to_pylist()
     assert [r["reward"] for r in rows] == [2.0, 0.0, 0.0, 0.0]
     assert [r["reward_code"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
     assert [r["tests_passed"] for r in rows] == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
@@ -194,6 +194,6 @@ def test_the_code_reward_columns_and_the_no_code_counts():
     assert [r["reward_error"] for r in rows] == [None, "code: test 1 of 3: AssertionError", None, None]
     assert tally == {"strict_none": 2, "flexible_none": 0}
     # a math reward on a code row pays nothing and says why
-    math_row = reward.score_many([{"completion": completions[0], "answer": tests}],
-                                 reward.functions({"functions": {"math": {}}}), cfg)[0]
+    math_row = rewards.score_many([{"completion": completions[0], "answer": tests}],
+                                 rewards.functions({"functions": {"math": {}}}), cfg)[0]
     assert math_row["reward"] == 0.0 and "the math reward cannot check it" in math_row["reward_error"]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample, samplers, schema, store
-from tasks import policy as policy_mod
+from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
+from dashflow.core import samplers, schema, store
+from dashflow.core import policy as policy_mod
 
 
 def test_seeded_sampling_draws_from_the_processed_distribution():
@@ -103,7 +104,7 @@ def _call_gcs_without_token(job) -> tuple[str, str]:
 def test_the_local_ray_cluster_refuses_a_caller_without_its_token(prefect_server, monkeypatch):
     import types
 
-    from tasks import scaleout
+    from dashflow.core import scaleout
 
     # the cluster's workers import this file to run the probe
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))

@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
-from tasks import policy as policy_mod
-from tasks import advantage, answers, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample, schema, store
+from dashflow.core import policy as policy_mod
+from dashflow.tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample
+from dashflow.core import answers, prompts, rewards, sampled, schema, store
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def _table(params, stage, schema_):
 def test_prepare_writes_the_split_and_a_loadable_policy(run0):
     params, m = run0
     assert m["prepare"].stats == {"train_prompts": 24, "eval_prompts": 4}
-    train, evals = prepare.read_prompts(params, "train"), prepare.read_prompts(params, "eval")
+    train, evals = prompts.read_prompts(params, "train"), prompts.read_prompts(params, "eval")
     assert train.num_rows == 24 and evals.num_rows == 4
     assert not set(train.column("prompt_id").to_pylist()) & set(evals.column("prompt_id").to_pylist())
     assert policy_mod.weight_files(params.layout.policy(-1))
@@ -71,7 +72,7 @@ def test_reward_adds_columns_matching_the_checker(run0):
     params, m = run0
     table = _table(params, "reward", schema.REWARDED)
     assert table.num_rows == 12
-    extraction = reward.settings(params)["functions"]["math"]["extraction"]
+    extraction = rewards.settings(params)["functions"]["math"]["extraction"]
     for row in table.to_pylist():
         parsed = answers.extract(row["completion"], extraction)
         correct = parsed is not None and answers.check(parsed, row["answer"])[0]
@@ -211,7 +212,7 @@ def test_learn_moves_logprobs_in_the_direction_of_the_advantage(tmp_path, run0):
     def build(tmp):
         table = pa.Table.from_pylist(rows, schema=schema.KEPT)
         store.write_shard(tmp, 0, table, schema.KEPT, stage="test")
-        filter_stage.write_sampled(tmp, filter_stage.sampled_groups(table))
+        sampled.write_sampled(tmp, sampled.sampled_groups(table))
         return {}
 
     for f in src_params.layout.policy(-1).iterdir():  # reuse the prepared base policy
@@ -324,7 +325,7 @@ def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
     src_params, m = run0
     params = tiny_params(tmp_path, **{"learn.kl_coef": 0.04})
     fork_run(src_params, params)
-    assert reference.needed(params, 0) and not reference.needed(src_params, 0)
+    assert params.needs_reference(0) and not src_params.needs_reference(0)
     ref_m = reference.run(params, 0)
     table = store.read_stage(params.layout.stage_dir("reference", 0), schema.REFERENCED, stage="test")
     assert table.num_rows == m["filter"].stats["rows_kept"] == ref_m.stats["rows"] > 0
@@ -367,7 +368,7 @@ def test_learn_with_three_passes_goes_off_policy(tmp_path, run0):
 def test_sft_learns_the_reference_solutions(tmp_path, run0):
     from transformers import AutoModelForCausalLM
 
-    from tasks import policy, problems
+    from dashflow.core import policy, problems
 
     src_params, _ = run0
     params = tiny_params(tmp_path, **{"learn.mode": "sft", "learn.lr": 1e-4})
@@ -375,7 +376,7 @@ def test_sft_learns_the_reference_solutions(tmp_path, run0):
     stats = learn.run(params, 0).stats
     assert stats["mode"] == "sft" and stats["rows"] == 4 and stats["optimizer_steps"] == 1
     tok = policy.load_tokenizer(params.layout.policy(-1))
-    row = sample.iteration_prompts(prepare.read_prompts(params, "train"), 0, 4, 0)[0]
+    row = prompts.iteration_prompts(prompts.read_prompts(params, "train"), 0, 4, 0)[0]
     target = tok(problems.sft_target(row["solution"], row["answer"]), add_special_tokens=False)["input_ids"]
     prompt = policy.chat_prompt(tok, row["prompt"])
     nll = [-_policy_logprob(AutoModelForCausalLM.from_pretrained(params.layout.policy(i)), prompt, target)
@@ -414,7 +415,7 @@ def test_a_policy_is_loaded_once_per_process_and_a_new_landing_is_loaded_again(r
 
 
 def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_holds(run0, tmp_path):
-    from tasks import samplers
+    from dashflow.core import samplers
 
     params = tiny_params(tmp_path / "runs")
     fork_run(run0[0], params)
@@ -502,8 +503,8 @@ def test_a_background_state_write_that_fails_stops_the_next_learn_and_is_written
 
 _PREWARM_SCRIPT = """
 import json, sys, threading
-from flows.dash_rl import prewarm
-from tasks import policy
+from dashflow.flows.dash_rl import prewarm
+from dashflow.core import policy
 
 found = []
 

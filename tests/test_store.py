@@ -5,7 +5,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks import schema, store
+from dashflow.core import schema, store
 
 
 def _build_rows(n, calls):
@@ -195,7 +195,7 @@ def test_remove_output_killed_midway_never_leaves_a_manifest_over_missing_files(
 
         m = store.run_stage("learn", 0, out, inputs={}, params={}, code="t", build=build)
         store.write_pruned_record(out, "test")
-        proc = subprocess.Popen([sys.executable, "-c", f"from tasks import store; store.remove_output({str(out)!r})"],
+        proc = subprocess.Popen([sys.executable, "-c", f"from dashflow.core import store; store.remove_output({str(out)!r})"],
                                 cwd=ROOT)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

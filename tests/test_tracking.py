@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_params
-from dashflow import tracking
+from dashflow.ops import tracking
 
 ROW = {"iteration": 2, "reward_mean": 0.375, "accuracy": 0.25, "strict_accuracy": 0.125, "flexible_accuracy": 0.25,
        "kept_fraction": 0.5, "mean_completion_tokens": 31.5, "mixed_group_fraction": 0.5, "updated": True,
@@ -59,7 +59,7 @@ def test_mlflow_tracking_store_reads_back(tmp_path):
 
 
 def test_an_unknown_backend_is_refused(tmp_path):
-    from dashflow.config import ParamsError
+    from dashflow.core.config import ParamsError
 
     with pytest.raises(ParamsError, match="tracking.backend = 'wandb' is not allowed"):
         tiny_params(tmp_path, **{"tracking.backend": "wandb"})

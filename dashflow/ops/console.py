@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tasks.answers import HELDOUT, set_stats
+from dashflow.core.answers import HELDOUT, set_stats
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -54,7 +54,7 @@ def print_summary(s: dict) -> None:
     base, final = s.get("base_eval") or {}, s.get("final_eval") or {}
     console.print()
     if base and final:
-        console.print(f"eval accuracy, strict (the DASH paper's checker) / flexible (last box, else last number):")
+        console.print("eval accuracy, strict (the DASH paper's checker) / flexible (last box, else last number):")
         for name, st in set_stats(final).items():
             start = set_stats(base).get(name, {})
             console.print(f"  {name:<12s} base        : {eval_line(start)}")

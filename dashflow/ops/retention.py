@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dashflow.config import Params, ParamsError
-from tasks import store
+from dashflow.core.config import Params, ParamsError
+from dashflow.core import store
 
 SETTING = {"policy": "policies", "optimizer": "optimizers"}
 

@@ -6,7 +6,7 @@ A code problem's `answer` (schema.PROMPTS) is its tests as JSON, {"code_tests": 
   {"format": "humaneval", "prelude": <the prompt: imports, signature, docstring>,
    "test": "def check(candidate): ...", "entry_point": "f"}
 
-They run in the sandbox (tasks/sandbox.py); an MBPP row's tests are its asserts, one by one;
+They run in the sandbox (dashflow/core/sandbox.py); an MBPP row's tests are its asserts, one by one;
 a HumanEval row's are the top-level asserts of its `check(candidate)`.
 
 What counts as the code of a completion, the two extractions of answers.EXTRACTIONS, both

@@ -16,7 +16,7 @@ SET = typer.Option(None, "--set", "-s", help="override a parameter: key=value (r
 
 
 def _overrides(items: Optional[List[str]]) -> dict:
-    from dashflow.config import _parse_override
+    from dashflow.core.config import _parse_override
 
     return dict(_parse_override(i) for i in items or [])
 
@@ -24,10 +24,10 @@ def _overrides(items: Optional[List[str]]) -> dict:
 def _own_processes() -> None:
     """`kill` (SIGTERM) ends the command the way Ctrl-C does, so exit handlers run (Prefect's
     temporary server, a local Ray cluster are stopped); whatever they leave, and everything
-    the command started when it is killed with SIGKILL, is stopped by a guard (dashflow/reaper.py)."""
+    the command started when it is killed with SIGKILL, is stopped by a guard (dashflow/app/reaper.py)."""
     import signal
 
-    from dashflow import reaper
+    from dashflow.app import reaper
 
     reaper.watch()
 
@@ -74,10 +74,10 @@ def run(
     if verify:
         os.environ["DASHFLOW_VERIFY"] = "1"
     temporary_server_env(os.environ)
-    from dashflow.config import ParamsError
-    from dashflow.versioning import DvcError
-    from flows.dash_rl import dash_rl, prewarm
-    from tasks.store import StageError
+    from dashflow.core.config import ParamsError
+    from dashflow.ops.versioning import DvcError
+    from dashflow.flows.dash_rl import dash_rl, prewarm
+    from dashflow.core.store import StageError
 
     prewarm(str(params), {**_overrides(set_), **({"run.preset": preset} if preset else {})})
     try:
@@ -93,8 +93,8 @@ def serve(
     pool: str = typer.Option("dashflow-local", help="process work pool the worker serves"),
 ):
     """Start a local Prefect server and a process worker; Ctrl-C stops both."""
-    from dashflow.serving import ServeError
-    from dashflow.serving import serve as _serve
+    from dashflow.app.serving import ServeError
+    from dashflow.app.serving import serve as _serve
 
     try:
         raise typer.Exit(_serve(port=port, pool=pool))
@@ -107,8 +107,8 @@ def deploy(
     api_url: Optional[str] = typer.Option(None, "--api-url", help="Prefect API (default $PREFECT_API_URL or 127.0.0.1:4200)"),
 ):
     """Register the deployments in prefect.yaml (dash-rl/local, dash-eval/local) with the server."""
-    from dashflow.serving import ServeError
-    from dashflow.serving import deploy as _deploy
+    from dashflow.app.serving import ServeError
+    from dashflow.app.serving import deploy as _deploy
 
     try:
         raise typer.Exit(_deploy(Path.cwd(), api_url))
@@ -125,16 +125,16 @@ def stage(
     set_: Optional[List[str]] = SET,
 ):
     """Run one stage of one iteration (no Prefect), from the outputs already on disk."""
-    from dashflow.config import STAGES, Params, ParamsError
-    from tasks.store import StageError
+    from dashflow.core.config import STAGES, Params, ParamsError
+    from dashflow.core.store import StageError
 
     if name not in STAGES:
         _fail(ValueError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}"))
     _own_processes()
     import importlib
 
-    module = importlib.import_module(f"tasks.{name}")
-    from tasks.store import run_lock
+    module = importlib.import_module(f"dashflow.tasks.{name}")
+    from dashflow.core.store import run_lock
 
     try:
         p = Params.load(params, _overrides(set_))
@@ -154,11 +154,11 @@ def metrics(
     set_: Optional[List[str]] = SET,
 ):
     """Write iter-i/metrics.json and the run's history.json from the stage outputs (DVC's metrics@i)."""
-    from dashflow.config import Params, ParamsError
-    from tasks import metrics as metrics_mod
-    from tasks.store import StageError
+    from dashflow.core.config import Params, ParamsError
+    from dashflow.tasks import metrics as metrics_mod
+    from dashflow.core.store import StageError
 
-    from tasks.store import run_lock
+    from dashflow.core.store import run_lock
 
     try:
         p = Params.load(params, _overrides(set_))
@@ -176,7 +176,7 @@ def schedule(
     params: Path = PARAMS,
 ):
     """Rewrite params.yaml's `schedule` (the iteration list the flow and dvc.yaml share)."""
-    from dashflow.config import ParamsError, make_schedule, write_schedule
+    from dashflow.core.config import ParamsError, make_schedule, write_schedule
 
     try:
         new = make_schedule(iterations, every=every)
@@ -194,10 +194,10 @@ def prune(
 ):
     """Apply params.yaml's `retention:` to a run's finished iterations now (the flow does it
     after each iteration): remove old policies / optimizer states, keeping DVC consistent."""
-    from dashflow import retention
-    from dashflow.config import Params, ParamsError
-    from dashflow.versioning import DvcError, Recorder
-    from tasks import store
+    from dashflow.ops import retention
+    from dashflow.core.config import Params, ParamsError
+    from dashflow.ops.versioning import DvcError, Recorder
+    from dashflow.core import store
 
     try:
         overrides = _overrides(set_)
@@ -228,7 +228,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Summarise any stage output: rows, groups, reward, accuracy, lengths, errors, examples."""
-    from dashflow.inspecting import InspectError, render, summarize
+    from dashflow.app.inspecting import InspectError, render, summarize
 
     try:
         summary = summarize(path, rev=rev, where=where, prompt_id=prompt_id, limit=limit)
@@ -241,7 +241,7 @@ def _stage_path(ref: str, run_dir: Path, stage: str) -> Path:
     """`3` / `base` / a path -> the stage output directory to compare."""
     if Path(ref).exists():
         return Path(ref)
-    from dashflow.config import RunLayout
+    from dashflow.core.config import RunLayout
 
     layout = RunLayout(run_dir)
     i = -1 if ref == "base" else int(ref)
@@ -259,7 +259,7 @@ def diff(
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ):
     """For the prompts two outputs share: how rewards, lengths and answers changed."""
-    from dashflow.inspecting import InspectError, diff as diff_outputs, render_diff
+    from dashflow.app.inspecting import InspectError, diff as diff_outputs, render_diff
 
     try:
         result = diff_outputs(_stage_path(a, run_dir, stage), _stage_path(b, run_dir, stage), mode=mode, limit=limit)
@@ -274,13 +274,29 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write (default: the run directory)"),
 ):
     """Write report.png / report.html: reward, accuracy, length, kept fraction and time per iteration."""
-    from dashflow.report import ReportError, write_report
+    from dashflow.ops.report import ReportError, write_report
 
     try:
         result = write_report(run_dir, out)
     except ReportError as exc:
         _fail(exc)
     typer.echo(f"report: {result['png']}\n        {result['html']}")
+
+
+@app.command()
+def layers(
+    root: Path = typer.Option(Path("."), "--root", help="the project directory"),
+):
+    """Print dashflow's layers (top first) and check the import rule: no import back up, no
+    circle, no stage importing a stage. Exits 1, listing each offending import, when broken."""
+    from dashflow.app.layers import table, violations
+
+    for layer, folder, count, lines, what in table(root):
+        typer.echo(f"{layer:<6} {folder:<15} {count:>2} modules {lines:>5} lines  {what}")
+    problems = violations(root)
+    if problems:
+        _fail("the import rule is broken:\n  " + "\n  ".join(problems))
+    typer.echo("import rule: ok (each layer imports only the layers below it; no stage imports a stage; no circle)")
 
 
 if __name__ == "__main__":

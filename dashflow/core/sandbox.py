@@ -3,7 +3,7 @@ in its own Linux namespaces, never in this one.
 
 Each run gets a throw-away directory (made here, removed after), and a process started by
 util-linux `unshare` in new mount, PID, network, IPC and UTS namespaces, which confines
-itself before any of the program runs (tasks/sandbox_runner.py has the details):
+itself before any of the program runs (dashflow/core/sandbox_runner.py has the details):
 
   what                      how it is enforced
   wall time (timeout_s)     here: the process group is SIGKILLed at the deadline; the
@@ -49,7 +49,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tasks import sandbox_runner
+from dashflow.core import sandbox_runner
 
 RUNNER = Path(sandbox_runner.__file__)
 MAX_REPORT = 1 << 20  # bytes of result lines read back (a program scribbling on the pipe gets no more)

@@ -8,7 +8,7 @@ answer-format instruction), answer (reference final answer), solution, source.
 - math: JSONL/Parquet rows with `problem` and `answer`, or `solution` containing \\boxed{}.
 - hub: any `datasets` hub dataset, with the question/answer field names given (online);
   with `hub_format: mbpp | humaneval`, a code dataset in that format.
-- pyfunc, mbpp, humaneval: code tasks (tasks/code.py): the answer is the problem's tests.
+- pyfunc, mbpp, humaneval: code tasks (dashflow/core/code.py): the answer is the problem's tests.
 
 A row without a needed field stops with an error naming the file, the row and the field.
 """
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow.parquet as pq
 
-from tasks import code
-from tasks.answers import last_boxed
+from dashflow.core import code
+from dashflow.core.answers import last_boxed
 
 
 class ProblemError(ValueError):

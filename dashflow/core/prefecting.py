@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from tasks.store import Manifest, StageError
+from dashflow.core.store import Manifest, StageError
 
 NEVER_RETRY = ("learn",)
 

@@ -13,7 +13,7 @@ import base64
 import json
 from pathlib import Path
 
-from tasks import store
+from dashflow.core import store
 
 
 class ReportError(ValueError):

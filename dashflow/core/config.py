@@ -376,6 +376,11 @@ class Params:
     def __getitem__(self, section: str) -> dict:
         return self.tree[section]
 
+    def needs_reference(self, iteration: int) -> bool:
+        """Whether learn@iteration has a KL term, i.e. reads the reference policy's log-probs."""
+        cfg = self.stage("learn", iteration)
+        return cfg["mode"] == "rl" and float(cfg["kl_coef"]) > 0
+
     def stage(self, name: str, iteration: int | None = None) -> dict:
         """The stage's parameter slice, with `name@iteration` overrides applied."""
         out = copy.deepcopy(self.tree.get(name, {}))

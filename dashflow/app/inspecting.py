@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from tasks import store
+from dashflow.core import store
 
 SCALARS = ("prompt_id", "sample_index", "iteration", "mode", "reward", "correct", "parsed_answer", "answer",
            "strict_correct", "flexible_correct", "strict_answer", "flexible_answer", "reward_error", "finish_reason", "advantage", "group_mean", "group_std", "completion_tokens")

@@ -31,7 +31,7 @@ from typing import Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from tasks.algorithms import pack_by_tokens, processed_logprobs
+from dashflow.core.algorithms import pack_by_tokens, processed_logprobs
 
 
 @dataclass
@@ -218,7 +218,7 @@ class VLLMSampler:
 def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: str, token_budget: int,
                  max_batch_size: int, group_size: int | None = None, tensor_parallel: int = 1) -> tuple[Sampler, object]:
     """(sampler, tokenizer) for the policy checkpoint at model_path."""
-    from tasks.policy import inference_model, load_tokenizer, stop_token_ids
+    from dashflow.core.policy import inference_model, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(model_path)
     if backend == "hf":

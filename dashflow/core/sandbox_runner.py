@@ -1,4 +1,4 @@
-"""The confined side of the code sandbox (tasks/sandbox.py starts it; standard library only).
+"""The confined side of the code sandbox (dashflow/core/sandbox.py starts it; standard library only).
 
 Started as `unshare --mount --net --pid --ipc --uts --fork --kill-child -- python -I -S
 sandbox_runner.py`, so it is PID 1 of a new PID namespace with its own mount and network

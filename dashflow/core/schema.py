@@ -45,7 +45,7 @@ REWARDED = pa.schema(
         ("correct", pa.bool_()),          # the answer the first `math` reward reads is right (strict without one)
         ("parsed_answer", pa.string()),   # that answer; null when none could be extracted
         ("reward_error", pa.string()),    # null unless a reward function or a check failed or timed out
-        ("strict_correct", pa.bool_()),   # the DASH paper's checker (tasks/answers.py)
+        ("strict_correct", pa.bool_()),   # the DASH paper's checker (dashflow/core/answers.py)
         ("flexible_correct", pa.bool_()), # last box anywhere, else the last number
     ]
 )

@@ -8,7 +8,7 @@ parameter slice and the code version -- and every output file's digest, size and
 Each file is hashed once: checkpoints as they are written (`HashedFile`, around the page
 cache; the landing records that digest instead of reading the file back), everything else
 as it lands. Outputs DVC versions are hashed with md5, DVC's own
-hash: the flow hands each digest to DVC's state database (dashflow/versioning.py), so
+hash: the flow hands each digest to DVC's state database (dashflow/ops/versioning.py), so
 `dvc commit` reads no byte again. The learner's optimizer state (a `side` output DVC does
 not version) is hashed with XXH3-128 (xxhash; ~10x md5's speed here), enough to catch
 damage, which is what a digest is for there.
@@ -28,7 +28,7 @@ mtime, is caught, while an untouched run resumes with a stat per file. `DASHFLOW
 
 A stage may write a second output directory beside its main one (`side`: the learner's
 optimizer state), with its own manifest under the same key. An output removed by the
-retention setting (dashflow/retention.py) leaves a pruned record `<dir>.pruned.json` (its
+retention setting (dashflow/ops/retention.py) leaves a pruned record `<dir>.pruned.json` (its
 manifest, plus why): the stage still counts as finished and its digest still feeds the
 keys downstream, but a stage that must read the files stops with how to restore them.
 """
@@ -61,7 +61,7 @@ import xxhash
 from filelock import FileLock, Timeout
 
 from dashflow import __version__
-from tasks.schema import SchemaError, validate
+from dashflow.core.schema import SchemaError, validate
 
 MANIFEST = "_manifest.json"
 
@@ -263,7 +263,7 @@ def outputs_verify(directory: Path, manifest: Manifest) -> bool:
 
 def hash_files(paths: list[Path], algo: str = "md5") -> dict[Path, str]:
     """Each file's digest, one file per core at a time (hashlib and xxhash release the GIL),
-    largest first: a checkpoint written as shards (tasks/policy.py: SHARD_SIZE) is hashed
+    largest first: a checkpoint written as shards (dashflow/core/policy.py: SHARD_SIZE) is hashed
     in about 1/cores of the time of one file."""
     paths = sorted(paths, key=lambda p: p.stat().st_size, reverse=True)
     if len(paths) < 2 or sum(p.stat().st_size for p in paths) < (8 << 20):
@@ -419,7 +419,7 @@ def fault_point(point: str, label: str, *, once_in: Path | None = None) -> None:
     old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not),
     mid-state (a flow's held optimizer state written, not landed: tasks/learn.py `flush`),
     mid-retention (an output's manifest removed, its files not; the label is
-    `iter-0000/optimizer`), mid-dvc-commit (dashflow/versioning.py: an iteration's md5s
+    `iter-0000/optimizer`), mid-dvc-commit (dashflow/ops/versioning.py: an iteration's md5s
     handed to DVC, dvc.lock not yet written; the label is any stage in that commit),
     worker-shard (a sampling worker about to write shard K; the label is `sample@0:K`).
     With `once_in` the kill happens once per that directory (a marker file remembers it), so

@@ -1,0 +1,2 @@
+"""What a flow does around the stages: DVC commits (versioning), retention, experiment
+tracking, the report and the console lines. Imports dashflow.core only."""
