@@ -9,7 +9,6 @@ Input : iter-i/rewarded   Output: iter-i/advantaged (schema.ADVANTAGED), shard f
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +18,9 @@ import torch
 from dashflow.core.config import Params
 from dashflow.core import algorithms, schema, store
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+STAGE = Stage("advantage", __name__, params=("advantage.estimator", "advantage.epsilon"), code=(algorithms, schema))
 
 
 def add_advantages(table: pa.Table, estimator: str, epsilon: float, *, where: str = "table") -> pa.Table:
@@ -62,7 +64,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     return store.run_stage(
         "advantage", iteration, layout.stage_dir("advantage", iteration), inputs={"rewarded": src},
-        params=cfg, code=store.code_digest(sys.modules[__name__], algorithms, schema), build=build, force=force,
+        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
     )
 
 

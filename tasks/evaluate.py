@@ -15,7 +15,6 @@ Inputs : base/prompts/eval.parquet, a policy   Output: <iter>/eval/part-00000.pa
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,16 @@ from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+# What makes the evaluation rows (the sets' prompts, the policy and the code are its inputs).
+# sample.token_budget and max_batch_size size the generation batches only: each request has
+# its own seeded stream.
+STAGE = Stage("evaluate", __name__, code=(answers, rewards, samplers, policy_mod, prompts_mod, schema, sandbox,
+                                         sandbox_runner, code_mod), params=(
+    "run.seed", "model.dtype", "evaluate.sets", "evaluate.num_prompts", "evaluate.max_new_tokens", "evaluate.samples",
+    "sample.backend", "sample.temperature", "sample.top_p", "sample.top_k", "reward.timeout_s", "reward.max_chars",
+    "sandbox.timeout_s", "sandbox.memory_mb", "sandbox.output_kb", "sandbox.processes"))
 
 
 ANSWER_COLUMNS = ("strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "reward_error")
@@ -107,7 +116,6 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     cfg = params.stage("evaluate", iteration)
     sample_cfg = params.stage("sample")
     reward_cfg = rewards.settings(params)
-    reward_key = rewards.key_params(reward_cfg)
     policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
     out_dir = Path(out) if out is not None else layout.eval(iteration)
     if policy is not None and not (policy_dir / "config.json").is_file():
@@ -122,16 +130,12 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     sets = cfg["sets"]
     prompt_sets = {name: set_prompts(params, name, spec, int(spec.get("num_prompts", cfg["num_prompts"])))
                    for name, spec in sets.items()}
-    stage_params = {"evaluate": cfg, "sample": {k: sample_cfg.get(k) for k in ("backend", "temperature", "top_p", "top_k")},
-                    "reward": {k: reward_key[k] for k in ("timeout_s", "max_chars", "sandbox")},
-                    "seed": params["run"]["seed"]}
-    code = store.code_digest(sys.modules[__name__], answers, rewards, samplers, policy_mod, schema, sandbox, sandbox_runner,
-                             code_mod)
+    stage_params = STAGE.key_params(params, iteration, sets=sets)  # the sets as resolved (null: the task's)
+    code = STAGE.code_digest()
     policy_id = (store.read_manifest(policy_dir).digest if stage_output else checkpoint_identity(policy_dir))
     # what makes one set's rows: not the other sets
-    per_set = {k: v for k, v in cfg.items() if k != "sets"}
-    set_keys = {name: store.json_digest({"prompts": prompts, "policy": policy_id, "code": code, "seed": params["run"]["seed"],
-                                        "evaluate": per_set, **{k: v for k, v in stage_params.items() if k != "evaluate"}})
+    per_set = {k: v for k, v in stage_params.items() if k not in ("evaluate.sets", "derived.sets")}
+    set_keys = {name: store.json_digest({"prompts": prompts, "policy": policy_id, "code": code, **per_set})
                 for name, prompts in prompt_sets.items()}
 
     def carried(previous: store.Manifest | None, name: str, index: int, tmp: Path) -> dict | None:

@@ -16,7 +16,6 @@ Input : iter-i/advantaged   Output: iter-i/kept (schema.KEPT), shard for shard (
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,9 @@ import torch
 from dashflow.core import algorithms, sampled, schema, store
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold"), code=(algorithms, sampled, schema))
 
 
 def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Table:
@@ -57,7 +59,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     return store.run_stage(
         "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},
-        params=cfg, code=store.code_digest(sys.modules[__name__], algorithms, schema), build=build, force=force,
+        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
     )
 
 

@@ -75,6 +75,16 @@ from dashflow.core import prompts as prompts_mod
 from dashflow.core import sampled as sampled_mod
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+# What the update depends on. How the learner runs is not (learn.launcher, nproc,
+# gradient_checkpointing, state_every: the same update up to float rounding).
+STAGE = Stage("learn", __name__, code=(algorithms, policy_mod, problems, prompts_mod, sampled_mod, schema), params=(
+    "run.seed", "learn.lr", "learn.betas", "learn.weight_decay", "learn.max_grad_norm", "learn.micro_batch_tokens",
+    "learn.mode", "learn.update", "learn.steps", "learn.clip_eps", "learn.clip_eps_high", "learn.loss_agg",
+    "learn.kl_coef", "learn.kl_estimator", "learn.tis_cap", "learn.precision", "learn.lr_schedule",
+    "learn.warmup_steps", "model.dtype", "model.checkpoint_dtype", "sample.temperature", "sample.top_k",
+    "sample.top_p", "sample.max_new_tokens", "sample.prompts_per_iteration"))
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -160,10 +170,6 @@ def context(params: Params, iteration: int) -> Context:
                    layout.stage_dir("reference", iteration) if with_kl else kept,
                    layout.policy(iteration - 1), layout.optimizer(iteration - 1), f"learn@{iteration}")
 
-
-# How the learner runs, not what it computes: not part of the stage key (gradient
-# checkpointing recomputes the same activations; the result is the same).
-EXECUTION_ONLY = ("launcher", "nproc", "gradient_checkpointing", "state_every")
 
 # The learner's state handed from one learn to the next within one flow process (`holding`):
 # learn stage key -> (model, optimizer, iteration). Process-local; a new process starts empty.
@@ -330,19 +336,15 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     # retention, or a `dvc pull` elsewhere -- still finds its finished stages cached)
     inputs = {"policy": prev, **({"prompts": layout.base / "prompts"} if sft else {"kept": kept}),
               **({"reference": src} if with_kl and not sft else {})}
-    slice_ = {"learn": {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}, "temperature": temperature,
-              "checkpoint_dtype": policy_mod.stored_dtype(params["model"]),
-              "max_new_tokens": sample_cfg["max_new_tokens"],
-              "sampling": {k: sample_cfg.get(k) for k in ("top_k", "top_p")}}
-    if cfg["lr_schedule"] != "constant" or cfg["warmup_steps"]:
-        slice_["schedule_steps"] = schedule_position(params, iteration)
-    if sft:
-        slice_.update(prompts_per_iteration=sample_cfg["prompts_per_iteration"], seed=params["run"]["seed"])
+    # where the learning-rate schedule stands depends on the whole schedule, not only on this slice
+    scheduled = cfg["lr_schedule"] != "constant" or cfg["warmup_steps"]
+    slice_ = STAGE.key_params(params, iteration, **({"schedule_steps": schedule_position(params, iteration)}
+                                                    if scheduled else {}))
     global _trained, _due
     _trained = None
     manifest = store.run_stage(
         "learn", iteration, layout.stage_dir("learn", iteration), inputs=inputs, params=slice_,
-        code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, problems, schema),
+        code=STAGE.code_digest(),
         build=build, force=force, side={"optimizer": layout.optimizer(iteration)},
     )
     if _holding and _trained is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +18,15 @@ from dashflow.core.config import Params
 from dashflow.core import policy as policy_mod
 from dashflow.core import problems, schema, store
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+# prepare writes two outputs, each with its own key: the prompts and the base policy
+PROMPTS = Stage("prepare", __name__, code=(problems, schema), params=(
+    "run.seed", "task.kind", "task.options", "task.path", "task.hub_name", "task.hub_config", "task.hub_split",
+    "task.question_field", "task.answer_field", "task.hub_format", "task.num_train", "task.num_eval",
+    "task.level_weights", "task.instruction"))
+POLICY = Stage("prepare_policy", __name__, code=(policy_mod,),
+               params=("model.name", "model.dtype", "model.checkpoint_dtype"))
 
 
 def _file_digest(path: str | None) -> dict[str, str]:
@@ -46,8 +54,8 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
     except problems.ProblemError as exc:
         raise store.StageError(f"prepare: {exc}") from exc
     return store.run_stage(
-        "prepare", None, layout.base / "prompts", inputs={}, params={"task": task_cfg, "seed": seed},
-        code=store.code_digest(sys.modules[__name__], problems, schema, *user), build=build, force=force,
+        "prepare", None, layout.base / "prompts", inputs={}, params=PROMPTS.key_params(params),
+        code=PROMPTS.code_digest(*user), build=build, force=force,
         extra_inputs=_file_digest(task_cfg.get("path")),
     )
 
@@ -97,8 +105,8 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
         return {"stats": {"source": source}}
 
     return store.run_stage(
-        "prepare_policy", None, layout.policy(-1), inputs={}, params=model_cfg,
-        code=store.code_digest(sys.modules[__name__], policy_mod), build=build, force=force,
+        "prepare_policy", None, layout.policy(-1), inputs={}, params=POLICY.key_params(params),
+        code=POLICY.code_digest(), build=build, force=force,
         extra_inputs=_model_identity(model_cfg["name"], layout.base / ".model_identity.json"),
     )
 

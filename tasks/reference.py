@@ -11,7 +11,6 @@ Inputs : iter-i/kept, base/policy   Output: iter-i/reference (schema.REFERENCED)
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,10 @@ from dashflow.core.config import Params
 from dashflow.core import algorithms, schema, store
 from dashflow.core import policy as policy_mod
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+STAGE = Stage("reference", __name__, code=(algorithms, policy_mod, schema),
+              params=("learn.mode", "learn.kl_coef", "sample.temperature", "sample.token_budget", "model.dtype"))
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -56,8 +59,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     return store.run_stage(
         "reference", iteration, layout.stage_dir("reference", iteration),
         inputs={"kept": src, "reference": ref_dir} if on else {"kept": src},
-        params={"kl": on, "temperature": temperature, "token_budget": budget, "dtype": params["model"]["dtype"]},
-        code=store.code_digest(sys.modules[__name__], algorithms, policy_mod, schema), build=build, force=force,
+        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
     )
 
 

@@ -6,7 +6,6 @@ Input : iter-i/rollouts   Output: iter-i/rewarded (schema.REWARDED), shard for s
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +14,12 @@ import pyarrow as pa
 from dashflow.core import answers, code, rewards, sandbox, sandbox_runner, schema, store
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+# sandbox.workers (how many programs run at once) is not part of the key: the same rows.
+STAGE = Stage("reward", __name__, code=(rewards, answers, code, sandbox, sandbox_runner, schema), params=(
+    "reward.functions", "reward.timeout_s", "reward.max_chars", "sandbox.timeout_s", "sandbox.memory_mb",
+    "sandbox.output_kb", "sandbox.processes"))
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -57,8 +62,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     return store.run_stage(
         "reward", iteration, layout.stage_dir("reward", iteration), inputs={"rollouts": src},
-        params=rewards.key_params(cfg),
-        code=store.code_digest(sys.modules[__name__], rewards, answers, code, sandbox, sandbox_runner, schema, *rewards.user_modules(fns)),
+        params=STAGE.key_params(params, iteration, functions=cfg["functions"]),  # null resolved to the task's
+        code=STAGE.code_digest(*rewards.user_modules(fns)),
         build=build, force=force,
     )
 

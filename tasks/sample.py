@@ -16,7 +16,6 @@ Output : iter-i/rollouts/part-*.parquet (schema.ROLLOUTS), whole prompt groups p
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,14 @@ from dashflow.core import policy as policy_mod
 from dashflow.core import prompts, samplers, scaleout, schema, store
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
+from dashflow.core.stage import Stage
+
+# The sample keys that change rows; how a stage runs (workers, ray_address, worker_gpus,
+# worker_retries, tensor_parallel) is not part of its key: each request has its own seeded stream.
+STAGE = Stage("sample", __name__, code=(prompts, samplers, policy_mod, schema), params=(
+    "run.seed", "model.dtype", "sample.backend", "sample.prompts_per_iteration", "sample.samples_per_prompt",
+    "sample.max_new_tokens", "sample.temperature", "sample.top_k", "sample.top_p", "sample.token_budget",
+    "sample.batching", "sample.max_batch_size", "sample.groups_per_shard"))
 
 
 def sample_seed(seed: int, iteration: int) -> int:
@@ -145,17 +152,11 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                        "work_s": (t2 - t1) - max(r["load_s"] for r in results)},
         }
 
-    slice_ = {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY}
     return store.run_stage(
         "sample", iteration, layout.stage_dir("sample", iteration),
         inputs={"policy": policy_dir, "prompts": prompts_dir},
-        params={"sample": slice_, "seed": seed, "dtype": params["model"]["dtype"]},
-        code=store.code_digest(sys.modules[__name__], samplers, policy_mod, schema), build=build, force=force,
+        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
     )
-
-
-# How a stage runs, not what it computes: not part of its key (the rows are the same).
-EXECUTION_ONLY = ("workers", "ray_address", "worker_gpus", "worker_retries", "tensor_parallel")
 
 
 # Sampling is idempotent (its output only lands when complete), so a retry is safe.

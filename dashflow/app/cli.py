@@ -283,6 +283,53 @@ def report(
     typer.echo(f"report: {result['png']}\n        {result['html']}")
 
 
+@app.command("dvc-yaml")
+def dvc_yaml(
+    check: bool = typer.Option(False, "--check", help="exit 1 if dvc.yaml is not what the stages declare; write nothing"),
+    path: Path = typer.Option(Path("dvc.yaml"), "--path", help="the file to write or check"),
+):
+    """Write dvc.yaml from the stages' declarations (tasks/*.py STAGE: the parameters each
+    stage's cache key hashes and the modules it runs)."""
+    from dashflow.app.dvcfile import render
+
+    text = render(Path(__file__).resolve().parents[2])
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            _fail(f"{path} is not what the stages declare; run `dashflow dvc-yaml` to rewrite it")
+        typer.echo(f"{path}: up to date")
+        return
+    path.write_text(text)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("params")
+def params_cmd(
+    write: bool = typer.Option(False, "--write", help="rewrite params.yaml's comments from the declarations (values kept)"),
+    docs: Optional[Path] = typer.Option(None, "--docs", help="write the parameter reference (docs/parameters.md) here"),
+    params_path: Path = typer.Option(Path("params.yaml"), "--params", help="the parameter file"),
+):
+    """Check a parameter file against the declarations (dashflow/core/parameters.py): every key
+    known and allowed; --write renders its comments, --docs the reference page."""
+    from dashflow.core import parameters
+    from dashflow.core.config import Params, ParamsError, load_yaml, render_schedule
+
+    try:
+        loaded = Params.load(params_path)
+    except ParamsError as exc:
+        _fail(exc)
+    if write:
+        tree = load_yaml(params_path.read_text())
+        params_path.write_text(parameters.render_yaml(tree, render_schedule(tree["schedule"])))
+        typer.echo(f"wrote {params_path}")
+    if docs is not None:
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(parameters.markdown())
+        typer.echo(f"wrote {docs}")
+    if not write and docs is None:
+        typer.echo(f"{params_path}: {len(parameters.PARAMS)} parameters, all known and allowed "
+                   f"({loaded.iterations} iterations scheduled)")
+
+
 @app.command()
 def layers(
     root: Path = typer.Option(Path("."), "--root", help="the project directory"),

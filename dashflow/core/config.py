@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from dashflow.core import parameters
 
 STAGES = ("prepare", "sample", "reward", "advantage", "filter", "reference", "learn", "evaluate")
 
@@ -97,102 +98,16 @@ def load_yaml(text: str) -> Any:
 
 
 # ---------------------------------------------------------------- validation
-# Every parameter a stage reads, checked when params are loaded (after presets and
-# overrides, for every `stage@i` slice too): one message naming the key, the value and
-# what is allowed, before any stage runs.
-
-def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-            return False
-        if not math.isfinite(v):
-            return False
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        return not (hi is not None and (v >= hi if hi_open else v > hi))
-    kind = "an integer" if integer else "a finite number"
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi}")
-    return check, kind + (" " + " and ".join(parts) if parts else "")
-
-
-def _choice(*options):
-    return (lambda v: v in options), "one of " + ", ".join(map(str, options))
-
-
-_BOOL = ((lambda v: isinstance(v, bool)), "true or false")
-_BETAS = ((lambda v: isinstance(v, list) and len(v) == 2 and all(_num(0, 1, hi_open=True)[0](b) for b in v)),
-          "a list of two numbers in [0, 1)")
-RULES: dict[str, tuple] = {
-    "run.seed": _num(0, integer=True),
-    "model.dtype": _choice("float32", "bfloat16", "float16"),
-    "model.checkpoint_dtype": _choice(None, "bfloat16", "float32"),
-    "sample.backend": _choice("hf", "vllm"),
-    "sample.prompts_per_iteration": _num(1, integer=True),
-    "sample.samples_per_prompt": _num(1, integer=True),
-    "sample.max_new_tokens": _num(1, integer=True),
-    "sample.temperature": _num(0, lo_open=True),
-    "sample.top_p": _num(0, 1, lo_open=True),
-    "sample.top_k": _num(0, integer=True),
-    "sample.token_budget": _num(1, integer=True),
-    "sample.batching": _choice("packed", "per_group"),
-    "sample.max_batch_size": _num(1, integer=True),
-    "sample.groups_per_shard": _num(1, integer=True),
-    "sample.workers": _num(1, integer=True),
-    "reward.timeout_s": _num(1, integer=True),
-    "reward.max_chars": _num(1, integer=True),
-    "sandbox.timeout_s": _num(0, 600, lo_open=True),
-    "sandbox.memory_mb": _num(64, integer=True),
-    "sandbox.output_kb": _num(1, integer=True),
-    "sandbox.processes": _num(1, integer=True),
-    "sandbox.workers": _num(1, integer=True),
-    "task.hub_format": ((lambda v: v in (None, "mbpp", "humaneval")), "null, mbpp or humaneval"),
-    "task.instruction": ((lambda v: v is None or isinstance(v, str)), "a string, or null (the task's own)"),
-    "advantage.epsilon": _num(0, lo_open=True),
-    "filter.enabled": _BOOL,
-    "filter.threshold": _num(0),
-    "learn.lr": _num(0, lo_open=True),
-    "learn.betas": _BETAS,
-    "learn.weight_decay": _num(0),
-    "learn.max_grad_norm": _num(0),
-    "learn.micro_batch_tokens": _num(1, integer=True),
-    "learn.mode": _choice("rl", "sft"),
-    "learn.update": _choice("multi", "mini", "per_group"),
-    "learn.steps": _num(1, integer=True),
-    "learn.clip_eps": _num(0, lo_open=True),
-    "learn.clip_eps_high": _num(0, lo_open=True),
-    "learn.kl_coef": _num(0),
-    "learn.tis_cap": _num(0),
-    "learn.precision": _choice("fp32", "bf16-mixed"),
-    "learn.lr_schedule": _choice("constant", "linear", "cosine"),
-    "learn.warmup_steps": _num(0, integer=True),
-    "learn.gradient_checkpointing": _BOOL,
-    "learn.launcher": _choice("local", "torchrun"),
-    "learn.nproc": _num(1, integer=True),
-    "learn.state_every": _num(1, integer=True),
-    "dvc.commit_every": _num(1, integer=True),
-    "evaluate.num_prompts": _num(1, integer=True),
-    "evaluate.max_new_tokens": _num(1, integer=True),
-    "evaluate.samples": _num(0, integer=True),
-    "tracking.backend": _choice("none", "tensorboard", "mlflow"),
-    "evaluate.sets": ((lambda v: v is None or isinstance(v, dict) and bool(v)
-                       and all(isinstance(x, dict) and "kind" in x for x in v.values())),
-                      "null (the task's sets) or a mapping of set names to {kind, ...} (see params.yaml)"),
-    "reward.functions": ((lambda v: v is None or isinstance(v, dict) and bool(v)
-                          and all(isinstance(x, dict) for x in v.values())),
-                         "null (the task's reward) or a mapping of names to {function, weight, extraction} "
-                         "(see params.yaml)"),
-}
-
+# Every parameter is declared once, in dashflow/core/parameters.py, and checked when params
+# are loaded (after presets and overrides, for every `stage@i` slice too): one message
+# naming the key, the value and what is allowed, before any stage runs.
 
 def validate(tree: dict, scoped: dict, source: str = "params.yaml") -> None:
-    """Check every RULES key present in the tree and in each `stage@i` slice."""
+    """Check every declared key present in the tree and in each `stage@i` slice."""
     slices = [("", tree)] + [(name, {name.split("@")[0]: values}) for name, values in scoped.items()]
     for prefix, node in slices:
-        for key, (ok, allowed) in RULES.items():
+        for key, param in parameters.BY_KEY.items():
+            ok, allowed = param.allowed
             section, _, name = key.partition(".")
             values = node.get(section)
             if not isinstance(values, Mapping) or name not in values:
@@ -332,6 +247,10 @@ class Params:
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
         tree = load_yaml(path.read_text()) or {}
+        unknown = parameters.unknown_keys(tree) if isinstance(tree, Mapping) and "extends" not in tree else []
+        if unknown:
+            raise ParamsError(f"{path}: unknown parameter {unknown[0]!r}; the parameters are listed in "
+                              "docs/parameters.md (dashflow/core/parameters.py)")
         if "extends" in tree:
             tree, overlay = _extended(path, tree)
             overrides = overlay + _items(overrides)

@@ -310,8 +310,3 @@ def settings(params: Params, iteration: int | None = None) -> dict:
         except problems.ProblemError as exc:
             raise store.StageError(f"reward: {exc}") from exc
     return cfg
-
-
-def key_params(cfg: dict) -> dict:
-    """What of the reward settings makes the rows: all but how many sandboxes run at once."""
-    return dict(cfg, sandbox={k: v for k, v in cfg["sandbox"].items() if k != "workers"})
