@@ -467,7 +467,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     sums them across ranks at each optimizer step, and rank 0 writes the checkpoint."""
     layout, cfg, sample_cfg, sft, temperature, with_kl, kept, src, prev, prev_opt, label = context(params, iteration)
     aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
-    kl_fn = algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
+    algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")  # an unknown name fails here
     top_k, top_p = (0, 1.0) if sft else (int(sample_cfg.get("top_k") or 0), float(sample_cfg.get("top_p", 1.0)))
     truncated = bool(top_k) or top_p < 1.0
     t0 = time.perf_counter()
@@ -479,24 +479,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                          sampled_mod.read_sampled(kept, needed_by=label))
 
     device = policy_mod.pick_device(params["run"]["device"])
-    held = _take_held(prev) if world == 1 else None
-    if held is not None:  # learn@i-1 of this flow left its model and AdamW state in memory
-        policy_mod.release_inference_model()  # which may be serving as one; from here on it trains
-        model, optimizer, _ = held
-    else:
-        prev_opt = previous_state(prev_opt, iteration, label)
-        low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
-        low_bits = low_bits if low_bits is not None and low_bits.is_file() else None
-        # float32 master weights, whatever the precision: the previous policy plus the low bits
-        # its learn kept (bit-exact); the base policy's own weights at the first iteration --
-        # the float32 model sample@i served them with, where this process holds it
-        model = policy_mod.take_inference_model(prev, device) if low_bits is None else None
-        if model is None:
-            policy_mod.release_inference_model()
-            model = policy_mod.load_master(prev, low_bits, device)
-    if cfg.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(model)
-    model.train()
+    model, optimizer = acquire(prev, prev_opt, cfg, iteration, label, device, world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed")
     net = model
     if world > 1:
@@ -504,11 +487,6 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     owner = row_owners(batch, src, world, sft)
-    if held is None:
-        optimizer = make_optimizer(model, cfg, prev_opt, device, label)
-    else:
-        for group in optimizer.param_groups:  # this iteration's hyper-parameters, as after a load
-            group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
     offset, total_steps = (schedule_position(params, iteration) if cfg["lr_schedule"] != "constant"
                            or cfg["warmup_steps"] else (0, 0))
     plan = algorithms.plan_steps([g["prompt_id"] for g in batch.sampled], cfg["update"], int(cfg["steps"]))
@@ -565,8 +543,8 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
             logp, ent = algorithms.token_logprobs_and_entropy(logits, targets, temperature, fm.bool())
             if ent.numel():
                 tally.add("entropy", ent.sum(), fm.sum())
-            if sft:
-                per_token = -logp
+            if sft:  # cross-entropy on the reference solution's tokens
+                loss = aggregate(-logp, mask, **consts)
             else:
                 old_lp = logp.detach() if old is None else values(old[0])
                 # the sampler's distribution (temperature, top-k, top-p) under the learner's weights
@@ -577,46 +555,29 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                     sampling_lp = algorithms.processed_target_logprobs(logits, targets, mask, temperature, top_k, top_p)
                 else:
                     sampling_lp = old_lp
-                per_token, clipped = algorithms.clipped_surrogate(
-                    logp, old_lp, batch.advantages[idx].to(device), cfg["clip_eps"], cfg["clip_eps_high"])
-                with torch.no_grad():
-                    tally.add("clip_fraction", (clipped.float() * mask).sum(), mask.sum())
-                    tally.add("approx_kl_to_sampling", (algorithms.kl_k3(logp, old_lp, mask) * mask).sum(), mask.sum())
                 if old is None:
                     _tally_mismatch(tally, policy_mod.take(sampling_lp.cpu(), mask.cpu(), ps),
                                     [batch.sampler_logprobs[i] for i in idx])
-                if cfg["tis_cap"]:
-                    weights = algorithms.tis_weights(sampling_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
-                    per_token = per_token * weights
-                    with torch.no_grad():
-                        tally.add("tis_weight", (weights * mask).sum(), mask.sum())
-                if with_kl:
-                    kl = kl_fn(logp, values(batch.ref_logprobs), mask)
-                    per_token = per_token + float(cfg["kl_coef"]) * kl
-                    with torch.no_grad():
-                        tally.add("kl_to_reference", (kl * mask).sum(), mask.sum())
-            loss = aggregate(per_token, mask, **consts)
+                tis = (algorithms.tis_weights(sampling_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
+                       if cfg["tis_cap"] else None)
+                loss, metrics = algorithms.policy_loss(
+                    logp, old_lp, batch.advantages[idx].to(device), mask, agg=cfg["loss_agg"], consts=consts,
+                    clip_eps=cfg["clip_eps"], clip_eps_high=cfg["clip_eps_high"], tis_weights=tis,
+                    ref_logprobs=values(batch.ref_logprobs) if with_kl else None, kl_coef=float(cfg["kl_coef"]),
+                    kl_estimator=cfg["kl_estimator"])
+                for name, (total, count) in metrics.items():
+                    tally.add(name, total, count)
             with sync():
                 (loss * world).backward()
             step_loss += loss.item()
             tokens_seen += int(attention.sum())
             seen.update(idx)
             bar.update(len(idx))
-        for p in model.parameters():
-            if p.grad is None:  # a step whose rows were all filtered: AdamW still steps, as without the filter
-                p.grad = torch.zeros_like(p)
         if world > 1:
             step_loss = _all_sum(step_loss)
-        max_norm = cfg["max_grad_norm"] or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            raise store.StageError(f"{label}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
-                                   f"the previous checkpoint {prev} is kept and nothing is written")
         lr = float(cfg["lr"]) * algorithms.lr_factor(cfg["lr_schedule"], offset + step_index,
                                                      int(cfg["warmup_steps"]), total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        grad_norm = optimizer_step(model, optimizer, lr, cfg["max_grad_norm"], step_loss, label, prev)
         tally.add("loss", step_loss, 1)
         tally.add("grad_norm", grad_norm, 1)
         tally.add("lr", lr, 1)
@@ -644,6 +605,53 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                   "tokens_per_s": tokens_seen / max(t2 - t1, 1e-9)},
         "timing": {"load_s": t1 - t0, "work_s": t2 - t1, "save_s": time.perf_counter() - t2},
     }
+
+
+def acquire(prev: Path, prev_opt: Path | None, cfg: dict, iteration: int, label: str, device: torch.device,
+            world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The float32 master weights and the AdamW state this learn continues from, in train mode:
+    held in memory by learn@i-1 of this flow, or read from its checkpoint and optimizer state."""
+    held = _take_held(prev) if world == 1 else None
+    if held is not None:  # learn@i-1 of this flow left its model and AdamW state in memory
+        policy_mod.release_inference_model()  # which may be serving as one; from here on it trains
+        model, optimizer, _ = held
+        for group in optimizer.param_groups:  # this iteration's hyper-parameters, as after a load
+            group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
+    else:
+        prev_opt = previous_state(prev_opt, iteration, label)
+        low_bits = prev_opt / policy_mod.LOW_BITS_FILE if prev_opt is not None else None
+        low_bits = low_bits if low_bits is not None and low_bits.is_file() else None
+        # float32 master weights, whatever the precision: the previous policy plus the low bits
+        # its learn kept (bit-exact); the base policy's own weights at the first iteration --
+        # the float32 model sample@i served them with, where this process holds it
+        model = policy_mod.take_inference_model(prev, device) if low_bits is None else None
+        if model is None:
+            policy_mod.release_inference_model()
+            model = policy_mod.load_master(prev, low_bits, device)
+        optimizer = None
+    if cfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    model.train()
+    if optimizer is None:
+        optimizer = make_optimizer(model, cfg, prev_opt, device, label)
+    return model, optimizer
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, max_grad_norm: float,
+                   step_loss: float, label: str, prev: Path) -> float:
+    """One AdamW step on the accumulated gradients, clipped to max_grad_norm (0: no clipping),
+    at learning rate `lr`; returns the gradient norm. A non-finite loss or norm stops the stage."""
+    for p in model.parameters():
+        if p.grad is None:  # a step whose rows were all filtered: AdamW still steps, as without the filter
+            p.grad = torch.zeros_like(p)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf")))
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        raise store.StageError(f"{label}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
+                               f"the previous checkpoint {prev} is kept and nothing is written")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return grad_norm
 
 
 def _tally_mismatch(tally: Tally, learner: list[list[float]], sampler: list[list[float]] | None) -> None:

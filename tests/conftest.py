@@ -11,7 +11,6 @@ import pytest
 from dashflow.core.config import TINY, Params
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 

@@ -320,3 +320,42 @@ def test_master_weight_split_is_exact_for_any_weights():
     assert float(((policy.float() - w).abs() / w.abs()).max()) <= 2 ** -8  # half a bfloat16 unit, relative
     with pytest.raises(ValueError, match="largest bfloat16"):
         split_master(torch.tensor([3.4e38]))
+
+
+def test_policy_loss_composes_clip_tis_and_kl_by_hand():
+    """algorithms.policy_loss, the learner's objective, on numbers worked by hand.
+    r = exp(logp - old) = [[1, e^0.5], [e^-0.3, 1]], A = [1, -2], clip [0.8, 1.28]:
+    token (0,0) unclipped -1; (0,1) clipped at 1.28 -> -1.28; (1,0) clipped at 0.8 -> 2 x 0.8 = 1.6;
+    (1,1) masked. TIS weights [[1, .5], [2, 1]]; k3 KL to ref [[-1, 0], [0, 0]]: e^-1 at (0,0), x 0.1.
+    token_mean over the 4 tokens *as sampled*: (-1 + 0.1 e^-1 - 0.64 + 3.2) / 4."""
+    logp = torch.zeros(2, 2, requires_grad=True)
+    old = torch.tensor([[0.0, -0.5], [0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, metrics = algorithms.policy_loss(
+        logp, old, torch.tensor([1.0, -2.0]), mask, agg="token_mean",
+        consts={"num_sequences": 2, "num_tokens": 4, "max_new_tokens": 2}, clip_eps=0.2, clip_eps_high=0.28,
+        tis_weights=torch.tensor([[1.0, 0.5], [2.0, 1.0]]), ref_logprobs=torch.tensor([[-1.0, 0.0], [0.0, 0.0]]),
+        kl_coef=0.1, kl_estimator="k3")
+    e = math.exp
+    assert loss.item() == pytest.approx((-1 + 0.1 * e(-1) - 0.64 + 3.2) / 4, abs=1e-6)
+    loss.backward()
+    # only (0,0) has a gradient: -A r = -1, plus 0.1 x d/dlogp k3 = 0.1 x (1 - e^-1); the clipped and masked: 0
+    assert logp.grad.flatten().tolist() == pytest.approx([(-1 + 0.1 * (1 - e(-1))) / 4, 0.0, 0.0, 0.0], abs=1e-6)
+    means = {k: (s / n).item() for k, (s, n) in metrics.items()}
+    assert means == pytest.approx({"clip_fraction": 2 / 3, "tis_weight": 3.5 / 3, "kl_to_reference": e(-1) / 3,
+                                   "approx_kl_to_sampling": ((e(-0.5) - 0.5) + (e(0.3) - 1.3)) / 3}, abs=1e-6)
+
+
+def test_policy_loss_on_policy_has_the_plain_policy_gradient():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4).requires_grad_()
+    adv, mask = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    loss, metrics = algorithms.policy_loss(logp, logp.detach(), adv, mask, agg="constant", clip_eps=0.2,
+                                           clip_eps_high=0.28,
+                                           consts={"num_sequences": 3, "num_tokens": 9, "max_new_tokens": 4})
+    loss.backward()
+    mine = logp.grad.clone()
+    logp.grad = None
+    policy_gradient_loss(logp, adv, mask, normalizer=3 * 4).backward()
+    assert torch.allclose(mine, logp.grad) and set(metrics) == {"clip_fraction", "approx_kl_to_sampling"}
+    assert metrics["clip_fraction"][0].item() == 0

@@ -1,5 +1,5 @@
 """The benchmark scripts run at the tiny size and print their tables. (What they measure is
-reported by running them at full size; see README, Benchmarks. No timing is asserted.)"""
+reported by running them at full size; see bench/RESULTS.md. No timing is asserted.)"""
 
 from __future__ import annotations
 

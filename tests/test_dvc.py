@@ -120,7 +120,7 @@ def test_flow_run_leaves_dvc_status_clean_and_every_stage_in_the_lock(repo):
     kept = lock["filter@1"]["outs"][0]
     assert kept["path"] == str(RUN / "iter-0001/kept")
     assert kept["nfiles"] == len([p for p in (repo / RUN / "iter-0001/kept").iterdir() if p.is_file()])
-    assert lock["filter@1"]["params"]["params.yaml"]["filter"]["threshold"] == TINY["filter.threshold"]
+    assert lock["filter@1"]["params"]["params.yaml"]["filter.threshold"] == TINY["filter.threshold"]
     # the DVC cache holds the checkpoint as a hard link of the workspace file: stored once
     assert all(f.stat().st_nlink >= 2 for f in policy_mod.weight_files(repo / RUN / "iter-0001/policy"))
 
@@ -287,7 +287,7 @@ def test_repro_of_one_stage_reruns_it_alone(repo):
     out = dvc(repo, "repro", "-s", "filter@1").stdout
     assert "Running stage 'filter@1'" in out and "filter@0'" not in out
     kept = json.loads((repo / RUN / "iter-0001/kept/_manifest.json").read_text())
-    assert kept["params"]["threshold"] == 1.0
+    assert kept["params"]["filter.threshold"] == 1.0
     advantaged = json.loads((repo / RUN / "iter-0001/advantaged/_manifest.json").read_text())
     assert kept["stats"]["rows_kept"] < kept["stats"]["rows_in"] == advantaged["stats"]["rows"]  # |A| > 1 keeps fewer rows than |A| > 0.1
     changed = json.loads(dvc(repo, "status", "--json").stdout)

@@ -23,14 +23,13 @@ from pathlib import Path
 
 # layer -> (folder relative to the project root, package, one line, the layers it may import)
 LAYERS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
-    "core": ("dashflow/core", "dashflow.core", "the library: config, data contract, store, algorithms, models, "
-             "samplers, rewards, sandbox, task loaders", ("core",)),
-    "tasks": ("tasks", "dashflow.tasks", "one module per stage, Parquet in -> Parquet out, with its Prefect task",
+    "core": ("dashflow/core", "dashflow.core", "the library: parameters, schema, store, algorithms, models, "
+             "samplers, rewards, sandbox, tasks", ("core",)),
+    "tasks": ("tasks", "dashflow.tasks", "one module per stage: Parquet in -> Parquet out, its Prefect task",
               ("core",)),
-    "ops": ("dashflow/ops", "dashflow.ops", "what a flow does around the stages: DVC commits, retention, tracking, "
-            "report, console lines", ("core",)),
+    "ops": ("dashflow/ops", "dashflow.ops", "around the stages: DVC commits, retention, tracking, report, console", ("core",)),
     "flows": ("flows", "dashflow.flows", "the Prefect flows: compose the stages", ("core", "tasks", "ops")),
-    "app": ("dashflow/app", "dashflow.app", "the command line, serving, the reaper, inspect",
+    "app": ("dashflow/app", "dashflow.app", "the command line, serving, reaper, inspect, dvc.yaml, layers",
             ("core", "tasks", "ops", "flows", "app")),
 }
 BARE = ("tasks", "flows")

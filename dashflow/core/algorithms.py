@@ -212,6 +212,42 @@ def policy_gradient_loss(
     return -(advantages[:, None] * logprobs * mask).sum() / normalizer
 
 
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    agg: str, consts: dict, clip_eps: float, clip_eps_high: float, tis_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The RL objective of one micro-batch, as the learner minimises it -> (loss, metrics).
+
+    logprobs, old_logprobs [B, T] (the policy now, and before this batch's first step),
+    advantages [B], mask [B, T] (1 on completion tokens); tis_weights [B, T] (truncated
+    importance weights for the sampler mismatch) and ref_logprobs [B, T] (the reference
+    policy, with kl_coef > 0) are optional. Per token: the clipped surrogate (DAPO's
+    clip-higher), times the TIS weight, plus kl_coef x the KL estimator; then reduced by the
+    loss aggregation `agg` with the batch's constants `consts` (num_sequences, num_tokens,
+    max_new_tokens: the batch as sampled). metrics: name -> (sum, count) over the mask, so a
+    learner sums them over micro-batches (clip_fraction, approx_kl_to_sampling, tis_weight,
+    kl_to_reference). With one on-policy step (old = logprobs detached, no TIS, no KL) the
+    gradient is that of `policy_gradient_loss` (tested).
+    """
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high)
+    tokens = mask.sum()
+    metrics = {}
+    with torch.no_grad():
+        metrics["clip_fraction"] = ((clipped.float() * mask).sum(), tokens)
+        metrics["approx_kl_to_sampling"] = ((kl_k3(logprobs, old_logprobs, mask) * mask).sum(), tokens)
+    if tis_weights is not None:
+        per_token = per_token * tis_weights
+        with torch.no_grad():
+            metrics["tis_weight"] = ((tis_weights * mask).sum(), tokens)
+    if ref_logprobs is not None:
+        kl = get(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, mask)
+        per_token = per_token + float(kl_coef) * kl
+        with torch.no_grad():
+            metrics["kl_to_reference"] = ((kl * mask).sum(), tokens)
+    return get(LOSS_AGGREGATIONS, agg, "loss aggregation")(per_token, mask, **consts), metrics
+
+
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                                at: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_logprobs` [B, T] and, from the same log-softmax, the entropy at the positions

@@ -51,7 +51,7 @@ PRESETS: dict[str, dict] = {
     "multi": {**_ARM, "learn.update": "multi", "learn.steps": 3},
     "mini": {**_ARM, "learn.update": "mini", "learn.steps": 3},
     # DASH on code (the paper's code experiments filter with |A| > 0.01; math: 0.1): the
-    # built-in synthetic code task, rewarded by its tests in the sandbox (README "Code tasks")
+    # built-in synthetic code task, rewarded by its tests in the sandbox (docs/tasks.md)
     "dash-code": {**_ARM, "filter.threshold": 0.01, "task.kind": "pyfunc", "task.num_train": 192, "task.num_eval": 64,
                   "sample.max_new_tokens": 96, "evaluate.max_new_tokens": 96},
     # SFT on the dataset's reference solutions (the paper's SFT-H), same prompts and micro-batching

@@ -103,7 +103,7 @@ PARAMS: tuple[Param, ...] = (
                 'Any local HF model directory or hub id (when online) works the same way.')),
     Param('model.dtype', 'float32', _choice("float32", "bfloat16", "float16"),
           note=('The dtype the samplers (sample, evaluate, reference) compute in: bfloat16 on GPU; float32\n'
-                'here (bf16 is slower on this CPU, README "Precision on this CPU").\n'
+                'here (bf16 is slower on this CPU, bench/RESULTS.md).\n'
                 'The learner always keeps float32 master weights (see learn.precision).')),
     Param('model.checkpoint_dtype', None, _choice(None, "bfloat16", "float32"),
           note=("The dtype every policy checkpoint is stored in (the base and each iteration's; what the\n"
@@ -111,18 +111,18 @@ PARAMS: tuple[Param, ...] = (
                 'else float32). bfloat16 = the float32 master weights rounded to nearest, half the bytes;\n'
                 "the learner stays exact (the optimizer state keeps the master weights' low 16 bits), but\n"
                 "samplers computing in float32 then sample a rounded policy that lags the learner's\n"
-                '(measured: README "Checkpoints and disk"). float32: checkpoints are the master weights.')),
+                '(measured: docs/checkpoints.md). float32: checkpoints are the master weights.')),
     # -------------------- task
     Param('task.kind', 'arithmetic', _STR,
           note=('arithmetic: built-in seeded synthetic task of graded difficulty (no download)\n'
                 'gsm8k: JSONL/Parquet with `question` and `answer` ending in `#### N`\n'
                 'math: JSONL/Parquet with `problem` and `answer` (or `solution` containing \\boxed{})\n'
                 'hub: any `datasets` hub dataset (online), fields named below\n'
-                'Code (README "Code tasks"; the answer is the problem\'s tests, run in the sandbox below):\n'
+                'Code (docs/tasks.md; the answer is the problem\'s tests, run in the sandbox below):\n'
                 '  pyfunc: built-in seeded synthetic small Python functions with asserts (no download)\n'
                 '  mbpp: JSONL/Parquet with text|prompt, test_list, test_setup_code|test_imports, code\n'
                 '  humaneval: JSONL/Parquet with prompt, test, entry_point, canonical_solution\n'
-                'module:function: your own task (README "Tasks of your own"), called with seed= and `options`')),
+                'module:function: your own task (docs/tasks.md), called with seed= and `options`')),
     Param('task.options', {}, _MAPPING,
           help='keyword arguments of a module:function task'),
     Param('task.path', None, _OPT_STR,
@@ -177,7 +177,7 @@ PARAMS: tuple[Param, ...] = (
           help='prompt groups per Parquet shard (shards never split a group)'),
     Param('sample.workers', 1, _num(1, integer=True),
           help=">1: shards sampled in parallel on Ray (pip install '.[ray]'); 1: in this process, no Ray",
-          note=('Scaling out (README "Scaling out"). None of these changes the rows (each request has its\n'
+          note=('Scaling out (docs/scaling.md). None of these changes the rows (each request has its\n'
                 "own seeded random stream), so none is part of the stage's cache key.")),
     Param('sample.ray_address', None, _OPT_STR,
           help='null: a local Ray cluster with one CPU per worker | auto | ray://host:10001'),
@@ -203,7 +203,7 @@ PARAMS: tuple[Param, ...] = (
                 '    extraction: strict    the last ```python block, nothing else\n'
                 "                flexible  the DASH authors' rule: that, else the last ``` block, else all\n"
                 'Yours: {function: "module:function", weight: w}, called as\n'
-                '  fn(prompt=str, completion=str, answer=str, metadata=dict) -> float   (README "Rewards").\n'
+                '  fn(prompt=str, completion=str, answer=str, metadata=dict) -> float   (docs/rewards.md).\n'
                 "Both checkers' verdicts are recorded on every row either way (strict_correct, flexible_correct).\n"
                 "null: the task's default (math tasks: math, flexible; code tasks: code, strict; a task\n"
                 "module's REWARD_FUNCTIONS).")),
@@ -214,7 +214,7 @@ PARAMS: tuple[Param, ...] = (
     # -------------------- sandbox
     Param('sandbox.timeout_s', 5, _num(0, 600, lo_open=True),
           help='wall time per program and its tests',
-          note=('The code reward\'s sandbox (dashflow/core/sandbox.py, README "Code tasks"): each completion\'s code\n'
+          note=('The code reward\'s sandbox (dashflow/core/sandbox.py, docs/tasks.md): each completion\'s code\n'
                 'and its tests run in a process of their own -- new mount/PID/network namespaces, a\n'
                 'read-only root with only the system and Python directories, a throw-away /work, no\n'
                 'network, a user id of its own, an empty environment -- killed with everything it\n'
@@ -263,8 +263,8 @@ PARAMS: tuple[Param, ...] = (
                 'the optimizer state is written to disk (1.08 GB for the 135M model, 1.35 GB with bfloat16\n'
                 "checkpoints) only every N iterations, at the schedule's last and when the run ends or\n"
                 'stops, in a thread while the evaluation and the next stages compute. A run killed in\n'
-                'between replays at most N-1 learns on resume, with the same bytes (README "Checkpoints\n'
-                'and disk"). `dashflow stage learn` (and dvc repro) always writes it. Not in the stage key.')),
+                'between replays at most N-1 learns on resume, with the same bytes (docs/checkpoints.md).\n'
+                '`dashflow stage learn` (and dvc repro) always writes it. Not in the stage key.')),
     Param('learn.micro_batch_tokens', 2048, _num(1, integer=True),
           note=('Micro-batches are packed by padded tokens; gradients accumulate over the whole\n'
                 "iteration's kept rows and the optimizer steps once (DASH: small micro-batches).")),
@@ -302,7 +302,7 @@ PARAMS: tuple[Param, ...] = (
                 'min(exp(logp_learner - logp_sampler), tis_cap), both under the sampling distribution\n'
                 '(temperature, top_k, top_p). 0 = off; the mismatch is reported either way.')),
     Param('learn.launcher', 'local', _choice("local", "torchrun"),
-          note=('Scaling out (README "Scaling out"); not part of the stage key (same update up to float rounding):\n'
+          note=('Scaling out (docs/scaling.md); not part of the stage key (same update up to float rounding):\n'
                 '  local: this process | torchrun: `nproc` torch.distributed ranks (DDP; gloo on CPU, NCCL on CUDA),\n'
                 '  each computing the gradients of its own kept shards')),
     Param('learn.nproc', 2, _num(1, integer=True),
@@ -327,7 +327,7 @@ PARAMS: tuple[Param, ...] = (
     # -------------------- dvc
     Param('dvc.track', 'auto', _CHECKED_WHERE_READ,
           note=('Record every stage the flow finishes in dvc.lock (`dvc commit`), so `dvc status` is\n'
-                'clean after a run and committing dvc.lock + params.yaml pins it (see README, DVC):\n'
+                'clean after a run and committing dvc.lock + params.yaml pins it (see docs/dvc.md):\n'
                 "  auto: when the working directory is a DVC repository with dashflow's dvc.yaml and the\n"
                 '        run uses its params.yaml as it is (no --set / --preset); otherwise it says why not\n'
                 '  on:   the same, and a run that cannot be recorded is an error      off: never')),
@@ -345,7 +345,7 @@ PARAMS: tuple[Param, ...] = (
                 "weights' low bits: 1.35 GB; read only by the next learn; a local cache DVC does not version).")),
     Param('retention.optimizers', 1, _CHECKED_WHERE_READ,
           help='all | N: the last N optimizer states (the next learn reads the last)',
-          note=('An older optimizer state is rebuilt by replaying the learner (README "Checkpoints and disk").')),
+          note=('An older optimizer state is rebuilt by replaying the learner (docs/checkpoints.md).')),
     Param('retention.dvc', 'remote', _CHECKED_WHERE_READ,
           note=('In a DVC-recorded run a removed policy stays in dvc.lock (its hash) and leaves the local\n'
                 'DVC cache too (that is what frees the disk):\n'
@@ -434,7 +434,9 @@ def markdown() -> str:
     for section in SECTIONS:
         out += [f"## {section}", "", "| key | default | allowed | meaning |", "|---|---|---|---|"]
         for p in (p for p in PARAMS if p.section == section):
-            meaning = " ".join(x for x in (p.help, " ".join(line.strip() for line in p.note.splitlines())) if x)
+            note = "<br>".join(line.strip() if not line.startswith("  ") else "&nbsp;&nbsp;" + line.strip()
+                               for line in p.note.splitlines())
+            meaning = "<br>".join(x for x in (p.help, note) if x)
             cells = [f"`{p.key}`", f"`{_scalar(p.default)}`", p.allowed[1], meaning]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         out.append("")

@@ -357,7 +357,7 @@ def stored_dtype(model_cfg: dict) -> str:
     """The dtype policy checkpoints are stored in: `model.checkpoint_dtype`, or when null the
     samplers' (`model.dtype`: bfloat16 stays bfloat16, anything else is stored as float32).
     A sampler computing in float32 from bfloat16 checkpoints would sample a rounded policy
-    that lags the learner's (README "Checkpoints and disk")."""
+    that lags the learner's (docs/checkpoints.md)."""
     return model_cfg.get("checkpoint_dtype") or ("bfloat16" if model_cfg.get("dtype") == "bfloat16" else "float32")
 
 

@@ -18,7 +18,7 @@ and their weighted sum as `reward`:
                     the whole completion). Rows are checked `sandbox.workers` at a time.
   module:function   yours: called as fn(prompt=..., completion=..., answer=...,
                     metadata={prompt_id, sample_index, iteration, finish_reason,
-                    completion_tokens}) and returning a number (README "Rewards").
+                    completion_tokens}) and returning a number (docs/rewards.md).
 
 Every row also gets `strict_correct` and `flexible_correct` (both checkers, whichever one
 pays: answer checks on a math row, the tests on a code row), so training accuracy is

@@ -268,4 +268,4 @@ def check_available() -> None:
     if reason:
         raise SandboxError(f"code rewards run each completion in a sandbox, which cannot start here: {reason}. "
                            f"It needs Linux with util-linux `unshare`, run as root or with unprivileged user "
-                           f"namespaces enabled (README \"Code tasks\").")
+                           f"namespaces enabled (docs/tasks.md).")

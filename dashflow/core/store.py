@@ -276,7 +276,7 @@ def hash_files(paths: list[Path], algo: str = "md5") -> dict[Path, str]:
 # and written around the page cache. On this VM (a balloon driver that hands freed memory
 # back to the host), every fresh page of page cache costs a slow first touch: a 0.54 GB
 # buffered write + fsync took 2.9-3.3 s, the same bytes with O_DIRECT 0.7-0.9 s
-# (README "Orchestration overhead").
+# (bench/RESULTS.md).
 _DIRECT_ALIGN = 4096          # O_DIRECT wants offsets, lengths and addresses in whole blocks
 _DIRECT_CHUNK = 16 << 20      # one staging buffer per file being written at once
 _staging_free: list[np.ndarray] = []  # buffers allocated once and kept: fresh pages are what is slow
