@@ -103,6 +103,9 @@ def set_prompts(params: Params, name: str, spec: dict, limit: int) -> list[dict]
             raise store.StageError(f"{where}: unknown kind {kind!r}; choose heldout, {', '.join(FILE_KINDS)} or hub")
     except problems.ProblemError as exc:
         raise store.StageError(f"{where}: {exc}") from exc
+    if kind != answers.HELDOUT:  # the run's prompt format: its system message and demonstrations
+        context = prompts_mod.task_context(params)
+        rows = [dict(r, context=context) for r in rows]
     return rows[:limit]
 
 
@@ -191,7 +194,8 @@ def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, rewar
                  label: str) -> tuple[list[dict], dict]:
     """Greedy and n sampled completions of each prompt, checked strict and flexible: (rows, stats)."""
     sampler, tokenizer = loaded
-    ids = [policy_mod.chat_prompt(tokenizer, p["prompt"]) for p in prompts]
+    ids = [policy_mod.chat_prompt(tokenizer, p["prompt"], prompts_mod.turns(p)) for p in prompts]
+    shown = [tokenizer.decode(i) for i in ids]
     n = int(cfg["samples"])
     rows, stats = [], {}
     for mode, copies in (("greedy", 1), ("sampled", n)):
@@ -207,7 +211,7 @@ def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, rewar
                                    [], reward_cfg, desc=label)
         for (p, j), c, text, s in zip(order, comps, texts, scored):
             rows.append({"prompt_id": prompts[p]["prompt_id"], "prompt": prompts[p]["prompt"],
-                         "answer": prompts[p]["answer"], "mode": mode, "sample_index": j, "completion": text,
+                         "answer": prompts[p]["answer"], "prompt_text": shown[p], "mode": mode, "sample_index": j, "completion": text,
                          "completion_tokens": len(c.token_ids), **{k: s[k] for k in ANSWER_COLUMNS}})
         stats[f"{mode}_mean_tokens"] = sum(len(c.token_ids) for c in comps) / max(len(comps), 1)
         for ex in answers.EXTRACTIONS:  # completions with no answer (math) or no code (code) to check

@@ -121,7 +121,7 @@ def sft_batch(params: Params, iteration: int, tokenizer) -> Batch:
     prompts, completions = [], []
     for row in rows:
         target = problems.sft_target(row["solution"], row["answer"])
-        prompts.append(policy_mod.chat_prompt(tokenizer, row["prompt"]))
+        prompts.append(policy_mod.chat_prompt(tokenizer, row["prompt"], prompts_mod.turns(row)))
         completions.append(tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     groups = [r["prompt_id"] for r in rows]
     sampled = [{"prompt_id": g, "rows": 1, "completion_tokens": len(c)} for g, c in zip(groups, completions)]

@@ -17,20 +17,21 @@ import pyarrow.parquet as pq
 from dashflow.core.config import Params
 from dashflow.core import policy as policy_mod
 from dashflow.core import problems, schema, store
+from dashflow.core import prompts as prompts_mod
 from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # prepare writes two outputs, each with its own key: the prompts and the base policy
-PROMPTS = Stage("prepare", __name__, code=(problems, schema), params=(
+PROMPTS = Stage("prepare", __name__, code=(problems, prompts_mod, schema), params=(
     "run.seed", "task.kind", "task.options", "task.path", "task.hub_name", "task.hub_config", "task.hub_split",
     "task.question_field", "task.answer_field", "task.hub_format", "task.num_train", "task.num_eval",
-    "task.level_weights", "task.instruction"))
+    "task.level_weights", "task.instruction", "task.system", "task.fewshot", "task.demonstrations"))
 POLICY = Stage("prepare_policy", __name__, code=(policy_mod,),
                params=("model.name", "model.dtype", "model.checkpoint_dtype"))
 
 
-def _file_digest(path: str | None) -> dict[str, str]:
-    return {"task_file": store.file_sha256(Path(path))} if path and Path(path).is_file() else {}
+def _file_digest(path: str | None, name: str = "task_file") -> dict[str, str]:
+    return {name: store.file_sha256(Path(path))} if path and Path(path).is_file() else {}
 
 
 def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
@@ -41,12 +42,15 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
     def build(tmp: Path) -> dict:
         try:
             train, evals = problems.load_task(task_cfg, seed)
+            demos = prompts_mod.demonstrations(task_cfg, train, seed)
         except problems.ProblemError as exc:
             raise store.StageError(f"prepare: {exc}") from exc
+        context = prompts_mod.context(task_cfg, demos)  # the same turns before every question
         for name, rows in (("train", train), ("eval", evals)):
-            table = pa.Table.from_pylist(rows, schema=schema.PROMPTS)
+            table = pa.Table.from_pylist([dict(r, context=context) for r in rows], schema=schema.PROMPTS)
             pq.write_table(table, tmp / f"{name}.parquet")
-        return {"stats": {"train_prompts": len(train), "eval_prompts": len(evals)}}
+        return {"stats": {"train_prompts": len(train), "eval_prompts": len(evals), "demonstrations": len(demos),
+                          "system": bool(task_cfg.get("system"))}}
 
     kind = task_cfg["kind"]
     try:  # a task of your own: its module's source is part of the key (edit it and prepare reruns)
@@ -56,7 +60,9 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
     return store.run_stage(
         "prepare", None, layout.base / "prompts", inputs={}, params=PROMPTS.key_params(params),
         code=PROMPTS.code_digest(*user), build=build, force=force,
-        extra_inputs=_file_digest(task_cfg.get("path")),
+        extra_inputs={**_file_digest(task_cfg.get("path")),
+                      **_file_digest(demos if isinstance(demos := task_cfg.get("demonstrations"), str) else None,
+                                     "demonstrations_file")},
     )
 
 

@@ -115,10 +115,12 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         g = cfg["samples_per_prompt"]
         rows = []
         for p, prompt in enumerate(chosen):
-            ids = policy_mod.chat_prompt(tokenizer, prompt["prompt"])
+            ids = policy_mod.chat_prompt(tokenizer, prompt["prompt"], prompts.turns(prompt))
+            text = tokenizer.decode(ids)
             rows += [{"run": params["run"]["name"], "iteration": iteration, "prompt_id": prompt["prompt_id"],
                       "sample_index": k, "prompt": prompt["prompt"], "answer": prompt["answer"],
-                      "prompt_token_ids": ids, "policy_version": policy_version, "request_id": p * g + k}
+                      "prompt_token_ids": ids, "prompt_text": text, "policy_version": policy_version,
+                      "request_id": p * g + k}
                      for k in range(g)]
         per_shard = cfg["groups_per_shard"] * g
         shards = {k: rows[start : start + per_shard] for k, start in enumerate(range(0, len(rows), per_shard))}

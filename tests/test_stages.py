@@ -35,7 +35,7 @@ def _table(params, stage, schema_):
 
 def test_prepare_writes_the_split_and_a_loadable_policy(run0):
     params, m = run0
-    assert m["prepare"].stats == {"train_prompts": 24, "eval_prompts": 4}
+    assert m["prepare"].stats == {"train_prompts": 24, "eval_prompts": 4, "demonstrations": 1, "system": False}
     train, evals = prompts.read_prompts(params, "train"), prompts.read_prompts(params, "eval")
     assert train.num_rows == 24 and evals.num_rows == 4
     assert not set(train.column("prompt_id").to_pylist()) & set(evals.column("prompt_id").to_pylist())
@@ -60,6 +60,14 @@ def test_sample_writes_whole_groups_with_token_ids_and_logprobs(run0):
                                         row["completion_token_ids"][-1] == 2 else "length")
         assert row["policy_version"] == base_digest[:16]
         assert row["iteration"] == 0 and row["sample_index"] in (0, 1, 2)
+    # the rendered prompt: the default's one demonstration turn, then the row's own question
+    tok = policy_mod.load_tokenizer(params.layout.policy(-1))
+    demo = prompts.turns(prompts.read_prompts(params, "train").to_pylist()[0])
+    assert [t["role"] for t in demo] == ["user", "assistant"] and "\\boxed{" in demo[1]["content"]
+    for row in table.to_pylist():
+        assert row["prompt_text"] == tok.decode(row["prompt_token_ids"])
+        assert row["prompt_text"].index(demo[1]["content"]) < row["prompt_text"].index(row["prompt"])
+        assert row["prompt_text"].endswith(f"{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_sample_is_reproducible(run0):
@@ -378,7 +386,7 @@ def test_sft_learns_the_reference_solutions(tmp_path, run0):
     tok = policy.load_tokenizer(params.layout.policy(-1))
     row = prompts.iteration_prompts(prompts.read_prompts(params, "train"), 0, 4, 0)[0]
     target = tok(problems.sft_target(row["solution"], row["answer"]), add_special_tokens=False)["input_ids"]
-    prompt = policy.chat_prompt(tok, row["prompt"])
+    prompt = policy.chat_prompt(tok, row["prompt"], prompts.turns(row))
     nll = [-_policy_logprob(AutoModelForCausalLM.from_pretrained(params.layout.policy(i)), prompt, target)
            for i in (-1, 0)]
     assert nll[1] < nll[0], nll

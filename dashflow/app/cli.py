@@ -226,6 +226,8 @@ def inspect(
     limit: int = typer.Option(3, "--limit", "-l", help="example completions to show (best, worst, random)"),
     rev: Optional[str] = typer.Option(None, "--rev", help="read the output as of this git revision, through DVC"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    full_prompt: bool = typer.Option(False, "--full-prompt", help="show each example's whole rendered prompt "
+                                     "(chat template, system message, demonstration turns)"),
 ):
     """Summarise any stage output: rows, groups, reward, accuracy, lengths, errors, examples."""
     from dashflow.app.inspecting import InspectError, render, summarize
@@ -234,7 +236,7 @@ def inspect(
         summary = summarize(path, rev=rev, where=where, prompt_id=prompt_id, limit=limit)
     except InspectError as exc:
         _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
+    typer.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary, full_prompt=full_prompt))
 
 
 def _stage_path(ref: str, run_dir: Path, stage: str) -> Path:

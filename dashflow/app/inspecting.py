@@ -23,7 +23,7 @@ from dashflow.core import store
 
 SCALARS = ("prompt_id", "sample_index", "iteration", "mode", "reward", "correct", "parsed_answer", "answer",
            "strict_correct", "flexible_correct", "strict_answer", "flexible_answer", "reward_error", "finish_reason", "advantage", "group_mean", "group_std", "completion_tokens")
-EXAMPLE_COLUMNS = ("prompt_id", "sample_index", "mode", "prompt", "answer", "completion", "parsed_answer", "reward",
+EXAMPLE_COLUMNS = ("prompt_id", "sample_index", "mode", "prompt", "prompt_text", "answer", "completion", "parsed_answer", "reward",
                    "correct", "strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "advantage",
                    "finish_reason", "reward_error")
 # what counts as a row's correctness: the reward's check (rollouts), else the strict checker (evaluations)
@@ -260,8 +260,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render(s: dict) -> str:
-    """Terminal rendering of a summary (rich table + examples), as text."""
+def render(s: dict, full_prompt: bool = False) -> str:
+    """Terminal rendering of a summary (rich table + examples), as text; `full_prompt`: each
+    example's whole rendered prompt (chat template, system message, demonstrations) instead
+    of the first 200 characters of its question."""
     from rich.console import Console
     from rich.table import Table
 
@@ -280,7 +282,11 @@ def render(s: dict) -> str:
                   f"strict={row.get('strict_answer')} flexible={row.get('flexible_answer')}")
         console.print(f"[bold]── {name}[/bold]  {row.get('prompt_id')}  reward={_fmt(score)}  "
                       f"answer={row.get('answer')}  {parsed}")
-        console.print(f"  Q: {(row.get('prompt') or '')[:200]}", markup=False)
+        if full_prompt:
+            shown = row.get("prompt_text") or "(no rendered prompt recorded in this output)"
+            console.print("  prompt, as the policy saw it:\n" + shown, markup=False)
+        else:
+            console.print(f"  Q: {(row.get('prompt') or '')[:200]}", markup=False)
         console.print(f"  A: {(row.get('completion') or '')[:400]!r}", markup=False)
     return console.export_text()
 

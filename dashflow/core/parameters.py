@@ -53,6 +53,9 @@ _RETRIES: Check = ((lambda v: isinstance(v, Mapping) and all(_num(0, integer=Tru
                    "a mapping of stage names to retries (integers >= 0)")
 _TIMEOUTS: Check = ((lambda v: isinstance(v, Mapping) and all(t is None or _num(0, lo_open=True)[0](t) for t in v.values())),
                     "a mapping of stage names to seconds (> 0) or null")
+_DEMOS: Check = ((lambda v: v is None or isinstance(v, str) and bool(v) or isinstance(v, list) and bool(v) and all(
+    isinstance(d, Mapping) and set(d) == {"question", "answer"} and all(isinstance(x, str) for x in d.values())
+    for d in v)), "null, a JSONL path, or a list of {question: str, answer: str}")
 # checked by the module that reads it, with a message of its own (dashflow/ops/retention.py, versioning.py)
 _CHECKED_WHERE_READ: Check = ((lambda v: True), "see the parameter's help")
 
@@ -149,6 +152,20 @@ PARAMS: tuple[Param, ...] = (
     Param('task.instruction', None, ((lambda v: v is None or isinstance(v, str)), "a string, or null (the task's own)"),
           note=('Appended to every question. null: the task\'s own -- math tasks "Put the final answer in\n'
                 '\\boxed{}."; code tasks "Write the complete function in a ```python code block."')),
+    Param('task.system', None, _OPT_STR,
+          help='a system message before everything else; null: none',
+          note=('The prompt format, the same for training and every evaluation set, rendered through the\n'
+                "tokenizer's chat template: [system] + the demonstration turns + the question. Changing\n"
+                'it reruns prepare and every stage that reads prompts (docs/tasks.md "Prompt format").')),
+    Param('task.fewshot', 1, _num(0, 16, integer=True),
+          help='demonstration turns drawn (seeded) from the train split; 0: none',
+          note=("Each is a prior user turn (a train question) and assistant turn (its worked solution,\n"
+                "ending in the answer format the reward checks). One turn makes the 135M model box its\n"
+                'answer (docs/rewards.md). Never drawn from evaluation prompts.')),
+    Param('task.demonstrations', None, _DEMOS,
+          help='null: draw task.fewshot turns; or your own turns, used instead',
+          note=('A list of {question: ..., answer: ...} (answer = the full assistant turn), or the path of\n'
+                'a JSONL file of such rows.')),
     # -------------------- sample
     Param('sample.backend', 'hf', _choice("hf", "vllm"),
           help='hf (transformers generate, CPU/GPU) | vllm (GPU, pip install .[vllm])'),
@@ -407,13 +424,14 @@ def _scalar(value: Any) -> str:
 
 
 def render_yaml(tree: Mapping, schedule_text: str) -> str:
-    """params.yaml for `tree`'s values: the declarations' comments, then the schedule section."""
+    """params.yaml for `tree`'s values (a key it lacks: its default), with the declarations' comments,
+    then the schedule section."""
     lines = [HEADER.rstrip("\n")]
     for section in SECTIONS:
         lines += ["", f"{section}:"]
         for p in (p for p in PARAMS if p.section == section):
             lines += [f"  # {n}".rstrip() for n in p.note.splitlines()] if p.note else []
-            value = tree[section][p.name]
+            value = (tree.get(section) or {}).get(p.name, p.default)  # a new parameter: its default
             nested = isinstance(value, Mapping) and value
             head = f"  {p.name}:" + ("" if nested else f" {_scalar(value)}")
             if p.help:

@@ -448,16 +448,16 @@ def checkpoint_dtype(path: Path) -> str | None:
     return {"F32": "float32", "BF16": "bfloat16"}.get(floats.pop()) if len(floats) == 1 else None
 
 
-def chat_prompt(tokenizer, question: str) -> list[int]:
-    """Token ids of the chat-formatted prompt, ready for generation."""
+def chat_prompt(tokenizer, question: str, context: list[dict[str, str]] | None = None) -> list[int]:
+    """Token ids of the chat-formatted prompt, ready for generation: the `context` turns
+    (system, demonstrations; prompts.turns) and then the question as the user's turn."""
+    messages = [*(context or []), {"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer(question)["input_ids"]
+    return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:

@@ -1,17 +1,79 @@
-"""The prepared prompts of a run: reading a split, and which prompts each iteration samples.
+"""The prepared prompts of a run: their chat format, reading a split, and which prompts each
+iteration samples.
 
 Prepare writes base/prompts/{train,eval}.parquet (schema.PROMPTS); sample, learn and
-evaluate read them through here.
+evaluate read them through here. Every prompt row carries its `context`: the chat turns
+before its question (an optional system message, then the demonstration turns), the same
+for every row of a run, so training and every evaluation set see one format
+(`task.system`, `task.fewshot`, `task.demonstrations`).
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.core import schema, store
+from dashflow.core import problems, schema, store
 from dashflow.core.config import Params
+
+
+def demonstrations(task: dict, train: list[dict], seed: int) -> list[dict[str, str]]:
+    """The demonstration turns, each {question, answer}: `task.demonstrations` (a list, or a
+    JSONL file of such rows) when given, else `task.fewshot` rows of the train split drawn
+    with the run's seed -- a train question and its worked solution (problems.sft_target)."""
+    given = task.get("demonstrations")
+    if isinstance(given, str):
+        given = _demonstration_file(Path(given))
+    if given:
+        return [{"question": d["question"], "answer": d["answer"]} for d in given]
+    count = int(task.get("fewshot") or 0)
+    if count > len(train):
+        raise problems.ProblemError(f"task.fewshot = {count}: the train split has only {len(train)} prompts")
+    picks = random.Random(f"{seed}/fewshot").sample(range(len(train)), count)
+    return [{"question": train[i]["prompt"], "answer": problems.sft_target(train[i]["solution"], train[i]["answer"])}
+            for i in picks]
+
+
+def _demonstration_file(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise problems.ProblemError(f"task.demonstrations: {path} is not a file")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise problems.ProblemError(f"{path}: row {n}: not JSON ({exc.msg})") from None
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key]:
+                raise problems.ProblemError(f"{path}: row {n}: field {key!r} must be a non-empty string")
+        rows.append(row)
+    if not rows:
+        raise problems.ProblemError(f"{path}: no demonstrations in the file")
+    return rows
+
+
+def context(task: dict, demos: list[dict[str, str]]) -> str:
+    """The chat turns before each question, as the JSON the prompt rows store."""
+    turns = [{"role": "system", "content": task["system"]}] if task.get("system") else []
+    for d in demos:
+        turns += [{"role": "user", "content": d["question"]}, {"role": "assistant", "content": d["answer"]}]
+    return json.dumps(turns, ensure_ascii=False)
+
+
+def turns(row: dict) -> list[dict[str, str]]:
+    """A prompt row's chat turns before its question (none for a row without `context`)."""
+    return json.loads(row.get("context") or "[]")
+
+
+def task_context(params: Params) -> str:
+    """The run's context, as prepare stored it (an evaluation set of another file gets it too)."""
+    table = read_prompts(params, "train")
+    return table.column("context")[0].as_py() if table.num_rows else "[]"
 
 
 def read_prompts(params: Params, split: str) -> pa.Table:

@@ -18,6 +18,7 @@ PROMPTS = pa.schema(
         ("answer", pa.string()),        # reference final answer
         ("solution", pa.string()),      # reference worked solution, when the dataset has one
         ("source", pa.string()),        # dataset / difficulty tag
+        ("context", pa.string()),       # JSON chat turns before the question: system, demonstrations
     ]
 )
 
@@ -29,12 +30,13 @@ ROLLOUTS = pa.schema(
         ("sample_index", pa.int32()),   # 0..G-1 within the prompt group
         ("prompt", pa.string()),
         ("answer", pa.string()),
-        ("prompt_token_ids", pa.list_(pa.int32())),      # chat-formatted prompt
+        ("prompt_token_ids", pa.list_(pa.int32())),      # chat-formatted prompt: context turns + the question
         ("completion_token_ids", pa.list_(pa.int32())),  # includes the EOS token when finish_reason == stop
         ("completion", pa.string()),
         ("sampler_logprobs", pa.list_(pa.float32())),    # log-prob of each sampled token under the sampler
         ("finish_reason", pa.string()),                  # stop | length
         ("policy_version", pa.string()),                 # content digest of the sampling policy
+        ("prompt_text", pa.string()),                    # the rendered prompt: prompt_token_ids as text
     ]
 )
 
@@ -71,6 +73,7 @@ EVAL = pa.schema(
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
         ("answer", pa.string()),
+        ("prompt_text", pa.string()),    # the rendered prompt the policy saw (context turns + question)
         ("mode", pa.string()),           # greedy | sampled
         ("sample_index", pa.int32()),    # 0 for greedy; 0..n-1 of the sampled completions
         ("completion", pa.string()),
