@@ -21,6 +21,7 @@ SCRIPTS = {
     "overhead.py": ([], "overhead share", 2),
     "scaling.py": ([], "rollouts/s", 2),
     "scaleout.py": ([], "stage wall s", 4),
+    "prompt_format.py": (["--samples", "1", "--formats", "0,2"], "greedy strict", 2),
 }
 
 

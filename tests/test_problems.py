@@ -145,7 +145,7 @@ def test_prepare_keys_a_task_of_your_own_by_its_source(tmp_path, monkeypatch):
     params = tiny_params(tmp_path / "runs", **{"task.kind": "my_tasks2:squares", "task.options": {"count": 8},
                                               "task.num_train": 6, "task.num_eval": 2})
     m = prepare.prepare_prompts(params)
-    assert m.stats == {"train_prompts": 6, "eval_prompts": 2} and prepare.prepare_prompts(params).cached
+    assert m.stats == {"train_prompts": 6, "eval_prompts": 2, "demonstrations": 1, "system": False} and prepare.prepare_prompts(params).cached
     (tmp_path / "my_tasks2.py").write_text(USER_TASK + "\n# edited\n")
     assert not prepare.prepare_prompts(params).cached
 

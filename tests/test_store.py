@@ -344,3 +344,13 @@ def test_a_file_system_that_refuses_o_direct_at_write_gets_buffered_writes(tmp_p
     path = tmp_path / "shard.safetensors"
     assert store.write_hashed(path, [blob[:7], blob[7:]]) == hashlib.md5(blob).hexdigest()
     assert refused == [16 << 20] and path.read_bytes() == blob
+
+
+def test_an_optional_column_a_table_lacks_reads_as_null_and_a_required_one_stops(tmp_path):
+    from dashflow.core.schema import SchemaError, validate
+
+    table = pa.table({"prompt_id": ["p0"], "prompt": ["q"], "answer": ["1"], "solution": [None], "source": ["s"]})
+    out = validate(table, schema.PROMPTS, stage="t", path="x.parquet")
+    assert out.column("context").to_pylist() == [None]
+    with pytest.raises(SchemaError, match=r"t: x.parquet: missing column 'answer'"):
+        validate(table.drop(["answer"]), schema.PROMPTS, stage="t", path="x.parquet")

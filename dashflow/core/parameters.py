@@ -143,7 +143,7 @@ PARAMS: tuple[Param, ...] = (
           help='kind: hub; mbpp | humaneval: a code dataset in that format'),
     Param('task.num_train', 512, _num(1, integer=True),
           help='prompts in the train split (at most; files may hold fewer)'),
-    Param('task.num_eval', 64, _num(1, integer=True),
+    Param('task.num_eval', 64, _num(0, integer=True),
           help='held-out prompts for evaluation, disjoint from train'),
     Param('task.level_weights', [0.4, 0.25, 0.15, 0.2], _WEIGHTS,
           note=('arithmetic and pyfunc: weights of difficulty levels 1..4\n'

@@ -87,6 +87,11 @@ EVAL = pa.schema(
 )
 
 
+# Columns a table may lack (it reads as null there): what the prompt format added, which
+# outputs and hand-made tables from before it do not have.
+OPTIONAL = frozenset({"context", "prompt_text"})
+
+
 class SchemaError(ValueError):
     pass
 
@@ -94,9 +99,13 @@ class SchemaError(ValueError):
 def validate(table: pa.Table, schema: pa.Schema, *, stage: str, path: Path | str) -> pa.Table:
     """Check `table` has every column of `schema` with a compatible type.
 
-    Returns the table with those columns cast to the exact schema types (extra columns kept).
+    Returns the table with those columns cast to the exact schema types (extra columns kept;
+    an OPTIONAL column it lacks added as nulls).
     """
     for field in schema:
+        if field.name not in table.column_names and field.name in OPTIONAL:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+            continue
         if field.name not in table.column_names:
             raise SchemaError(f"{stage}: {path}: missing column {field.name!r} ({field.type})")
         col = table.column(field.name)
