@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make train   set up .venv and run DASH on the embedded defaults (SmolLM2-135M, arithmetic, CPU)
 #   make test    set up .venv and run the test suite (CI runs this)
-# For development: make test-fast (unit and stage tests without the real model end to end, ~1-2 min)
+# For development: make test-fast (unit and stage tests without the real model end to end, ~2 min)
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build lies on these machines' disk; on a GPU machine: make TORCH=torch==2.13.0 (or your CUDA build)
