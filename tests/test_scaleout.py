@@ -133,8 +133,9 @@ def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
     two = learn.run(params.with_overrides({"learn.launcher": "torchrun", "learn.nproc": 2}), 0, force=True)
     w2 = master()
     assert two.key == one.key and one.stats["updated"] and one.stats["rows"] >= 2
-    for name in ("loss", "grad_norm", "entropy"):
-        assert math.isclose(one.stats[name], two.stats[name], rel_tol=1e-5), (name, one.stats[name], two.stats[name])
+    for name in ("loss", "grad_norm", "entropy"):  # (an on-policy loss can be 0 up to float noise: abs_tol)
+        assert math.isclose(one.stats[name], two.stats[name], rel_tol=1e-5, abs_tol=1e-7), \
+            (name, one.stats[name], two.stats[name])
     # the mismatch is float noise (~4e-6) from batch shapes: equal in absolute terms
     assert math.isclose(one.stats["sampler_mismatch"], two.stats["sampler_mismatch"], abs_tol=1e-6)
     # the same update up to float rounding, relative to the update's size (AdamW's first step is

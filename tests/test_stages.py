@@ -379,8 +379,9 @@ def test_sft_learns_the_reference_solutions(tmp_path, run0):
     from dashflow.core import policy, problems
 
     src_params, _ = run0
-    params = tiny_params(tmp_path, **{"learn.mode": "sft", "learn.lr": 1e-4})
-    fork_run(src_params, params, iteration_stages=())
+    # no demonstration turn: the base model does not already write the reference format
+    params = tiny_params(tmp_path, **{"learn.mode": "sft", "learn.lr": 1e-4, "task.fewshot": 0})
+    prepare.run(params)
     stats = learn.run(params, 0).stats
     assert stats["mode"] == "sft" and stats["rows"] == 4 and stats["optimizer_steps"] == 1
     tok = policy.load_tokenizer(params.layout.policy(-1))
