@@ -52,6 +52,8 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
         return {"stats": {"train_prompts": len(train), "eval_prompts": len(evals), "demonstrations": len(demos),
                           "system": bool(task_cfg.get("system"))}}
 
+    given = task_cfg.get("demonstrations")
+    demo_file = given if isinstance(given, str) else None  # a JSONL of demonstrations: its bytes are in the key
     kind = task_cfg["kind"]
     try:  # a task of your own: its module's source is part of the key (edit it and prepare reruns)
         user = [problems.user_task(kind)[0]] if isinstance(kind, str) and ":" in kind else []
@@ -60,9 +62,7 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
     return store.run_stage(
         "prepare", None, layout.base / "prompts", inputs={}, params=PROMPTS.key_params(params),
         code=PROMPTS.code_digest(*user), build=build, force=force,
-        extra_inputs={**_file_digest(task_cfg.get("path")),
-                      **_file_digest(demos if isinstance(demos := task_cfg.get("demonstrations"), str) else None,
-                                     "demonstrations_file")},
+        extra_inputs={**_file_digest(task_cfg.get("path")), **_file_digest(demo_file, "demonstrations_file")},
     )
 
 
