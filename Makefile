@@ -2,14 +2,18 @@
 #   make train   set up .venv and run DASH on the embedded defaults (SmolLM2-135M, arithmetic, CPU)
 #   make test    set up .venv and run the test suite (CI runs this)
 # For development: make test-fast (unit and stage tests without the real model end to end, ~2 min)
+# The vLLM sampler's environment (sample.backend: vllm): make vllm (CPU) | make vllm VLLM=gpu
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build lies on these machines' disk; on a GPU machine: make TORCH=torch==2.13.0 (or your CUDA build)
 TORCH ?= torch==2.13.0
+# vLLM runs in an environment of its own (requirements/vllm-*.txt say why; docs/vllm.md)
+VLLM      ?= cpu
+VLLM_VENV ?= .venv-vllm
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup train test test-fast layers clean-venv
+.PHONY: setup vllm train test test-fast layers clean-venv
 
 setup: $(VENV)/.installed
 
@@ -20,10 +24,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: requirements/vllm-$(VLLM).txt
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r requirements/vllm-$(VLLM).txt
+	@# the registry's torchvision/torchaudio/torchcodec do not match torch 2.13.0+cpu (their
+	@# import fails) and vLLM does not need them for text models
+	if [ "$(VLLM)" = cpu ]; then $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
 train: setup
 	$(VENV)/bin/dashflow run
 
-test: setup
+test: setup vllm
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: setup
@@ -33,4 +49,4 @@ layers: setup
 	$(VENV)/bin/dashflow layers
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

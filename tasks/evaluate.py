@@ -167,9 +167,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
                 continue
             if loaded is None:
                 loaded = samplers.make_sampler(
-                    sample_cfg["backend"], str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
-                    dtype=params["model"]["dtype"], token_budget=sample_cfg["token_budget"],
-                    max_batch_size=sample_cfg["max_batch_size"])
+                    sample_cfg, str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
+                    dtype=params["model"]["dtype"])
             rows, one = evaluate_set(loaded, prompts, cfg, sample_cfg, reward_cfg, params["run"]["seed"],
                                      f"{label} {name}")
             store.write_shard(tmp, index, pa.Table.from_pylist([dict(r, eval_set=name) for r in rows], schema=schema.EVAL),

@@ -66,11 +66,8 @@ def sample_shards(job: ShardJob) -> dict:
     if not todo:
         return stats
     sampler, tokenizer = samplers.make_sampler(
-        cfg["backend"], job.policy_dir, device=policy_mod.pick_device(job.device), dtype=job.dtype,
-        token_budget=cfg["token_budget"], max_batch_size=cfg["max_batch_size"],
-        group_size=cfg["samples_per_prompt"] if cfg["batching"] == "per_group" else None,
-        tensor_parallel=cfg.get("tensor_parallel", 1),
-    )
+        cfg, job.policy_dir, device=policy_mod.pick_device(job.device), dtype=job.dtype,
+        group_size=cfg["samples_per_prompt"] if cfg["batching"] == "per_group" else None)
     rows = [row for k in sorted(todo) for row in todo[k]]
     requests = [row["prompt_token_ids"] for row in rows]
     t1 = time.perf_counter()
@@ -90,7 +87,7 @@ def sample_shards(job: ShardJob) -> dict:
                  stopped=sum(c.finish_reason == "stop" for c in completions),
                  generation_batches=len(sampler.batches(requests, cfg["max_new_tokens"]))
                  if hasattr(sampler, "batches") else None,
-                 load_s=t1 - t0, work_s=t2 - t1)
+                 load_s=t1 - t0, work_s=t2 - t1, **getattr(sampler, "sync", {}))
     return stats
 
 
@@ -148,6 +145,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                 "generation_batches": None if None in batches else sum(batches),
                 "tokens_per_s": new_tokens / max(t2 - t1, 1e-9),
                 "generation_s": max(r["work_s"] for r in results),  # the slowest worker's generate calls
+                # vLLM: the policy's weights loaded into the running engine, and the check that
+                # it runs them (dashflow/core/samplers.py VLLMEngine.verify)
+                **{k: max(r[k] for r in results) for k in samplers.SYNC_STATS if all(k in r for r in results)},
             },
             # load: the policy on the slowest worker; work: generation wall time of the stage
             "timing": {"load_s": (t1 - t0) + max(r["load_s"] for r in results),

@@ -1,6 +1,6 @@
 """Scaling out: per-request random streams, sampling on a local Ray cluster (2 workers on
 this machine's 2 cores, through prefect-ray), a worker killed mid-stage, the learner as 2
-torch.distributed ranks (gloo), and the vLLM backend's output conversion where vLLM exists."""
+torch.distributed ranks (gloo), and the vLLM engine's reply conversion."""
 
 from __future__ import annotations
 
@@ -147,20 +147,17 @@ def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
     assert len(s1["state"]) == len(w1)
 
 
-def test_vllm_outputs_convert_to_rollout_completions():
-    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (it needs a CUDA machine)")
-    from vllm.outputs import CompletionOutput, RequestOutput
-    from vllm.sequence import Logprob
-
-    steps = [{11: Logprob(-0.5)}, {12: Logprob(-1.25)}, {2: Logprob(-0.1)}]
-    done = CompletionOutput(index=0, text="x", token_ids=[11, 12, 2], cumulative_logprob=-1.85,
-                            logprobs=steps, finish_reason="stop")
-    cut = CompletionOutput(index=0, text="y", token_ids=[11, 12], cumulative_logprob=-1.75,
-                           logprobs=steps[:2], finish_reason="length")
-    outs = [RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=[1, 5], prompt_logprobs=None,
-                          outputs=[c], finished=True) for i, c in enumerate((done, cut))]
-    got = samplers.completions_from_vllm(outs, greedy=False)
+def test_vllm_engine_replies_convert_to_rollout_completions():
+    """The engine process's replies (dashflow/core/vllm_engine.py) -> completions; a reply
+    without one log-prob per token is an error naming the request (tests/test_vllm.py runs
+    the engine itself)."""
+    outs = [{"token_ids": [11, 12, 2], "logprobs": [-0.5, -1.25, -0.1], "finish_reason": "stop"},
+            {"token_ids": [11, 12], "logprobs": [-0.5, -1.25], "finish_reason": "length"}]
+    got = samplers.completions_from_engine(outs, False, [7, 8])
     assert [c.token_ids for c in got] == [[11, 12, 2], [11, 12]]
     assert [c.logprobs for c in got] == [[-0.5, -1.25, -0.1], [-0.5, -1.25]]
     assert [c.finish_reason for c in got] == ["stop", "length"]
-    assert vllm.__version__
+    assert [c.logprobs for c in samplers.completions_from_engine(
+        [dict(outs[0], logprobs=None)], True, [7])] == [[]]                      # greedy: none recorded
+    with pytest.raises(ValueError, match="vLLM request 8: expected one log-prob per token \\(2\\), got 1"):
+        samplers.completions_from_engine([outs[0], dict(outs[1], logprobs=[-0.5])], False, [7, 8])

@@ -168,7 +168,15 @@ PARAMS: tuple[Param, ...] = (
                 'a JSONL file of such rows.')),
     # -------------------- sample
     Param('sample.backend', 'hf', _choice("hf", "vllm"),
-          help='hf (transformers generate, CPU/GPU) | vllm (GPU, pip install .[vllm])'),
+          help='hf (transformers generate) | vllm (one engine per run, `make vllm`; docs/vllm.md)'),
+    Param('sample.vllm_python', None, _OPT_STR,
+          help="vllm: the vLLM environment's python; null: $DASHFLOW_VLLM_PYTHON or .venv-vllm"),
+    Param('sample.vllm_compile', 'auto', _choice("auto", True, False),
+          help='vllm: torch.compile and CUDA graphs; auto: on CUDA only (on CPU: +74 s start, +11% tok/s)'),
+    Param('sample.sync_tolerance', 0.05, _num(0, lo_open=True),
+          help="vllm: stop when the engine's probe log-probs differ from the learner's by more",
+          note=("After every load of new weights the engine scores a fixed probe; the mean |delta log-prob|\n"
+                "per token against the learner's for the same policy is `probe_mismatch` in sample's stats.")),
     Param('sample.prompts_per_iteration', 16, _num(1, integer=True)),
     Param('sample.samples_per_prompt', 4, _num(1, integer=True),
           help='G, the group size (DASH reference code: 4)'),

