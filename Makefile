@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup vllm train test test-fast layers clean-venv
+.PHONY: setup vllm train train-vllm test test-fast layers clean-venv
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ $(VLLM_VENV)/.installed: requirements/vllm-$(VLLM).txt
 
 train: setup
 	$(VENV)/bin/dashflow run
+
+# the same run with the vLLM sampler (its environment built first)
+train-vllm: setup vllm
+	$(VENV)/bin/dashflow run --set sample.backend=vllm
 
 test: setup vllm
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -6,9 +6,11 @@ sizes. The curve that motivates preemptive sampling: throughput grows with the b
     python bench/sampler.py --batches 1,8,32,128  # any sizes (GPU: --device cuda)
     python bench/sampler.py --dtypes float32,bfloat16   # the policy's weights in each dtype, one table
     python bench/sampler.py --tiny                # seconds; what CI runs
+    python bench/sampler.py --backends hf,vllm --dtypes float32,bfloat16   # both samplers (`make vllm`)
 
-The stage path is `dashflow.core.samplers.HFSampler.generate` (left padding, the per-batch seed,
-the sampled tokens' log-probs from the processed scores); the bare loop is one
+The stage path is `dashflow.core.samplers.HFSampler.generate` (left padding, the per-request seed,
+the sampled tokens' log-probs from the processed scores) or `VLLMSampler.generate` (the run's
+engine process, its requests and replies over the pipe included); the bare loop is one
 `model.generate` call on the same left-padded batch with the same seed, without scores.
 Both count the tokens up to and including the first stop token. Model loading and Parquet
 writing are not in either number (bench/overhead.py measures those).
@@ -54,12 +56,12 @@ def main(
     reps: int = typer.Option(2, help="timed repetitions per size and path (median)"),
     device: str = typer.Option("auto"),
     dtypes: str = typer.Option("", help="comma-separated weight dtypes to compare (default: float32; --gpu: bfloat16)"),
+    backends: str = typer.Option("hf", help="comma-separated: hf, vllm (the engine of .venv-vllm, `make vllm`)"),
     tiny: bool = typer.Option(False, help="batch 1,2,4 and 8 new tokens"),
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/sampler.json")),
 ):
-    from dashflow.core import policy
-    from dashflow.core.samplers import HFSampler
+    from dashflow.core import policy, samplers
 
     sizes = [1, 2, 4] if tiny else [int(b) for b in batches.split(",")]
     max_new_tokens = 8 if tiny else max_new_tokens
@@ -68,30 +70,62 @@ def main(
     dev = policy.pick_device("cuda" if gpu else device)
     tokenizer = policy.load_tokenizer(path)
     all_prompts = arithmetic_prompts(tokenizer, max(sizes))
-    rows = []
+    kinds = [b.strip() for b in backends.split(",")]
+    rows, engines = [], []
     for dtype in [d.strip() for d in (dtypes or cfg["model.dtype"]).split(",")]:
         model = policy.load_model(path, dev, dtype)
         stops = set(policy.stop_token_ids(tokenizer, model.generation_config))
-        for b in sizes:
-            prompts = all_prompts[:b]
-            sampler = HFSampler(model, tokenizer, sorted(stops), token_budget=10**9, max_batch_size=b)
-            kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
-            sampler.generate(prompts[:1], top_p=1.0, desc="warm-up", **kw)
-            stage_t, bare_t, stage_tok, bare_tok = [], [], 0, 0
-            for _ in range(reps):  # alternate so drift hits both paths alike
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=0, top_p=1.0)
+        bare: dict[int, tuple[int, float]] = {}
+        for kind in kinds:
+            if kind == "vllm":
+                samplers.close_engine()  # a fresh engine per dtype: its start is measured
                 t0 = time.perf_counter()
-                comps = sampler.generate(prompts, top_p=1.0, desc=f"batch {b}", **kw)
-                stage_t.append(time.perf_counter() - t0)
-                stage_tok = sum(len(c.token_ids) for c in comps)
+                sampler, _ = samplers.make_sampler({"backend": "vllm", "token_budget": 16384, "max_batch_size": max(128, max(sizes))},
+                                                   path, device=dev, dtype=dtype)
+                first = time.perf_counter() - t0
+                loads = []
+                for _ in range(3):  # the per-iteration cost: the same weights loaded in place again
+                    t0 = time.perf_counter()
+                    sampler.engine.call("load", path=path)
+                    loads.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                bare_tok = bare_generate(model, tokenizer, prompts, stops, **kw)
-                bare_t.append(time.perf_counter() - t0)
-            s, r = stage_tok / statistics.median(stage_t), bare_tok / statistics.median(bare_t)
-            rows.append([dtype, b, stage_tok, bare_tok, round(s, 1), round(r, 1), f"{100 * s / r:.0f}%"])
-            print(f"{dtype} batch {b}: stage {s:.1f} tok/s, bare {r:.1f} tok/s", flush=True)
+                sampler.engine.verify(path, samplers.sync_tolerance(None, dtype))
+                verify_s = time.perf_counter() - t0
+                engines.append([dtype, round(sampler.engine.start_s, 1), round(first, 1), round(statistics.median(loads), 2),
+                                round(verify_s, 2), f"{sampler.sync['probe_mismatch']:.2e}"])
+            for b in sizes:
+                prompts = all_prompts[:b]
+                if kind == "hf":
+                    sampler = samplers.HFSampler(model, tokenizer, sorted(stops), token_budget=10**9, max_batch_size=b)
+                sampler.generate(prompts[:1], desc="warm-up", **kw)
+                stage_t, bare_t, stage_tok, need_bare = [], [], 0, b not in bare
+                for _ in range(reps):  # alternate so drift hits both paths alike
+                    t0 = time.perf_counter()
+                    comps = sampler.generate(prompts, desc=f"batch {b}", **kw)
+                    stage_t.append(time.perf_counter() - t0)
+                    stage_tok = sum(len(c.token_ids) for c in comps)
+                    if need_bare:
+                        t0 = time.perf_counter()
+                        tok = bare_generate(model, tokenizer, prompts, stops, max_new_tokens=max_new_tokens,
+                                            temperature=temperature, seed=0)
+                        bare_t.append(time.perf_counter() - t0)
+                if bare_t:
+                    bare[b] = (tok, tok / statistics.median(bare_t))
+                s_rate, r = stage_tok / statistics.median(stage_t), bare[b][1]
+                rows.append([kind, dtype, b, stage_tok, bare[b][0], round(s_rate, 1), round(r, 1), f"{s_rate / r:.2f}x"])
+                print(f"{kind} {dtype} batch {b}: stage {s_rate:.1f} tok/s, bare {r:.1f} tok/s", flush=True)
+        if "vllm" in kinds:
+            samplers.close_engine()
     emit(f"Sampler throughput, {max_new_tokens} new tokens, T={temperature} ({dev})",
-         ["weights", "batch", "stage tokens", "bare tokens", "stage tok/s", "bare generate tok/s", "stage / bare"],
-         rows, out)
+         ["sampler", "weights", "batch", "stage tokens", "bare tokens", "stage tok/s", "bare generate tok/s",
+          "stage / bare"], rows, out, engines=engines)
+    if engines:
+        from _common import markdown
+
+        print("\nvLLM engine: start once per run, then each new policy loaded in place and checked\n")
+        print(markdown(["weights", "engine start s", "first sampler s (process, start, probe)", "load in place s (median of 3)",
+                        "probe check s", "probe mismatch"], engines))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def test_sampled_log_probs_are_the_learners_under_the_same_processing(base):
 
 def test_new_weights_go_into_the_running_engine_and_are_verified(base, tmp_path):
     params, policy_dir, _ = base
-    tolerance = params["sample"]["sync_tolerance"]
+    tolerance = samplers.sync_tolerance(params["sample"]["sync_tolerance"], params["model"]["dtype"])
+    assert tolerance == 0.05
     sampler, _ = _sampler(params, policy_dir)
     engine = sampler.engine
     pid, loads = engine.pid, len(engine.loads)

@@ -173,10 +173,12 @@ PARAMS: tuple[Param, ...] = (
           help="vllm: the vLLM environment's python; null: $DASHFLOW_VLLM_PYTHON or .venv-vllm"),
     Param('sample.vllm_compile', 'auto', _choice("auto", True, False),
           help='vllm: torch.compile and CUDA graphs; auto: on CUDA only (on CPU: +74 s start, +11% tok/s)'),
-    Param('sample.sync_tolerance', 0.05, _num(0, lo_open=True),
+    Param('sample.sync_tolerance', None, ((lambda v: v is None or _num(0, lo_open=True)[0](v)), "null or a number > 0"),
           help="vllm: stop when the engine's probe log-probs differ from the learner's by more",
           note=("After every load of new weights the engine scores a fixed probe; the mean |delta log-prob|\n"
-                "per token against the learner's for the same policy is `probe_mismatch` in sample's stats.")),
+                "per token against the learner's (float32) for the same policy is `probe_mismatch` in\n"
+                "sample's stats. null: 0.05 for a float32 engine, 0.2 for bfloat16/float16 (measured: 3e-6\n"
+                "and 0.044; docs/vllm.md).")),
     Param('sample.prompts_per_iteration', 16, _num(1, integer=True)),
     Param('sample.samples_per_prompt', 4, _num(1, integer=True),
           help='G, the group size (DASH reference code: 4)'),
