@@ -35,7 +35,7 @@ STAGE = Stage("evaluate", __name__, code=(answers, rewards, samplers, policy_mod
                                          sandbox_runner, code_mod), params=(
     "run.seed", "model.dtype", "evaluate.sets", "evaluate.num_prompts", "evaluate.max_new_tokens", "evaluate.samples",
     "sample.backend", "sample.temperature", "sample.top_p", "sample.top_k", "reward.timeout_s", "reward.max_chars",
-    "sandbox.timeout_s", "sandbox.memory_mb", "sandbox.output_kb", "sandbox.processes"))
+    "sandbox.timeout_s", "sandbox.memory_mb", "sandbox.output_kb", "sandbox.processes", "sandbox.work_mb"))
 
 
 ANSWER_COLUMNS = ("strict_answer", "strict_correct", "flexible_answer", "flexible_correct", "reward_error")

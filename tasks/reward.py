@@ -19,7 +19,7 @@ from dashflow.core.stage import Stage
 # sandbox.workers (how many programs run at once) is not part of the key: the same rows.
 STAGE = Stage("reward", __name__, code=(rewards, answers, code, sandbox, sandbox_runner, schema), params=(
     "reward.functions", "reward.timeout_s", "reward.max_chars", "sandbox.timeout_s", "sandbox.memory_mb",
-    "sandbox.output_kb", "sandbox.processes"))
+    "sandbox.output_kb", "sandbox.processes", "sandbox.work_mb"))
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:

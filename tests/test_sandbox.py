@@ -54,12 +54,12 @@ def test_passing_failing_and_partly_passing_programs_report_tests_passed_and_the
     partly = sandbox.run("def add(a, b):\n    return a + b if a != 1 else 0\n", ADD_TESTS, LIMITS)
     assert (partly.passed, partly.total, partly.ok) == (2, 3, False)
     assert partly.fraction == pytest.approx(2 / 3)
-    assert partly.error == "test 1 of 3: AssertionError"
+    assert partly.error == "test 1 of 3: AssertionError: add(1, 2) returned 0"
     raising = sandbox.run("def add(a, b):\n    return a / 0\n", ADD_TESTS, LIMITS)
     assert (raising.passed, raising.total) == (0, 3)
     assert raising.error == "test 1 of 3: ZeroDivisionError: division by zero"
     syntax = sandbox.run("def add(a, b)\n    return a + b\n", ADD_TESTS, LIMITS)
-    assert (syntax.passed, syntax.total) == (0, 0)
+    assert (syntax.passed, syntax.total) == (0, 3)   # the row's tests, none passed
     assert syntax.error.startswith("program: SyntaxError: expected ':' (solution.py, line 1)")
 
 
@@ -191,8 +191,9 @@ def test_the_code_reward_columns_and_the_no_code_counts():
     assert [r["tests_passed"] for r in rows] == pytest.approx([1.0, 2 / 3, 0.0, 0.0])
     assert [r["strict_correct"] for r in rows] == [True, False, False, False]
     assert [r["flexible_correct"] for r in rows] == [True, False, True, False]
-    assert [r["reward_error"] for r in rows] == [None, "code: test 1 of 3: AssertionError", None, None]
-    assert tally == {"strict_none": 2, "flexible_none": 0}
+    assert [r["reward_error"] for r in rows] == [None, "code: test 1 of 3: AssertionError: add(1, 2) returned 0", None, None]
+    # rows 0-1 ran the 3 tests (split: judged here); row 2's flexible code is not the one scored
+    assert tally == {"strict_none": 2, "flexible_none": 0, "tests_run": 6, "tests_judged_in_sandbox": 0}
     # a math reward on a code row pays nothing and says why
     math_row = rewards.score_many([{"completion": completions[0], "answer": tests}],
                                  rewards.functions({"functions": {"math": {}}}), cfg)[0]

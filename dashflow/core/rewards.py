@@ -155,6 +155,8 @@ def score_row(row: dict, fns: list[dict], timeout_s: float, max_chars: int,
             out[f"{ex}_answer"], out[f"{ex}_correct"] = program, outcome is not None and outcome.ok
         program, outcome = outcomes[reads]
         out["tests_passed"] = outcome.fraction if outcome is not None else 0.0
+        # tests whose verdict the program's own process gave (not split: dashflow/core/sandbox.py)
+        out["_tests"] = (outcome.total, outcome.opaque) if outcome is not None else (0, 0)
         if outcome is not None and outcome.error:
             errors.append(f"code: {outcome.error}"[:500])
     else:
@@ -282,7 +284,9 @@ def score_many(rows: list[dict], fns: list[dict], cfg: dict, desc: str = "reward
 def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward", tally: dict | None = None) -> pa.Table:
     """Rollout table -> rewarded table (schema.REWARDED plus one reward_<name> column per
     function, and `tests_passed` with a code function). `tally` counts, per extraction, the
-    completions from which nothing could be extracted (`strict_none`, `flexible_none`)."""
+    completions from which nothing could be extracted (`strict_none`, `flexible_none`), and
+    for code the tests run and those whose verdict came from inside the sandbox (asserts
+    that could not be split, HumanEval `check` bodies: `tests_judged_in_sandbox`)."""
     fields = ["prompt", "completion", "answer", "completion_token_ids", *METADATA]
     fns = functions(cfg)
     scored = score_many(table.select(fields).to_pylist(), fns, cfg, desc)
@@ -296,6 +300,10 @@ def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward", tally: dict | 
     if tally is not None:
         for ex in answers.EXTRACTIONS:
             tally[f"{ex}_none"] = tally.get(f"{ex}_none", 0) + sum(s[f"{ex}_answer"] is None for s in scored)
+        if any("_tests" in s for s in scored):  # code: how many verdicts were not ours
+            tally["tests_run"] = tally.get("tests_run", 0) + sum(s.get("_tests", (0, 0))[0] for s in scored)
+            tally["tests_judged_in_sandbox"] = tally.get("tests_judged_in_sandbox", 0) + \
+                sum(s.get("_tests", (0, 0))[1] for s in scored)
     return table
 
 

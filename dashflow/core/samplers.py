@@ -2,9 +2,9 @@
 
 - `hf`: transformers `generate`, left-padded batches sized by a token budget
   (sequences x (longest prompt + max_new_tokens) <= token_budget); CPU and GPU.
-- `vllm`: the GPU production path (`pip install .[vllm]`). vLLM cannot be installed or
-  run on CPU-only machines, so this backend is a thin adapter that is not exercised
-  there (its test skips where vLLM is absent).
+- `vllm`: one vLLM engine per run, in a process of its own run by the vLLM environment's
+  interpreter (`make vllm`; dashflow/core/vllm_engine.py, docs/vllm.md), on CPU or GPU; each
+  new policy is loaded into it in place and verified against the learner on a probe.
 
 Every request samples from its own random stream, seeded by (seed, request id): the hf
 backend draws the next token by the Gumbel-max trick with that stream's noise, vLLM by its

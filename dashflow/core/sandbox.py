@@ -1,7 +1,8 @@
 """Run untrusted code (a model's completion) with its tests in a sandbox: a separate process
 in its own Linux namespaces, never in this one.
 
-Each run gets a throw-away directory (made here, removed after), and a process started by
+Each run gets a throw-away directory (made here, removed after: the runner's mount points and
+its stdout/stderr), and a process started by
 util-linux `unshare` in new mount, PID, network, IPC and UTS namespaces, which confines
 itself before any of the program runs (dashflow/core/sandbox_runner.py has the details):
 
@@ -17,8 +18,9 @@ itself before any of the program runs (dashflow/core/sandbox_runner.py has the d
   network                   a network namespace with only a loopback device, down
   files                     chroot into a read-only tmpfs root holding only /usr, /bin,
                             /lib*, /sbin, the Python install (read-only), /dev/null|zero|
-                            urandom, its own /proc and /work (its directory, the one
-                            writable place); it runs as a user id that owns nothing else
+                            urandom, its own /proc and /work (a tmpfs of work_mb in all,
+                            the one writable place, gone with the namespace); it runs as
+                            a user id that owns nothing else
   environment               PATH, LANG, HOME=/work, TMPDIR=/work only; none of ours
 
 This needs Linux, util-linux's `unshare`, and root (as here, in CI) or unprivileged user
@@ -26,13 +28,26 @@ namespaces; `check_available()` says which is missing. As a non-root user the pr
 as root of a user namespace instead of a user id of its own, so RLIMIT_NPROC is not set
 (a fork bomb is still bounded by the wall time and ends with the namespace).
 
-A verdict means the tests passed in the program's own process: the sandbox protects the
-machine, not the verdict from a program written to forge the harness's report.
+The verdict is made here, not in the sandbox (the program under test never holds the
+expected values or the verdict). Each MBPP-style assert is split before the job leaves this
+process (`split_assert`): `assert EXPR == LITERAL` (or `LITERAL == EXPR`), `assert EXPR` and
+`assert not EXPR` send only EXPR, the call on the test's inputs; the sandbox evaluates it
+and sends back the value in a data-only encoding (`encode`: None, bool, int, float, str,
+bytes, list, tuple, dict, set, frozenset of exactly those types; anything else, an object
+whose `__eq__` always says yes among them, is a failure); this process decodes it into
+plain builtins and compares it with the expected value it alone holds, type-strict
+(`same`: bool is not int; int and float compare by value). A program that rewrites the
+harness, forges the report pipe or exits early can only report values, never "passed",
+and it never sees an expected value. Asserts of another shape (and HumanEval `check`
+bodies) cannot be split: they run in the sandbox as before and their verdict comes from the
+program's process; `Outcome.opaque` counts them (the reward stage reports their share).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import os
 import random
 import select
@@ -66,10 +81,12 @@ class Limits:
     memory_mb: int = 512
     output_kb: int = 1024
     processes: int = 16
+    work_mb: int = 16
 
     @classmethod
     def from_params(cls, cfg: dict) -> "Limits":
-        return cls(float(cfg["timeout_s"]), int(cfg["memory_mb"]), int(cfg["output_kb"]), int(cfg["processes"]))
+        return cls(float(cfg["timeout_s"]), int(cfg["memory_mb"]), int(cfg["output_kb"]), int(cfg["processes"]),
+                   int(cfg.get("work_mb", 16)))
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,7 @@ class Outcome:
     passed: int
     total: int
     error: str | None
+    opaque: int = 0   # tests whose verdict came from the program's process (not split)
 
     @property
     def ok(self) -> bool:
@@ -112,16 +130,118 @@ def _signal_error(signum: int, limits: Limits) -> str:
         return f"killed by signal {signum}"
 
 
+_MISSING = object()
+
+
+def split_assert(line: str):
+    """An MBPP assert -> ("value", EXPR source, expected, "eq" | "truthy" | "falsy") where its
+    expected side is a literal (or it asserts EXPR / not EXPR), else ("opaque", line)."""
+    try:
+        tree = ast.parse(line.strip())
+    except SyntaxError:
+        return ("opaque", line)
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return ("opaque", line)
+    test = tree.body[0].test
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+        left, right = test.left, test.comparators[0]
+        for expr, lit in ((left, right), (right, left)):
+            try:
+                expected = ast.literal_eval(lit)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            return ("value", ast.unparse(expr), expected, "eq")
+        return ("opaque", line)
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        return ("value", ast.unparse(test.operand), None, "falsy")
+    if isinstance(test, (ast.Compare, ast.BoolOp)):
+        return ("opaque", line)
+    return ("value", ast.unparse(test), None, "truthy")
+
+
+def decode(node, depth: int = 0):
+    """A value the sandbox encoded (sandbox_runner.encode) -> plain builtins; raises ValueError."""
+    if depth > 100 or not isinstance(node, list) or not node or not isinstance(node[0], str):
+        raise ValueError("not an encoded value")
+    tag, rest = node[0], node[1:]
+    if tag == "N" and not rest:
+        return None
+    if len(rest) != 1:
+        raise ValueError(f"bad encoded {tag!r}")
+    v = rest[0]
+    if tag == "b" and isinstance(v, bool):
+        return v
+    if tag == "i" and isinstance(v, str) and len(v) <= 5000:
+        return int(v)
+    if tag == "f" and isinstance(v, str):
+        return float(v)
+    if tag == "s" and isinstance(v, str):
+        return v
+    if tag == "y" and isinstance(v, str):
+        return bytes.fromhex(v)
+    if tag in ("l", "t", "S", "F") and isinstance(v, list):
+        items = [decode(x, depth + 1) for x in v]
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
+    if tag == "d" and isinstance(v, list):
+        return {decode(k, depth + 1): decode(x, depth + 1) for k, x in v}
+    raise ValueError(f"bad encoded {tag!r}")
+
+
+def same(got, expected) -> bool:
+    """Type-strict equality of plain builtins: bool is not int, list is not tuple; int and
+    float compare by value (float: NaN equals NaN)."""
+    numbers = (int, float)
+    if isinstance(got, bool) or isinstance(expected, bool):
+        return type(got) is type(expected) and got == expected
+    if type(got) in numbers and type(expected) in numbers:
+        if isinstance(got, float) and isinstance(expected, float) and math.isnan(got) and math.isnan(expected):
+            return True
+        return got == expected
+    if type(got) is not type(expected):
+        return False
+    if isinstance(got, (list, tuple)):
+        return len(got) == len(expected) and all(same(a, b) for a, b in zip(got, expected))
+    if isinstance(got, dict):
+        return got.keys() == expected.keys() and all(same(got[k], expected[k]) for k in got)
+    return got == expected  # str, bytes, None, set, frozenset (of hashable builtins)
+
+
+def _judge(spec, record: dict) -> tuple[bool, str | None]:
+    """This process's verdict on one split test from the value the sandbox reported."""
+    if "value" not in record:
+        return False, record.get("error") or "no value"
+    try:
+        got = decode(record["value"])
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        return False, f"the returned value is not plain data ({exc})"
+    kind = spec[3]
+    if kind == "truthy":
+        return (bool(got), None) if got else (False, f"AssertionError: {spec[1]} is {got!r}")
+    if kind == "falsy":
+        return (not got, None) if not got else (False, f"AssertionError: {spec[1]} is {got!r}")
+    if same(got, spec[2]):
+        return True, None
+    return False, f"AssertionError: {spec[1]} returned {_short(got)}"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def run(code: str, tests: dict, limits: Limits = Limits()) -> Outcome:
     """Run `code` then `tests` ({format: mbpp, asserts, setup} or {format: humaneval, test,
     entry_point}) in a fresh sandbox: tests passed, tests in all, the first failure."""
+    split = None
+    if tests.get("format") == "mbpp":  # the expected values stay here (see the module doc)
+        split = [split_assert(a) for a in tests["asserts"]]
+        tests = {"format": "mbpp", "setup": tests.get("setup") or "",
+                 "probes": [{"expr": s[1]} if s[0] == "value" else {"line": s[1]} for s in split]}
     box = Path(tempfile.mkdtemp(prefix="dashflow-sandbox-"))
     uid = random.SystemRandom().randrange(1 << 20, 1 << 30) if os.geteuid() == 0 else None
     try:
         (box / "root").mkdir()
-        (box / "work").mkdir(mode=0o700)
-        if uid is not None:
-            os.chown(box / "work", uid, uid)
+        (box / "work").mkdir(mode=0o700)  # a mount point: /work is a tmpfs of the sandbox's own
         read_end, write_end = os.pipe()
         job = {"code": code, "tests": tests, "limits": limits.__dict__, "root": str(box / "root"),
                "work": str(box / "work"), "uid": uid, "python_dirs": _python_dirs(), "result_fd": write_end}
@@ -137,9 +257,18 @@ def run(code: str, tests: dict, limits: Limits = Limits()) -> Outcome:
             os.close(read_end)
             if uid is not None:
                 _reap(uid)
-        return _outcome(proc.returncode, lines, timed_out, limits, box / "output")
+        return _outcome(proc.returncode, lines, timed_out, limits, box / "output", split)
     finally:
+        _remove(box)
+
+
+def _remove(box: Path) -> None:
+    """The sandbox's directory: never deep (its /work was a tmpfs inside the sandbox), but
+    whatever is there goes, and a failure to remove it never fails the stage."""
+    try:
         shutil.rmtree(box, ignore_errors=True)
+    except (RecursionError, OSError):
+        subprocess.run(["rm", "-rf", "--one-file-system", str(box)], check=False, capture_output=True)
 
 
 def _processes_of(uid: int) -> list[int]:
@@ -210,13 +339,31 @@ def _collect(proc: subprocess.Popen, fd: int, job: bytes, timeout_s: float) -> t
     return lines, timed_out
 
 
-def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits, output: Path) -> Outcome:
+def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits, output: Path,
+             split: list | None = None) -> Outcome:
     ready = any(r.get("ready") for r in lines)
     if not ready and not timed_out:
         tail = output.read_bytes()[-2000:].decode("utf-8", "replace").strip()
         raise SandboxError(f"the code sandbox did not start (exit status {returncode}): {tail or 'no output'}")
     total = next((int(r["tests"]) for r in lines if "tests" in r), 0)
-    results = {int(r["test"]): r for r in lines if "test" in r}
+    results: dict[int, dict] = {}
+    for r in lines:  # the first report of each test counts (a forged second one does not)
+        if "test" in r and isinstance(r["test"], int):
+            results.setdefault(r["test"], r)
+    opaque = 0
+    if split is not None:  # the verdicts are ours: the total is the row's, whatever was reported
+        total = len(split)
+        judged = {}
+        for i, spec in enumerate(split):
+            r = results.get(i)
+            if spec[0] == "opaque":
+                opaque += 1
+                judged[i] = r if r is not None else {"ok": False, "error": "not reached"}
+            elif r is not None:
+                ok, err = _judge(spec, r)
+                judged[i] = {"ok": ok, "error": err}
+        results = judged
+    results = {i: r for i, r in results.items() if 0 <= i < max(total, 0)}
     passed = sum(1 for r in results.values() if r.get("ok") is True)
     first_failure = next((f"test {i + 1} of {total}: {results[i].get('error')}" for i in sorted(results)
                           if results[i].get("ok") is not True), None)
@@ -231,7 +378,7 @@ def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits
         error = solution_error or first_failure
     if error is not None and error not in (solution_error, first_failure) and first_failure:
         error = f"{error} (after {first_failure})"
-    return Outcome(passed=passed, total=total, error=error)
+    return Outcome(passed=passed, total=total, error=error, opaque=opaque)
 
 
 def run_many(jobs: list[tuple[str, dict]], limits: Limits, workers: int, desc: str = "sandbox") -> list[Outcome]:
