@@ -124,6 +124,8 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     if policy is not None and not (policy_dir / "config.json").is_file():
         raise store.StageError(f"evaluate: {policy_dir} is not a model checkpoint directory (no config.json)")
     label = ("evaluate" if iteration is None else f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base")
+    if policy is None:  # a run's policy: it must be a finished stage output
+        store.require_output(policy_dir, needed_by=label)
     stage_output = store.read_manifest(policy_dir) is not None
     if cfg.get("sets") is None:  # the task's default sets (the built-in tasks': heldout); in the key
         try:

@@ -103,3 +103,14 @@ def test_non_finite_update_keeps_the_good_checkpoint(tmp_path):
     assert kept.digest == first.digest
     shards = policy_mod.weight_files(params.layout.policy(0))
     assert shards and all(store.file_digest(f) == first.outputs[f.name]["md5"] for f in shards)
+
+
+def test_evaluate_of_a_policy_not_trained_yet_says_what_to_run(tmp_path):
+    """`dashflow stage evaluate` (iteration 0) on a run that has only `prepare` done."""
+    params = tiny_params(tmp_path)
+    prepare.run(params)
+    from dashflow.tasks import evaluate
+
+    with pytest.raises(store.StageError, match=r"evaluate@0: input .*iter-0000/policy is not a finished stage output"):
+        evaluate.run(params, 0)
+    assert not params.layout.eval(0).exists()

@@ -165,3 +165,23 @@ def test_a_bad_value_in_the_file_names_the_file(tmp_path):
         "samples_per_prompt: 4", "samples_per_prompt: four"))
     with pytest.raises(ParamsError, match=r"params.yaml: sample.samples_per_prompt = 'four' is not allowed"):
         Params.load(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("run:\n  name: [unclosed\n", r"params.yaml: not valid YAML at line 3, column 1: expected ',' or ']'"),
+    ("run:\n  name: a\0b\n", r"params.yaml: a NUL byte on line 2; a params file is YAML text"),
+    ("- run\n- sample\n", r"params.yaml: the top level must be a mapping of sections .* not a list"),
+    (b"run:\n  name: \xff\n", r"params.yaml: not UTF-8 text \(line 2, byte 13 of the file\)"),
+])
+def test_a_params_file_that_is_not_a_yaml_mapping_is_named_in_one_line(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ParamsError, match=message) as err:
+        Params.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_rows_per_iteration_are_bounded_before_anything_runs():
+    with pytest.raises(ParamsError, match=r"sample.prompts_per_iteration x sample.samples_per_prompt = "
+                                          r"16,000,000,000 rows per iteration; at most 1,000,000"):
+        Params.load(ROOT / "params.yaml", ["sample.samples_per_prompt=1000000000"])

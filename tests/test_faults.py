@@ -342,6 +342,19 @@ def test_a_second_writer_on_a_run_fails_at_once_and_writes_nothing(finished, tmp
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_a_second_dashflow_run_on_a_locked_run_is_refused_before_prefect_starts(tmp_path):
+    """Before: refused only after the temporary Prefect server started, with two tracebacks."""
+    params = tiny_params(tmp_path / "runs")
+    command = [sys.executable, "-m", "dashflow.app.cli", "run",
+               *_sets(dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}))]
+    with store.run_lock(params.layout.root):
+        second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = second.stdout + second.stderr
+    assert second.returncode == 1 and "another dashflow run is using" in out, out
+    assert "Traceback" not in out and "Beginning flow run" not in out and "temporary server" not in out.lower()
+    assert not params.layout.base.exists()
+
+
 _PARENT = """
 import subprocess, sys, time
 from dashflow.app import reaper

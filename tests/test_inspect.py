@@ -95,6 +95,20 @@ def test_where_runs_no_code_and_says_what_is_allowed(stage_dir, tmp_path, where)
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where, message", [
+    ("prompt_id in [1, 'a']", r"--where .*Arrow"),                 # mixed literal types
+    ("reward < 100000000000000000000", r"--where .*OverflowError"),  # a 20-digit literal
+    ("not " * 20000 + "correct", r"--where: 80,007 characters; at most 2,000"),
+    ("(" * 300 + "correct" + ")" * 300, r"--where .*(nested|not an expression)"),
+])
+def test_where_that_arrow_cannot_build_is_one_line_not_a_traceback(stage_dir, where, message):
+    with pytest.raises(InspectError, match=message):
+        summarize(stage_dir, where=where)
+    result = CliRunner().invoke(app, ["inspect", str(stage_dir), "--where", where])
+    assert result.exit_code != 0 and "Traceback" not in result.output and result.exception is None or \
+        isinstance(result.exception, SystemExit)
+
+
 def test_cli_json_schema_and_errors(stage_dir, tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(stage_dir), "--json", "--where", "reward == 1"])
     assert result.exit_code == 0, result.output

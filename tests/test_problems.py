@@ -55,6 +55,26 @@ def test_gsm8k_answer_without_hashes_is_an_error(tmp_path):
         problems.load_file(path, "gsm8k", "")
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"question": "1+1?", "answer": ["#### 3"]}\n', r"bad.jsonl: row 1: field 'answer' is a list \(\['#### 3'\]\); expected text"),
+    ('{"question": {"q": 1}, "answer": "#### 3"}\n', r"bad.jsonl: row 1: field 'question' is a dict"),
+    ('{"question": "' + "x" * 70_000 + '", "answer": "#### 3"}\n',
+     r"bad.jsonl: row 1: field 'question' is 70,000 characters long; at most 65,536 are allowed"),
+])
+def test_a_row_whose_field_is_not_text_or_is_huge_is_named(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ProblemError, match=message):
+        problems.load_file(path, "gsm8k", "")
+
+
+def test_a_parquet_task_file_that_is_not_parquet_is_named(tmp_path):
+    path = tmp_path / "train.parquet"
+    path.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    with pytest.raises(ProblemError, match=r"train.parquet: not a readable Parquet file .*or name it .jsonl"):
+        problems.load_file(path, "gsm8k", "")
+
+
 def test_math_loader_answer_or_boxed_solution_parquet(tmp_path):
     path = tmp_path / "math.parquet"
     pq.write_table(pa.Table.from_pylist([

@@ -89,10 +89,13 @@ def test_schema_violation_names_stage_file_and_column(tmp_path):
         store.write_shard(tmp_path, 0, table, schema.PROMPTS, stage="t")
 
 
-def test_corrupt_parquet_is_named(tmp_path):
+def test_bytes_that_are_not_parquet_are_named(tmp_path):
+    """A file with a .parquet name that is not Parquet: not listed by any manifest, it is
+    never read (the stage that wrote it would not have landed it: the landing reads its
+    footer)."""
     path = tmp_path / "part-00000.parquet"
     path.write_bytes(b"not parquet")
-    with pytest.raises(store.StageError, match=r"part-00000.parquet: not a readable Parquet file"):
+    with pytest.raises(store.StageError, match=r"part-00000.parquet: not listed in its directory's manifest"):
         store.read_shard(path, schema.PROMPTS, stage="reward@0")
 
 
@@ -138,6 +141,34 @@ def test_damaged_or_missing_input_stops_the_reader_naming_the_file(tmp_path):
     with pytest.raises(store.StageError, match=r"part-00000.parquet is missing"):
         store.run_stage("down", 0, down, inputs={"up": up}, params={}, code="c", build=_build_rows(1, calls))
     assert calls == [3] and not down.exists()
+
+
+def test_a_reader_hashes_the_bytes_it_reads_and_stops_on_damage_that_kept_size_and_mtime(tmp_path):
+    """Text changed inside a shard, size and mtime kept: the input check trusts the stat, but
+    the reader hashes what it reads against the manifest and stops naming the file; nothing
+    is built from the damaged bytes."""
+    import os
+
+    calls = []
+    up, down = tmp_path / "up", tmp_path / "down"
+    store.run_stage("up", 0, up, inputs={}, params={}, code="c", build=_build_rows(3, calls))
+    shard = up / "part-00000.parquet"
+    assert len(store.read_shard(shard, schema.PROMPTS, stage="down@0")) == 3
+    st = shard.stat()
+    _damage_in_place(shard, offset=st.st_size // 2)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    def build(tmp):
+        for _ in store.map_shards(up, tmp, lambda t, p: t, reads=schema.PROMPTS, writes=schema.PROMPTS, stage="down@0"):
+            pass
+        return {}
+    with pytest.raises(store.StageError, match=r"down@0: .*up/part-00000.parquet: its bytes are not those its "
+                                               r"manifest records \(xxh128|md5"):
+        store.run_stage("down", 0, down, inputs={"up": up}, params={}, code="c", build=build)
+    assert not down.exists()
+    (up / "stray.parquet").write_bytes(shard.read_bytes())   # a file no manifest lists is never read
+    with pytest.raises(store.StageError, match=r"stray.parquet: not listed in its directory's manifest"):
+        store.read_shard(up / "stray.parquet", schema.PROMPTS, stage="down@0")
 
 
 def test_an_untouched_output_is_trusted_by_its_stat_and_rehashed_when_it_changes(tmp_path, monkeypatch):
@@ -354,3 +385,27 @@ def test_an_optional_column_a_table_lacks_reads_as_null_and_a_required_one_stops
     assert out.column("context").to_pylist() == [None]
     with pytest.raises(SchemaError, match=r"t: x.parquet: missing column 'answer'"):
         validate(table.drop(["answer"]), schema.PROMPTS, stage="t", path="x.parquet")
+
+
+def test_a_rerun_that_leaves_a_pruned_side_output_unwritten_lands(tmp_path):
+    """Retention removed learn@0's optimizer (its pruned record is left); `--rerun learn@0`
+    keeps the new state in memory (unwritten): the landing drops the stale record instead of
+    failing on the directory that is not there (every retry failed the same way before)."""
+    out, side = tmp_path / "learn", tmp_path / "optimizer"
+
+    def build(write_side: bool):
+        def run(tmp):
+            (tmp / "w.bin").write_bytes(b"w")
+            if write_side:
+                (tmp / "optimizer").mkdir()
+                (tmp / "optimizer" / "s.bin").write_bytes(b"s")
+            return {}
+        return run
+    store.run_stage("learn", 0, out, inputs={}, params={"a": 1}, code="c", build=build(True), side={"optimizer": side})
+    store.write_pruned_record(side, "removed by the retention setting")
+    store.remove_output(side)
+    assert not side.exists() and store.pruned_record(side).exists()
+    m = store.run_stage("learn", 0, out, inputs={}, params={"a": 2}, code="c", build=build(False),
+                        side={"optimizer": side})
+    assert not m.cached and store.read_manifest(out).key == m.key
+    assert not side.exists() and not store.pruned_record(side).exists()

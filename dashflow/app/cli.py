@@ -77,8 +77,16 @@ def run(
     from dashflow.core.config import ParamsError
     from dashflow.ops.versioning import DvcError
     from dashflow.flows.dash_rl import dash_rl, prewarm
-    from dashflow.core.store import StageError
+    from dashflow.core.store import StageError, run_lock
 
+    try:  # before Prefect starts: bad parameters, and a run root another run holds, in one line
+        from dashflow.core.config import Params
+
+        loaded = Params.load(params, {**_overrides(set_), **({"run.preset": preset} if preset else {})})
+        with run_lock(loaded.layout.root):
+            pass
+    except (ParamsError, StageError) as exc:
+        _fail(exc)
     prewarm(str(params), {**_overrides(set_), **({"run.preset": preset} if preset else {})})
     try:
         dash_rl(params_path=str(params), overrides=_overrides(set_), rerun=rerun or [], iterations=iterations,

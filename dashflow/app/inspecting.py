@@ -97,10 +97,14 @@ def compile_where(text: str, columns: list[str]) -> pc.Expression:
     def refuse(why: str):
         return InspectError(f"--where {text!r}: {why}; allowed: {WHERE_GRAMMAR}; columns are {columns}")
 
+    if len(text) > 2000:
+        raise InspectError(f"--where: {len(text):,} characters; at most 2,000 are allowed")
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as exc:
         raise refuse(f"not an expression ({exc.msg})") from None
+    except (RecursionError, MemoryError):
+        raise refuse("nested too deeply") from None
 
     def literal(n):
         if isinstance(n, ast.Constant) and isinstance(n.value, (str, int, float, bool, type(None))):
@@ -141,7 +145,12 @@ def compile_where(text: str, columns: list[str]) -> pc.Expression:
             return out
         raise refuse(f"{ast.unparse(n)!r} is not a condition")
 
-    return condition(tree)
+    try:
+        return condition(tree)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError) as exc:
+        raise refuse(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+    except RecursionError:
+        raise refuse("nested too deeply") from None
 
 
 def select(table: pa.Table, where: str | None = None, prompt_id: str | None = None) -> pa.Table:

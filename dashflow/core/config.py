@@ -97,6 +97,46 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+# rows one iteration may sample: prompts_per_iteration x samples_per_prompt (a typo of a few
+# zeros otherwise ends with the kernel killing the process, with no message)
+MAX_ROWS_PER_ITERATION = 1_000_000
+
+
+def read_params_file(path: Path) -> dict:
+    """A params file's tree; what is not one is refused naming the file and the place."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ParamsError(f"{path}: not UTF-8 text (line {line}, byte {exc.start} of the file)") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise ParamsError(f"{path}: a NUL byte on line {line}; a params file is YAML text")
+    try:
+        tree = load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, Mapping):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections (run:, sample:, learn:, ...), "
+                          f"not a {type(tree).__name__}")
+    return dict(tree)
+
+
+def check_sizes(tree: dict, source: str) -> None:
+    """Sizes that each pass their own check but not together."""
+    sample = tree.get("sample") or {}
+    rows = int(sample.get("prompts_per_iteration", 1)) * int(sample.get("samples_per_prompt", 1))
+    if rows > MAX_ROWS_PER_ITERATION:
+        raise ParamsError(f"{source}: sample.prompts_per_iteration x sample.samples_per_prompt = {rows:,} rows per "
+                          f"iteration; at most {MAX_ROWS_PER_ITERATION:,} are allowed")
+
+
 # ---------------------------------------------------------------- validation
 # Every parameter is declared once, in dashflow/core/parameters.py, and checked when params
 # are loaded (after presets and overrides, for every `stage@i` slice too): one message
@@ -246,7 +286,7 @@ class Params:
         path = Path(path)
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
-        tree = load_yaml(path.read_text()) or {}
+        tree = read_params_file(path)
         unknown = parameters.unknown_keys(tree) if isinstance(tree, Mapping) and "extends" not in tree else []
         if unknown:
             raise ParamsError(f"{path}: unknown parameter {unknown[0]!r}; the parameters are listed in "
@@ -264,6 +304,7 @@ class Params:
         params = base.with_overrides(items)
         check_schedule(params.tree, str(path))
         validate(params.tree, params.scoped, str(path) if not items else f"{path} with overrides")
+        check_sizes(params.tree, str(path) if not items else f"{path} with overrides")
         precision.resolve(params.tree, params.scoped)  # `auto` -> this machine's faster dtype
         return params
 

@@ -20,6 +20,7 @@ import random
 from pathlib import Path
 from typing import Iterable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dashflow.core import code
@@ -107,7 +108,12 @@ def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
     if not path.exists():
         raise ProblemError(f"{path}: dataset file not found")
     if path.suffix == ".parquet":
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ProblemError(f"{path}: not a readable Parquet file ({exc}); a .parquet task file must be "
+                               "Parquet (or name it .jsonl)") from None
+        for i, row in enumerate(table.to_pylist()):
             yield i, row
         return
     with open(path, "rb") as f:
@@ -129,10 +135,19 @@ def _read_rows(path: Path) -> Iterable[tuple[int, dict]]:
             yield lineno, row
 
 
+MAX_FIELD_CHARS = 65_536  # a question or answer longer than this is a broken row, not a problem
+
+
 def _field(row: dict, name: str, where: str) -> str:
     value = row.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise ProblemError(f"{where}: missing field {name!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ProblemError(f"{where}: field {name!r} is a {type(value).__name__} ({str(value)[:60]}); "
+                           "expected text (or a number)")
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        raise ProblemError(f"{where}: field {name!r} is {len(value):,} characters long; at most "
+                           f"{MAX_FIELD_CHARS:,} are allowed")
     return str(value)
 
 

@@ -110,6 +110,8 @@ def remove_output(directory: Path) -> None:
     kill midway leaves files that no longer read as a finished output (the pruned record
     beside them speaks for it) -- never a manifest over missing weights."""
     directory = Path(directory)
+    if not directory.exists():  # already gone (retention pruned it: only its record is left)
+        return
     (directory / MANIFEST).unlink(missing_ok=True)
     _fsync_dir(directory)
     fault_point("mid-retention", f"{directory.parent.name}/{directory.name}")
@@ -688,9 +690,33 @@ def shard_paths(directory: Path, *, needed_by: str) -> list[Path]:
     return [Path(directory) / n for n in sorted(manifest.outputs) if n.endswith(".parquet")]
 
 
-def read_shard(path: Path, schema: pa.Schema, *, stage: str) -> pa.Table:
+def vouched_bytes(path: Path, *, stage: str) -> bytes:
+    """The bytes of a stage output's file, hashed on the way in and checked against what its
+    manifest records: a reader never reads bytes its manifest does not vouch for (a file
+    changed in place, size and mtime kept, is caught here, not only by `--verify`)."""
+    path = Path(path)
+    manifest = read_manifest(path.parent)
+    info = manifest.outputs.get(path.name) if manifest is not None else None
+    if info is None:
+        raise StageError(f"{stage}: {path}: not listed in its directory's manifest; a stage reads only the "
+                         "files its input's manifest records")
+    algo, expected = recorded_digest(info)
     try:
-        table = pq.read_table(path)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise StageError(f"{stage}: {path}: cannot be read ({exc})") from exc
+    got = DIGESTS[algo](data).hexdigest()
+    if got != expected:
+        raise StageError(f"{stage}: {path}: its bytes are not those its manifest records ({algo} {got[:12]}, "
+                         f"recorded {expected[:12]}): the file changed after its stage wrote it. Rerun the stage "
+                         "that wrote it (`dashflow run --rerun STAGE@I`, or `dashflow run --verify`)")
+    return data
+
+
+def read_shard(path: Path, schema: pa.Schema, *, stage: str) -> pa.Table:
+    data = vouched_bytes(path, stage=stage)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as exc:
         raise StageError(f"{stage}: {path}: not a readable Parquet file ({exc})") from exc
     try:
