@@ -172,7 +172,7 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
                     sample_cfg, str(policy_dir), device=policy_mod.pick_device(params["run"]["device"]),
                     dtype=params["model"]["dtype"])
             rows, one = evaluate_set(loaded, prompts, cfg, sample_cfg, reward_cfg, params["run"]["seed"],
-                                     f"{label} {name}")
+                                     f"{label} {name}", context=policy_mod.context_length(policy_dir))
             store.write_shard(tmp, index, pa.Table.from_pylist([dict(r, eval_set=name) for r in rows], schema=schema.EVAL),
                               schema.EVAL, stage=label)
             stats.update(_prefixed(name, one))
@@ -192,10 +192,12 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
 
 
 def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, reward_cfg: dict, seed: int,
-                 label: str) -> tuple[list[dict], dict]:
+                 label: str, context: int | None = None) -> tuple[list[dict], dict]:
     """Greedy and n sampled completions of each prompt, checked strict and flexible: (rows, stats)."""
     sampler, tokenizer = loaded
     ids = [policy_mod.chat_prompt(tokenizer, p["prompt"], prompts_mod.turns(p)) for p in prompts]
+    policy_mod.check_fits([(p["prompt_id"], i) for p, i in zip(prompts, ids)], int(cfg["max_new_tokens"]), context,
+                          stage=label, setting="evaluate.max_new_tokens")
     shown = [tokenizer.decode(i) for i in ids]
     n = int(cfg["samples"])
     rows, stats = [], {}

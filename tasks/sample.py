@@ -119,6 +119,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                       "prompt_token_ids": ids, "prompt_text": text, "policy_version": policy_version,
                       "request_id": p * g + k}
                      for k in range(g)]
+        policy_mod.check_fits([(r["prompt_id"], r["prompt_token_ids"]) for r in rows[::g]], cfg["max_new_tokens"],
+                              policy_mod.context_length(policy_dir), stage=label, setting="sample.max_new_tokens")
         per_shard = cfg["groups_per_shard"] * g
         shards = {k: rows[start : start + per_shard] for k, start in enumerate(range(0, len(rows), per_shard))}
         parts = [dict(list(shards.items())[w::workers]) for w in range(min(workers, len(shards)))]

@@ -114,3 +114,14 @@ def test_evaluate_of_a_policy_not_trained_yet_says_what_to_run(tmp_path):
     with pytest.raises(store.StageError, match=r"evaluate@0: input .*iter-0000/policy is not a finished stage output"):
         evaluate.run(params, 0)
     assert not params.layout.eval(0).exists()
+
+
+def test_max_new_tokens_beyond_the_models_context_is_refused_naming_the_prompt(tmp_path):
+    params = tiny_params(tmp_path, **{"sample.max_new_tokens": 1_000_000_000})
+    prepare.run(params)
+    from dashflow.tasks import sample
+
+    with pytest.raises(store.StageError, match=r"sample@0: prompt '.*' is [\d,]+ tokens; with sample.max_new_tokens = "
+                                               r"1,000,000,000 it needs [\d,]+, more than the model's context of 8,192"):
+        sample.run(params, 0)
+    assert not params.layout.stage_dir("sample", 0).exists()

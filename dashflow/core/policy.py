@@ -460,6 +460,33 @@ def chat_prompt(tokenizer, question: str, context: list[dict[str, str]] | None =
     return tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
 
 
+def context_length(path: str | Path) -> int | None:
+    """The model's context in tokens (config.json max_position_embeddings), if it says."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    n = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_fits(prompts: list[tuple[str, list[int]]], max_new_tokens: int, context: int | None, *, stage: str,
+               setting: str) -> None:
+    """Every (prompt id, token ids) with `max_new_tokens` fits the model's context; else one
+    error naming the longest prompt (nothing is fed on that would be cut or overrun)."""
+    if context is None or not prompts:
+        return
+    pid, ids = max(prompts, key=lambda p: len(p[1]))
+    if len(ids) + max_new_tokens > context:
+        from dashflow.core.store import StageError
+
+        raise StageError(f"{stage}: prompt {pid!r} is {len(ids):,} tokens; with {setting} = {max_new_tokens:,} it "
+                         f"needs {len(ids) + max_new_tokens:,}, more than the model's context of {context:,} tokens. "
+                         "Shorten or drop that row of the task, or lower " + setting)
+
+
 def stop_token_ids(tokenizer, generation_config) -> list[int]:
     """The tokenizer's EOS plus the model's generation config's EOS ids."""
     ids = set()
