@@ -143,3 +143,11 @@ def test_a_deep_directory_chain_and_a_disk_filler_stay_in_the_sandbox():
     filler = _score("import os\nfor i in range(64):\n    with open(f'/work/f{i}', 'wb') as f:\n"
                     "        f.write(os.urandom(1 << 19))\n" + SOLUTION)
     assert filler["reward"] == 0.0 and "No space left on device" in filler["reward_error"]
+
+
+def test_the_program_sees_no_host_path():
+    """Its stdout was a file under the host's /tmp, named in /proc/self/fd/1."""
+    out = sandbox.run("import os\nseen = [os.readlink('/proc/self/fd/%d' % i) for i in (0, 1, 2)] + [os.getcwd()]\n",
+                      {"format": "mbpp", "asserts": ["assert [s for s in seen if 'dashflow-sandbox' in s or "
+                                                     "s.startswith('/tmp')] == []"], "setup": ""})
+    assert out.ok, out.error

@@ -1,8 +1,8 @@
 """Run untrusted code (a model's completion) with its tests in a sandbox: a separate process
 in its own Linux namespaces, never in this one.
 
-Each run gets a throw-away directory (made here, removed after: the runner's mount points and
-its stdout/stderr), and a process started by
+Each run gets a throw-away directory (made here, removed after: the runner's mount points),
+an anonymous in-memory file for its stdout/stderr, and a process started by
 util-linux `unshare` in new mount, PID, network, IPC and UTS namespaces, which confines
 itself before any of the program runs (dashflow/core/sandbox_runner.py has the details):
 
@@ -245,19 +245,24 @@ def run(code: str, tests: dict, limits: Limits = Limits()) -> Outcome:
         read_end, write_end = os.pipe()
         job = {"code": code, "tests": tests, "limits": limits.__dict__, "root": str(box / "root"),
                "work": str(box / "work"), "uid": uid, "python_dirs": _python_dirs(), "result_fd": write_end}
-        with open(box / "output", "wb") as output:
+        # its stdout/stderr: an anonymous in-memory file (no host path in /proc/self/fd/1;
+        # RLIMIT_FSIZE bounds what it holds)
+        output = os.memfd_create("sandbox-output")
+        try:
             try:
                 proc = subprocess.Popen(_command(), stdin=subprocess.PIPE, stdout=output, stderr=output,
                                         pass_fds=(write_end,), env=ENV, cwd=box, start_new_session=True)
             finally:
                 os.close(write_end)
-        try:
-            lines, timed_out = _collect(proc, read_end, json.dumps(job).encode(), limits.timeout_s)
+            try:
+                lines, timed_out = _collect(proc, read_end, json.dumps(job).encode(), limits.timeout_s)
+            finally:
+                os.close(read_end)
+                if uid is not None:
+                    _reap(uid)
+            return _outcome(proc.returncode, lines, timed_out, limits, output, split)
         finally:
-            os.close(read_end)
-            if uid is not None:
-                _reap(uid)
-        return _outcome(proc.returncode, lines, timed_out, limits, box / "output", split)
+            os.close(output)
     finally:
         _remove(box)
 
@@ -339,11 +344,16 @@ def _collect(proc: subprocess.Popen, fd: int, job: bytes, timeout_s: float) -> t
     return lines, timed_out
 
 
-def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits, output: Path,
+def _tail(fd: int, n: int = 2000) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, n, max(size - n, 0))
+
+
+def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits, output: int,
              split: list | None = None) -> Outcome:
     ready = any(r.get("ready") for r in lines)
     if not ready and not timed_out:
-        tail = output.read_bytes()[-2000:].decode("utf-8", "replace").strip()
+        tail = _tail(output).decode("utf-8", "replace").strip()
         raise SandboxError(f"the code sandbox did not start (exit status {returncode}): {tail or 'no output'}")
     total = next((int(r["tests"]) for r in lines if "tests" in r), 0)
     results: dict[int, dict] = {}
