@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make train   set up .venv and run DASH on the embedded defaults (SmolLM2-135M, arithmetic, CPU)
+#   make train   set up .venv and .venv-vllm and run DASH on the embedded defaults (SmolLM2-135M, arithmetic, CPU)
 #   make test    set up .venv and run the test suite (CI runs this)
 # For development: make test-fast (unit and stage tests without the real model end to end, ~2 min)
 # The vLLM sampler's environment (sample.backend: vllm): make vllm (CPU) | make vllm VLLM=gpu
@@ -13,7 +13,7 @@ VLLM_VENV ?= .venv-vllm
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup vllm train train-vllm test test-fast layers clean-venv
+.PHONY: setup vllm train train-hf test test-fast layers clean-venv
 
 setup: $(VENV)/.installed
 
@@ -36,12 +36,13 @@ $(VLLM_VENV)/.installed: requirements/vllm-$(VLLM).txt
 	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
 	touch $@
 
-train: setup
+# the default run samples with vLLM (sample.backend: vllm): its environment is built first
+train: setup vllm
 	$(VENV)/bin/dashflow run
 
-# the same run with the vLLM sampler (its environment built first)
-train-vllm: setup vllm
-	$(VENV)/bin/dashflow run --set sample.backend=vllm
+# the same run with the in-process transformers sampler (no .venv-vllm needed)
+train-hf: setup
+	$(VENV)/bin/dashflow run --set sample.backend=hf
 
 test: setup vllm
 	$(PY) -m pytest -q -p no:cacheprovider

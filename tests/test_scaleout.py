@@ -161,3 +161,13 @@ def test_vllm_engine_replies_convert_to_rollout_completions():
         [dict(outs[0], logprobs=None)], True, [7])] == [[]]                      # greedy: none recorded
     with pytest.raises(ValueError, match="vLLM request 8: expected one log-prob per token \\(2\\), got 1"):
         samplers.completions_from_engine([outs[0], dict(outs[1], logprobs=[-0.5])], False, [7, 8])
+
+
+def test_without_a_vllm_environment_the_run_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DASHFLOW_VLLM_PYTHON", raising=False)
+    with pytest.raises(samplers.StageError, match=r"sample.vllm_python: .*nowhere/python is not a file"):
+        samplers.find_vllm_python(str(tmp_path / "nowhere" / "python"))
+    monkeypatch.setenv("DASHFLOW_VLLM_PYTHON", str(tmp_path / "python"))
+    (tmp_path / "python").write_text("")
+    assert samplers.find_vllm_python(None) == str(tmp_path / "python")

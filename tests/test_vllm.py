@@ -34,7 +34,7 @@ def base(tmp_path_factory):
     """The prepared base policy of a tiny run, and the vLLM environment's interpreter."""
     try:
         python = samplers.find_vllm_python(None)
-    except RuntimeError as exc:
+    except samplers.StageError as exc:
         pytest.fail(f"{exc} (`make test` builds it)")
     params = tiny_params(tmp_path_factory.mktemp("vllm") / "runs", **VLLM)
     prepare.run(params)

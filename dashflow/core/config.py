@@ -62,6 +62,7 @@ PRESETS: dict[str, dict] = {
 # The tiny configuration: every stage on the real model in seconds (tests, `bench/ --tiny`).
 TINY = {
     "run.iterations": 2,     # (rewrites the schedule: 2 iterations, evaluated: base and the last)
+    "sample.backend": "hf",  # the hf sampler in-process; tests/test_vllm.py runs the vLLM engine
     "task.num_train": 24,
     "task.num_eval": 4,
     "sample.prompts_per_iteration": 4,

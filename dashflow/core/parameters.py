@@ -168,8 +168,11 @@ PARAMS: tuple[Param, ...] = (
           note=('A list of {question: ..., answer: ...} (answer = the full assistant turn), or the path of\n'
                 'a JSONL file of such rows.')),
     # -------------------- sample
-    Param('sample.backend', 'hf', _choice("hf", "vllm"),
-          help='hf (transformers generate) | vllm (one engine per run, `make vllm`; docs/vllm.md)'),
+    Param('sample.backend', 'vllm', _choice("hf", "vllm"),
+          help='vllm (one engine per run, in .venv-vllm: `make vllm`; docs/vllm.md) | hf (transformers generate)',
+          note=('vllm is the default: the default run from a fresh clone, install included, took 591 s with\n'
+                'it and 716 s with hf on this 2-core CPU (docs/vllm.md). The tests run hf on the tiny\n'
+                'configuration and vLLM in tests/test_vllm.py.')),
     Param('sample.vllm_python', None, _OPT_STR,
           help="vllm: the vLLM environment's python; null: $DASHFLOW_VLLM_PYTHON or .venv-vllm"),
     Param('sample.vllm_compile', 'auto', _choice("auto", True, False),

