@@ -232,8 +232,8 @@ def test_sampler_applies_exactly_the_configured_processors(rollouts, tmp_path):
             store.link_or_copy(f, ckpt / f.name)                      # to the shared run's base policy
     (ckpt / "generation_config.json").write_text(json.dumps(
         {"repetition_penalty": 1.5, "top_k": 2, "temperature": 0.1, "do_sample": True, "eos_token_id": 2}))
-    sampler, tok = samplers.make_sampler("hf", str(ckpt), device=torch.device("cpu"), dtype="float32",
-                                         token_budget=4096, max_batch_size=8)
+    sampler, tok = samplers.make_sampler({"backend": "hf", "token_budget": 4096, "max_batch_size": 8}, str(ckpt),
+                                         device=torch.device("cpu"), dtype="float32")
     table = store.read_stage(rollouts.layout.stage_dir("sample", 0), schema.ROLLOUTS, stage="test")
     prompts = table.column("prompt_token_ids").to_pylist()[::3]
     comps = sampler.generate(prompts, max_new_tokens=10, temperature=1.0, top_k=5, top_p=0.9, seed=3)
