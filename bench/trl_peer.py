@@ -39,7 +39,9 @@ import typer
 from _common import ROOT, base_policy_path, machine
 
 PROMPTS_PER_STEP, G, MAX_NEW, TEMPERATURE, LR, THRESHOLD = 8, 4, 64, 0.8, 2.0e-5, 0.1
-TASK = {"task.kind": "arithmetic", "task.level_weights": [1, 0, 0, 0], "task.num_eval": 8}
+# task.fewshot 0: TRL gets the bare question, so dashflow does too (the default prompt format
+# puts one worked example before it, which changes rewards and lengths)
+TASK = {"task.kind": "arithmetic", "task.level_weights": [1, 0, 0, 0], "task.num_eval": 8, "task.fewshot": 0}
 INSTRUCTION = "Put the final answer in \\boxed{}."
 
 
