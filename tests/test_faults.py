@@ -43,6 +43,23 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log:
         time.sleep(0.3)
 
 
+def _left_after(pids: list[int], wait_s: float) -> list[tuple[int, str]]:
+    """Those of `pids` still alive after waiting up to `wait_s` for them to end (with their command)."""
+    deadline = time.time() + wait_s
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.3)
+    return [(p, _cmdline(p)[:80]) for p in pids if _alive(p)]
+
+
+def _kill_all(proc: subprocess.Popen, family: list[int]) -> None:
+    """After a kill test, whatever happened: the command's process group and what is left of its family."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in family:
+        if _alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
 def _sets(overrides: dict) -> list[str]:
     out = []
     for key, value in overrides.items():
@@ -164,16 +181,9 @@ def test_kill_9_of_a_ray_sample_leaves_no_ray_process_and_the_rerun_lands(tmp_pa
         _wait_for(workers_up, 240, "a Ray cluster with two workers", proc, log)
         proc.kill()   # kill -9 of the command: no handler, no atexit, no ray.shutdown()
         proc.wait(30)
-        deadline = time.time() + 60
-        while any(_alive(p) for p in family) and time.time() < deadline:
-            time.sleep(0.5)
-        assert [(p, _cmdline(p)[:80]) for p in family if _alive(p)] == []
+        assert _left_after(family, 60) == []
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in family:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
+        _kill_all(proc, family)
     out_dir = params.layout.stage_dir("sample", 0)
     assert store.read_manifest(out_dir) is None              # nothing landed
     manifest = sample.run(params, 0)                          # the rerun lands

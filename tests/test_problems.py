@@ -41,27 +41,15 @@ def test_gsm8k_loader_on_real_rows():
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in evals}
 
 
-def test_gsm8k_row_without_answer_names_file_row_and_field(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n')
-    with pytest.raises(ProblemError, match=r"bad.jsonl: row 2: missing field 'answer'"):
-        problems.load_file(path, "gsm8k", "")
-
-
-def test_gsm8k_answer_without_hashes_is_an_error(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"question": "1+1?", "answer": "it is 2"}\n')
-    with pytest.raises(ProblemError, match=r"row 1: field 'answer' does not end in '####"):
-        problems.load_file(path, "gsm8k", "")
-
-
 @pytest.mark.parametrize("content, message", [
+    ('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?"}\n', r"bad.jsonl: row 2: missing field 'answer'"),
+    ('{"question": "1+1?", "answer": "it is 2"}\n', r"row 1: field 'answer' does not end in '####"),
     ('{"question": "1+1?", "answer": ["#### 3"]}\n', r"bad.jsonl: row 1: field 'answer' is a list \(\['#### 3'\]\); expected text"),
     ('{"question": {"q": 1}, "answer": "#### 3"}\n', r"bad.jsonl: row 1: field 'question' is a dict"),
     ('{"question": "' + "x" * 70_000 + '", "answer": "#### 3"}\n',
      r"bad.jsonl: row 1: field 'question' is 70,000 characters long; at most 65,536 are allowed"),
 ])
-def test_a_row_whose_field_is_not_text_or_is_huge_is_named(tmp_path, content, message):
+def test_a_gsm8k_row_that_is_missing_broken_not_text_or_huge_is_named(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(ProblemError, match=message):

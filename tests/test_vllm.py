@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -199,7 +197,7 @@ def test_a_run_keeps_one_engine_and_resumes_to_the_same_rows(base, prefect_serve
 
 
 def test_kill_9_of_a_run_holding_an_engine_leaves_no_engine_and_the_rerun_resumes(base, tmp_path):
-    from test_faults import _alive, _cmdline, _wait_for
+    from test_faults import _cmdline, _kill_all, _left_after, _wait_for
 
     root = tmp_path / "runs"
     log = tmp_path / "run.log"
@@ -217,16 +215,9 @@ def test_kill_9_of_a_run_holding_an_engine_leaves_no_engine_and_the_rerun_resume
         engines = [p for p in family if "vllm_engine.py" in _cmdline(p)]
         proc.kill()                       # kill -9: no handler, no atexit
         proc.wait(30)
-        deadline = time.time() + 30
-        while any(_alive(p) for p in engines) and time.time() < deadline:
-            time.sleep(0.3)
-        assert [(p, _cmdline(p)[:80]) for p in engines if _alive(p)] == []
+        assert _left_after(engines, 30) == []
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in family:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
+        _kill_all(proc, family)
     first = (root / "tiny" / "iter-0000" / "rollouts" / store.MANIFEST).read_bytes()
     with open(log, "a") as out:
         rerun = _cli(root, log=out)

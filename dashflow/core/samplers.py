@@ -25,6 +25,7 @@ log-prob under the same processing (TIS, sampler_mismatch).
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -212,12 +213,12 @@ class VLLMEngine:
     (`hold`), closed when the process exits."""
 
     def __init__(self, python: str, model: str, settings: dict):
-        import json  # noqa: F401
+        import os
         import subprocess
         from pathlib import Path
 
         self.python, self.settings = python, settings
-        env = dict(__import__("os").environ)
+        env = dict(os.environ)
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
         script = Path(__file__).with_name("vllm_engine.py")
@@ -228,7 +229,8 @@ class VLLMEngine:
         self.probes: dict[str, list[float]] = {}  # policy identity -> the learner's probe log-probs
         self.loads: list[float] = []
         self.last_check: dict = {}
-        info = self.call("start", model=model, **settings)
+        # the architecture keys the settings (a new model is a new engine); vLLM reads it itself
+        info = self.call("start", model=model, **{k: v for k, v in settings.items() if k != "architecture"})
         self.start_s, self.pid, self.version = info["start_s"], info["pid"], info["vllm"]
         self.started_with = policy_identity(model)  # loaded at start, verified by the first hold
         print(f"vLLM {self.version} engine started in {self.start_s:.1f} s (pid {self.pid}, {settings['dtype']})")
@@ -346,7 +348,6 @@ _ENGINE: VLLMEngine | None = None
 def vllm_engine(model_path: str, settings: dict, python: str | None = None) -> VLLMEngine:
     """The process's engine: started at first use, kept while the settings (and the model's
     architecture) stay the same, replaced when they change, closed at exit."""
-    import atexit
     import json
     from pathlib import Path
 
@@ -360,12 +361,7 @@ def vllm_engine(model_path: str, settings: dict, python: str | None = None) -> V
                                 or _ENGINE.proc.poll() is not None):
         close_engine()
     if _ENGINE is None:
-        start = {k: v for k, v in settings.items() if k != "architecture"}
-        _ENGINE = VLLMEngine(python, model_path, start)
-        _ENGINE.settings = settings
-        if not getattr(vllm_engine, "_registered", False):
-            atexit.register(close_engine)
-            vllm_engine._registered = True
+        _ENGINE = VLLMEngine(python, model_path, settings)
     return _ENGINE
 
 
@@ -374,6 +370,9 @@ def close_engine() -> None:
     if _ENGINE is not None:
         _ENGINE.close()
         _ENGINE = None
+
+
+atexit.register(close_engine)
 
 
 class VLLMSampler:

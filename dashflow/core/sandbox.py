@@ -215,10 +215,10 @@ def _judge(spec, record: dict) -> tuple[bool, str | None]:
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         return False, f"the returned value is not plain data ({exc})"
     kind = spec[3]
-    if kind == "truthy":
-        return (bool(got), None) if got else (False, f"AssertionError: {spec[1]} is {got!r}")
-    if kind == "falsy":
-        return (not got, None) if not got else (False, f"AssertionError: {spec[1]} is {got!r}")
+    if kind in ("truthy", "falsy"):
+        if bool(got) == (kind == "truthy"):
+            return True, None
+        return False, f"AssertionError: {spec[1]} is {_short(got)}"
     if same(got, spec[2]):
         return True, None
     return False, f"AssertionError: {spec[1]} returned {_short(got)}"
