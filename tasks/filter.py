@@ -1,4 +1,5 @@
-"""Stage `filter`: DASH gradient filtering -- drop rows with |advantage| <= threshold.
+"""Stage `filter`: DASH gradient filtering -- drop rows with |advantage| <= threshold (and,
+with `filter.drop_truncated`, DAPO's overlong filtering: rows cut at max_new_tokens).
 
 Those rows contribute (almost) nothing to the policy gradient, so the learner never
 runs a forward pass on them. A group whose rewards are all equal has advantage 0 on
@@ -27,15 +28,34 @@ from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
-STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold"), code=(algorithms, sampled, schema))
+STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", "filter.drop_truncated"),
+              code=(algorithms, sampled, schema))
 
 
-def keep_rows(table: pa.Table, threshold: float, enabled: bool = True) -> pa.Table:
-    if not enabled:  # standard GRPO: the learner sees every row, zero-advantage ones included
-        return table
-    advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
-    mask = algorithms.filter_mask(advantages, threshold)
-    return table.filter(pa.array(mask.tolist(), pa.bool_()))
+def keep_rows(table: pa.Table, threshold: float, enabled: bool = True, drop_truncated: bool = False) -> pa.Table:
+    """The rows the learner gets: |A| > threshold (unless the filter is off: standard GRPO
+    trains on every row, zero-advantage ones included), and with `drop_truncated` none whose
+    completion was cut at max_new_tokens (DAPO's overlong filtering)."""
+    keep = [True] * table.num_rows
+    if enabled:
+        advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
+        keep = algorithms.filter_mask(advantages, threshold).tolist()
+    if drop_truncated:
+        keep = [k and reason != "length" for k, reason in zip(keep, table.column("finish_reason").to_pylist())]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def dropped_by_reason(table: pa.Table, threshold: float, enabled: bool, drop_truncated: bool) -> dict[str, int]:
+    """How many rows each rule drops (a truncated small-|A| row counts under the |A| rule)."""
+    small = [False] * table.num_rows
+    if enabled:
+        small = (~algorithms.filter_mask(torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32),
+                                         threshold)).tolist()
+    out = {f"abs_advantage_le_{threshold}": sum(small)} if enabled else {}
+    if drop_truncated:
+        out["truncated"] = sum(1 for s, r in zip(small, table.column("finish_reason").to_pylist())
+                               if not s and r == "length")
+    return out
 
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
@@ -46,16 +66,19 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows_in = kept = 0
+        dropped: dict[str, int] = {}
         groups: list[dict[str, Any]] = []
-        transform = lambda table, path: keep_rows(table, cfg["threshold"], cfg["enabled"])  # noqa: E731
+        rules = (cfg["threshold"], cfg["enabled"], cfg["drop_truncated"])
+        transform = lambda table, path: keep_rows(table, *rules)  # noqa: E731
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
             groups += sampled.sampled_groups(table)
+            for reason, n in dropped_by_reason(table, *rules).items():
+                dropped[reason] = dropped.get(reason, 0) + n
         sampled.write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
-                          "dropped": {f"abs_advantage_le_{cfg['threshold']}" if cfg["enabled"] else "filter_disabled":
-                                      rows_in - kept}}}
+                          "dropped": dropped or {"filter_disabled": 0}}}
 
     return store.run_stage(
         "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},

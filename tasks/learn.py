@@ -82,7 +82,8 @@ from dashflow.core.stage import Stage
 STAGE = Stage("learn", __name__, code=(algorithms, policy_mod, problems, prompts_mod, sampled_mod, schema), params=(
     "run.seed", "learn.lr", "learn.betas", "learn.weight_decay", "learn.max_grad_norm", "learn.micro_batch_tokens",
     "learn.mode", "learn.update", "learn.steps", "learn.clip_eps", "learn.clip_eps_high", "learn.loss_agg",
-    "learn.kl_coef", "learn.kl_estimator", "learn.tis_cap", "learn.precision", "learn.lr_schedule",
+    "learn.kl_coef", "learn.kl_estimator", "learn.tis_cap", "learn.tis_mode", "learn.tis_min",
+    "learn.objective", "learn.cispo_cap", "learn.precision", "learn.lr_schedule",
     "learn.warmup_steps", "model.dtype", "model.checkpoint_dtype", "sample.temperature", "sample.top_k",
     "sample.top_p", "sample.max_new_tokens", "sample.prompts_per_iteration"))
 
@@ -467,6 +468,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     sums them across ranks at each optimizer step, and rank 0 writes the checkpoint."""
     layout, cfg, sample_cfg, sft, temperature, with_kl, kept, src, prev, prev_opt, label = context(params, iteration)
     aggregate = algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")
+    correct = algorithms.get(algorithms.MISMATCH_CORRECTIONS, cfg["tis_mode"], "learn.tis_mode")
     algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")  # an unknown name fails here
     top_k, top_p = (0, 1.0) if sft else (int(sample_cfg.get("top_k") or 0), float(sample_cfg.get("top_p", 1.0)))
     truncated = bool(top_k) or top_p < 1.0
@@ -558,13 +560,13 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
                 if old is None:
                     _tally_mismatch(tally, policy_mod.take(sampling_lp.cpu(), mask.cpu(), ps),
                                     [batch.sampler_logprobs[i] for i in idx])
-                tis = (algorithms.tis_weights(sampling_lp, values(batch.sampler_logprobs), float(cfg["tis_cap"]))
-                       if cfg["tis_cap"] else None)
+                tis = (correct(sampling_lp, values(batch.sampler_logprobs), mask, lo=float(cfg["tis_min"]),
+                               hi=float(cfg["tis_cap"])) if cfg["tis_cap"] else None)
                 loss, metrics = algorithms.policy_loss(
                     logp, old_lp, batch.advantages[idx].to(device), mask, agg=cfg["loss_agg"], consts=consts,
                     clip_eps=cfg["clip_eps"], clip_eps_high=cfg["clip_eps_high"], tis_weights=tis,
                     ref_logprobs=values(batch.ref_logprobs) if with_kl else None, kl_coef=float(cfg["kl_coef"]),
-                    kl_estimator=cfg["kl_estimator"])
+                    kl_estimator=cfg["kl_estimator"], objective=cfg["objective"], cispo_cap=float(cfg["cispo_cap"]))
                 for name, (total, count) in metrics.items():
                     tally.add(name, total, count)
             with sync():
@@ -596,7 +598,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         global _trained
         _trained = (model, optimizer)
     names = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
-             "sampler_mismatch", "tis_weight", "kl_to_reference")
+             "sampler_mismatch", "tis_weight", "mismatch_masked", "kl_to_reference")
     return {
         "stats": {"updated": bool(len(batch)), "mode": cfg["mode"], "precision": cfg["precision"], "rows": len(batch),
                   "sampled_rows": sum(g["rows"] for g in batch.sampled), "optimizer_steps": len(plan),

@@ -18,7 +18,8 @@ from dashflow.core.stage import Stage
 
 # sandbox.workers (how many programs run at once) is not part of the key: the same rows.
 STAGE = Stage("reward", __name__, code=(rewards, answers, code, sandbox, sandbox_runner, schema), params=(
-    "reward.functions", "reward.timeout_s", "reward.max_chars", "sandbox.timeout_s", "sandbox.memory_mb",
+    "reward.functions", "reward.timeout_s", "reward.max_chars", "reward.overlong_buffer", "reward.overlong_penalty",
+    "sample.max_new_tokens", "sandbox.timeout_s", "sandbox.memory_mb",
     "sandbox.output_kb", "sandbox.processes", "sandbox.work_mb"))
 
 
@@ -44,7 +45,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
         coded = any(f["function"] == "code" for f in fns)
         columns = (["reward", "correct", "strict_correct", "flexible_correct"] + [f"reward_{f['name']}" for f in fns]
-                   + (["tests_passed"] if coded else []))
+                   + (["tests_passed"] if coded else []) + (["reward_overlong"] if cfg["overlong_buffer"] else []))
         for _, out in store.map_shards(src, tmp, transform, reads=schema.ROLLOUTS, writes=schema.REWARDED, stage=label):
             rows += out.num_rows
             for c in columns:
@@ -56,6 +57,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                       "strict_accuracy": mean("strict_correct"), "flexible_accuracy": mean("flexible_correct"),
                       **{f"reward_{f['name']}_mean": mean(f"reward_{f['name']}") for f in fns},
                       **({"tests_passed_mean": mean("tests_passed")} if coded else {}),
+                      **({"reward_overlong_mean": mean("reward_overlong")} if cfg["overlong_buffer"] else {}),
                       **tally, "reward_errors": errors},
             "timing": {"work_s": work},
         }

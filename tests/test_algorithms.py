@@ -199,11 +199,114 @@ def test_loss_aggregation_modes(mode, expected):
     assert parts.item() == pytest.approx(expected)
 
 
-def test_tis_weights_are_truncated_and_carry_no_gradient():
+def test_token_truncate_weights_are_capped_and_carry_no_gradient():
     learner = torch.tensor([[-1.0, -1.0]], requires_grad=True)
-    w = algorithms.tis_weights(learner, torch.tensor([[-1.5, -0.5]]), cap=1.5)
+    fn = algorithms.MISMATCH_CORRECTIONS["token_truncate"]
+    w = fn(learner, torch.tensor([[-1.5, -0.5]]), torch.ones(1, 2), lo=0, hi=1.5)
     approx(w, [[1.5, math.exp(-0.5)]])  # exp(0.5) = 1.65 capped at 1.5
     assert not w.requires_grad
+
+
+# r = exp(learner - sampler) per token: row 0 [2, 0.5] (R = 1), row 1 [4, 2] (R = 8),
+# row 2 [0.25, padding] (R = 0.25), row 3 [a token outside the learner's top-k (-inf), 1] (R = 0)
+_LN = math.log
+MISMATCH_LEARNER = torch.tensor([[_LN(2), _LN(0.5)], [_LN(4), _LN(2)], [_LN(0.25), 9.0], [float("-inf"), 0.0]])
+MISMATCH_MASK = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+
+
+@pytest.mark.parametrize("mode, lo, expected", [
+    ("token_truncate", 0.5, [[2, 0.5], [3, 2], [0.5, 1], [0.5, 1]]),
+    ("token_truncate", 0, [[2, 0.5], [3, 2], [0.25, 1], [0, 1]]),
+    ("token_mask", 0.5, [[2, 0.5], [0, 2], [0, 1], [0, 1]]),          # IcePop: outside [lo, hi] -> 0
+    ("sequence_truncate", 0.5, [[1, 1], [3, 3], [0.5, 1], [0.5, 0.5]]),
+    ("sequence_mask", 0.5, [[1, 1], [0, 0], [0, 1], [0, 0]]),        # TRL's default: the whole sequence out
+    ("sequence_mask", 0, [[1, 1], [0, 0], [0.25, 1], [0, 0]]),
+])
+def test_mismatch_corrections_by_hand(mode, lo, expected):
+    """Bounds [lo, 3]. Padding keeps weight 1 (and its garbage log-prob never enters a
+    sequence's ratio); a token the learner's top-k excludes has ratio 0."""
+    w = algorithms.MISMATCH_CORRECTIONS[mode](MISMATCH_LEARNER, torch.zeros(4, 2), MISMATCH_MASK, lo=lo, hi=3.0)
+    approx(w, expected)
+
+
+def _off_policy():
+    """Two sequences of two tokens, old log-probs 0: r = [[e^.4, e^.2], [e^-.1, e^-.3]], A = [1, -1]."""
+    logp = torch.tensor([[0.4, 0.2], [-0.1, -0.3]], requires_grad=True)
+    return logp, torch.zeros(2, 2), torch.tensor([1.0, -1.0]), torch.ones(2, 2)
+
+
+def test_gspo_clips_the_sequence_ratio_by_hand():
+    """s = exp(mean log r) = [e^.3 = 1.35, e^-.2 = 0.82]; clip [0.8, 1.28]: sequence 0
+    (A > 0, s > 1.28) takes the clipped branch -1.28 on both tokens and gets no gradient;
+    sequence 1 is inside: +s on both tokens, each token's gradient s x (1/2) x 2 tokens / 4.
+    Token-level PPO would clip only token (0, 0) (r = 1.49) and keep (0, 1) (r = 1.22)."""
+    logp, old, adv, mask = _off_policy()
+    s1 = math.exp(-0.2)
+    loss, metrics = algorithms.policy_loss(logp, old, adv, mask, agg="token_mean", objective="gspo", clip_eps=0.2,
+                                           clip_eps_high=0.28, consts=dict(num_sequences=2, num_tokens=4,
+                                                                           max_new_tokens=2))
+    assert loss.item() == pytest.approx((2 * -1.28 + 2 * s1) / 4, abs=1e-6)
+    loss.backward()
+    approx(logp.grad, [[0.0, 0.0], [s1 / 4, s1 / 4]])
+    assert (metrics["clip_fraction"][0] / metrics["clip_fraction"][1]).item() == pytest.approx(0.5)
+    ppo, _ = algorithms.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    assert ppo[0].tolist() == pytest.approx([-1.28, -math.exp(0.2)])  # not what gspo computed
+
+
+def test_cispo_keeps_the_gradient_of_a_capped_token_by_hand():
+    """cap 1.3: weights sg(min(r, 1.3)) = [[1.3, e^.2], [e^-.1, e^-.3]]; loss -w A logp,
+    token_mean over 4; gradient -w A / 4 on every token -- token (0, 0), capped, keeps
+    -1.3 / 4 where PPO's clip would give it 0."""
+    logp, old, adv, mask = _off_policy()
+    w = [[1.3, math.exp(0.2)], [math.exp(-0.1), math.exp(-0.3)]]
+    loss, metrics = algorithms.policy_loss(logp, old, adv, mask, agg="token_mean", objective="cispo", cispo_cap=1.3,
+                                           clip_eps=0.2, clip_eps_high=0.28,
+                                           consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
+    expected = -(w[0][0] * 0.4 + w[0][1] * 0.2) + (w[1][0] * -0.1 + w[1][1] * -0.3)
+    assert loss.item() == pytest.approx(expected / 4, abs=1e-6)
+    loss.backward()
+    approx(logp.grad, [[-w[0][0] / 4, -w[0][1] / 4], [w[1][0] / 4, w[1][1] / 4]])
+    assert (metrics["clip_fraction"][0] / metrics["clip_fraction"][1]).item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "constant"])
+@pytest.mark.parametrize("objective", ["ppo", "gspo", "cispo"])
+def test_every_objective_on_policy_is_the_plain_policy_gradient(objective, agg):
+    """One on-policy step (old = logp detached): r = s = 1, nothing clips, and the gradient
+    is REINFORCE's under every aggregation -- gspo's sequence mean times its tokens gives back
+    the token sum. So at learn.steps 1 the objectives differ only by float rounding."""
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4).requires_grad_()
+    adv, mask = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    consts = dict(num_sequences=3, num_tokens=9, max_new_tokens=4)
+    loss, metrics = algorithms.policy_loss(logp, logp.detach(), adv, mask, agg=agg, objective=objective,
+                                           clip_eps=0.2, clip_eps_high=0.28, consts=consts)
+    loss.backward()
+    mine, logp.grad = logp.grad.clone(), None
+    per_token = -adv[:, None] * logp   # REINFORCE per token, aggregated the same way
+    algorithms.LOSS_AGGREGATIONS[agg](per_token, mask, **consts).backward()
+    assert torch.allclose(mine, logp.grad, atol=1e-6) and metrics["clip_fraction"][0].item() == 0
+
+
+def test_policy_loss_reports_the_tokens_a_mismatch_mask_removed():
+    logp = torch.zeros(2, 2, requires_grad=True)
+    w = algorithms.MISMATCH_CORRECTIONS["token_mask"](torch.zeros(2, 2), torch.tensor([[0.0, -2.0], [0.0, 0.0]]),
+                                                     torch.ones(2, 2), lo=0.5, hi=5.0)   # e^2 = 7.4 > 5: out
+    loss, metrics = algorithms.policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 2),
+                                           agg="token_mean", clip_eps=0.2, clip_eps_high=0.2, tis_weights=w,
+                                           consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
+    loss.backward()
+    approx(logp.grad, [[-0.25, 0.0], [0.25, 0.25]])
+    assert (metrics["mismatch_masked"][0] / metrics["mismatch_masked"][1]).item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("length, buffer, penalty, expected", [
+    (40, 16, 1.0, 0.0), (48, 16, 1.0, 0.0),          # up to max_new_tokens - buffer = 48: nothing
+    (56, 16, 1.0, -0.5), (60, 16, 0.5, -0.375),       # (48 - length) / 16 x penalty
+    (64, 16, 1.0, -1.0), (64, 0, 1.0, 0.0),           # truncated: the whole penalty; buffer 0: off
+])
+def test_overlong_penalty_by_hand(length, buffer, penalty, expected):
+    assert algorithms.overlong_penalty(length, 64, buffer, penalty) == pytest.approx(expected)
 
 
 def test_plan_steps_multi_mini_per_group():
@@ -343,6 +446,7 @@ def test_policy_loss_composes_clip_tis_and_kl_by_hand():
     assert logp.grad.flatten().tolist() == pytest.approx([(-1 + 0.1 * (1 - e(-1))) / 4, 0.0, 0.0, 0.0], abs=1e-6)
     means = {k: (s / n).item() for k, (s, n) in metrics.items()}
     assert means == pytest.approx({"clip_fraction": 2 / 3, "tis_weight": 3.5 / 3, "kl_to_reference": e(-1) / 3,
+                                   "mismatch_masked": 0.0,
                                    "approx_kl_to_sampling": ((e(-0.5) - 0.5) + (e(0.3) - 1.3)) / 3}, abs=1e-6)
 
 

@@ -128,6 +128,9 @@ BAD_PARAMETERS = [
     ("learn.max_grad_norm", "-1", "learn.max_grad_norm = -1 is not allowed: expected a finite number >= 0"),
     ("learn.max_grad_norm", ".nan", "learn.max_grad_norm = nan is not allowed: expected a finite number >= 0"),
     ("learn.tis_cap", "-1", "learn.tis_cap = -1 is not allowed: expected a finite number >= 0"),
+    ("learn.objective", "grpo", "learn.objective = 'grpo' is not allowed: expected one of ppo, gspo, cispo"),
+    ("learn.tis_mode", "seq", "learn.tis_mode = 'seq' is not allowed: expected one of token_truncate, token_mask"),
+    ("reward.overlong_buffer", "1.5", "reward.overlong_buffer = 1.5 is not allowed: expected an integer >= 0"),
     ("filter.threshold", ".nan", "filter.threshold = nan is not allowed: expected a finite number >= 0"),
     ("advantage.epsilon", "0", "advantage.epsilon = 0 is not allowed: expected a finite number > 0"),
     ("sample.prompts_per_iteration", "0", "sample.prompts_per_iteration = 0 is not allowed: expected an integer >= 1"),
@@ -185,3 +188,12 @@ def test_rows_per_iteration_are_bounded_before_anything_runs():
     with pytest.raises(ParamsError, match=r"sample.prompts_per_iteration x sample.samples_per_prompt = "
                                           r"16,000,000,000 rows per iteration; at most 1,000,000"):
         Params.load(ROOT / "params.yaml", ["sample.samples_per_prompt=1000000000"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learn.tis_cap=2", "learn.tis_min=3"], "learn.tis_min = 3 is above learn.tis_cap = 2"),
+    (["reward.overlong_buffer=64"], "reward.overlong_buffer = 64 must be below sample.max_new_tokens = 64"),
+])
+def test_settings_that_contradict_each_other_are_refused_when_loaded(overrides, message):
+    with pytest.raises(ParamsError, match=message):
+        Params.load(ROOT / "params.yaml", overrides)

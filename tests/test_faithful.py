@@ -71,9 +71,10 @@ HAND_ADVANTAGES = [[1.0, -0.5, -0.5],      # a mixed group
 
 
 def _learn_variant(src: Params, root: Path, name: str, *, threshold: float | None, zero_small: bool = False,
-                   **overrides) -> tuple[store.Manifest, dict]:
+                   edit=None, **overrides) -> tuple[store.Manifest, dict]:
     """learn@0 on the real rollouts with HAND_ADVANTAGES, filtered at `threshold` (None: the
-    filter off); zero_small: the small-|A| group's advantages set to 0 instead."""
+    filter off); zero_small: the small-|A| group's advantages set to 0 instead; `edit`, a
+    function of the advantaged table, changes it further."""
     params = tiny_params(root, name, **overrides, **({"filter.enabled": False} if threshold is None
                                                       else {"filter.threshold": threshold}))
     fork_run(src, params, iteration_stages=("sample", "reward"))
@@ -85,24 +86,27 @@ def _learn_variant(src: Params, root: Path, name: str, *, threshold: float | Non
     if zero_small:
         adv = [0.0 if abs(a) < 0.1 else a for a in adv]
     table = table.set_column(table.column_names.index("advantage"), "advantage", pa.array(adv, pa.float32()))
+    if edit is not None:
+        table = edit(table)
 
     def build(tmp):
         store.write_shard(tmp, 0, table, schema.ADVANTAGED, stage="test")
         return {}
 
-    store.run_stage("advantage", 0, params.layout.stage_dir("advantage", 0), inputs={}, params={"hand": adv},
+    store.run_stage("advantage", 0, params.layout.stage_dir("advantage", 0), inputs={},
+                    params={"hand": adv, "edit": edit.__name__ if edit else None},
                     code="hand", build=build)
     filter_stage.run(params, 0)
     m = learn.run(params, 0)
     return m, policy_mod.read_weights(params.layout.policy(0))
 
 
-def _same_update(a, b, base):
+def _same_update(a, b, base, loss_abs: float = 1e-7):
     """Same loss and gradient norm (before AdamW, which would hide a constant factor) and the
     same weight update up to float rounding (relative to the update's own size)."""
     (ma, wa), (mb, wb) = a, b
     # (at ratio 1 the loss value is -sum(A) / n: ~0 up to rounding for zero-mean groups)
-    assert ma.stats["loss"] == pytest.approx(mb.stats["loss"], rel=1e-5, abs=1e-7)
+    assert ma.stats["loss"] == pytest.approx(mb.stats["loss"], rel=1e-5, abs=loss_abs)
     assert ma.stats["grad_norm"] == pytest.approx(mb.stats["grad_norm"], rel=1e-5)
     da = torch.cat([(wa[k] - base[k]).flatten() for k in base])
     db = torch.cat([(wb[k] - base[k]).flatten() for k in base])
@@ -128,6 +132,89 @@ def test_filtering_small_advantages_changes_the_update_by_those_rows_only(rollou
     zeroed = _learn_variant(rollouts, tmp_path, "zeroed", threshold=None, zero_small=True)
     assert (small[0].stats["rows"], zeroed[0].stats["rows"]) == (6, 12)
     _same_update(small, zeroed, policy_mod.read_weights(rollouts.layout.policy(-1)))
+
+
+def _set(table: pa.Table, name: str, values: list) -> pa.Table:
+    return table.set_column(table.column_names.index(name), name, pa.array(values, table.schema.field(name).type))
+
+
+def test_dropping_truncated_rows_masks_their_loss_and_nothing_else(rollouts, tmp_path):
+    """filter.drop_truncated (DAPO's overlong filtering): the rows cut at max_new_tokens never
+    reach the learner, and the update equals the unfiltered one with their advantages set to 0.
+    (The tiny run's 12 new tokens cut nearly every completion, so the test marks sample 1 of
+    each group as cut and the others as stopped.)"""
+    def second_cut(t):
+        return _set(t, "finish_reason", ["length" if k == 1 else "stop" for k in t.column("sample_index").to_pylist()])
+
+    def zero_second(t):
+        t = second_cut(t)
+        return _set(t, "advantage", [0.0 if k == 1 else a for a, k in
+                                     zip(t.column("advantage").to_pylist(), t.column("sample_index").to_pylist())])
+
+    dropped = _learn_variant(rollouts, tmp_path, "drop", threshold=None, edit=second_cut,
+                             **{"filter.drop_truncated": True})
+    zeroed = _learn_variant(rollouts, tmp_path, "zeroed", threshold=None, edit=zero_second)
+    assert (dropped[0].stats["rows"], zeroed[0].stats["rows"]) == (8, 12)
+    kept = store.read_manifest(tmp_path / "drop" / "iter-0000" / "kept")
+    assert kept.stats["dropped"] == {"truncated": 4}
+    _same_update(dropped, zeroed, policy_mod.read_weights(rollouts.layout.policy(-1)))
+
+
+def test_a_sequence_mask_removes_exactly_the_mismatched_sequences(rollouts, tmp_path):
+    """learn.tis_mode sequence_mask, bounds [0.5, 3]: the first group's sampler log-probs are
+    lowered by 3 on their first token (its sequences' ratio R = e^3 = 20 > 3), so those
+    sequences -- and only those -- leave the loss: the update equals the uncorrected one with
+    their advantages set to 0 (every other ratio is 1 up to the hf sampler's float32 noise)."""
+    first = None
+
+    def mismatched(t):
+        nonlocal first
+        first = t.column("prompt_id")[0].as_py()
+        lp = [[x - 3.0 if k == 0 and p == first else x for k, x in enumerate(row)]
+              for row, p in zip(t.column("sampler_logprobs").to_pylist(), t.column("prompt_id").to_pylist())]
+        return _set(t, "sampler_logprobs", lp)
+
+    def zero_first(t):
+        return _set(t, "advantage", [0.0 if p == t.column("prompt_id")[0].as_py() else a for a, p in
+                                     zip(t.column("advantage").to_pylist(), t.column("prompt_id").to_pylist())])
+
+    masked = _learn_variant(rollouts, tmp_path, "mask", threshold=None, edit=mismatched, **{
+        "learn.tis_cap": 3.0, "learn.tis_min": 0.5, "learn.tis_mode": "sequence_mask"})
+    zeroed = _learn_variant(rollouts, tmp_path, "zero", threshold=None, edit=zero_first)
+    table = store.read_stage(rollouts.layout.stage_dir("advantage", 0), schema.ADVANTAGED, stage="test")
+    tokens = [len(c) for c in table.column("completion_token_ids").to_pylist()]
+    first_tokens = sum(n for n, p in zip(tokens, table.column("prompt_id").to_pylist()) if p == first)
+    assert masked[0].stats["mismatch_masked"] == pytest.approx(first_tokens / sum(tokens))
+    # the kept sequences' weights are R = 1 up to the sampler's float noise (|1 - R| ~ 1e-5),
+    # which scales the ~0 loss value (-sum(A) / n) by as much
+    _same_update(masked, zeroed, policy_mod.read_weights(rollouts.layout.policy(-1)), loss_abs=1e-5)
+
+
+def test_objectives_agree_at_one_on_policy_step_and_part_off_policy(rollouts, tmp_path):
+    """learn.objective: at one on-policy step ppo, gspo and cispo give the same update (ratio
+    1); with two steps per batch the second step is off-policy and they part: at GSPO's
+    paper's clip (3e-4 / 4e-4) gspo clips whole sequences and ppo single tokens, while cispo
+    keeps every token's gradient."""
+    base = policy_mod.read_weights(rollouts.layout.policy(-1))
+    one = {o: _learn_variant(rollouts, tmp_path, f"{o}1", threshold=None, **{"learn.objective": o})
+           for o in ("ppo", "gspo", "cispo")}
+    for o in ("gspo", "cispo"):
+        assert one[o][0].stats["grad_norm"] == pytest.approx(one["ppo"][0].stats["grad_norm"], rel=1e-5)
+        da = torch.cat([(one[o][1][k] - base[k]).flatten() for k in base])
+        db = torch.cat([(one["ppo"][1][k] - base[k]).flatten() for k in base])
+        assert ((da - db).norm() / db.norm()).item() < 1e-3
+    two = {o: _learn_variant(rollouts, tmp_path, f"{o}2", threshold=None, **{
+        "learn.objective": o, "learn.steps": 2, "learn.clip_eps": 3e-4, "learn.clip_eps_high": 4e-4})
+        for o in ("ppo", "gspo", "cispo")}
+    assert all(two[o][0].stats["optimizer_steps"] == 2 for o in two)
+    # at 3e-4 / 4e-4 the second step clips: whole sequences for gspo, single tokens for ppo;
+    # cispo caps only ratios above 5 (a few low-probability tokens) and keeps their gradient
+    clip = {o: two[o][0].stats["clip_fraction"] for o in two}
+    assert clip["gspo"] > 0.05 and clip["ppo"] > 0.05 and clip["cispo"] < 0.05, clip
+    for a, b in (("ppo", "gspo"), ("ppo", "cispo"), ("gspo", "cispo")):
+        da = torch.cat([(two[a][1][k] - base[k]).flatten() for k in base])
+        db = torch.cat([(two[b][1][k] - base[k]).flatten() for k in base])
+        assert ((da - db).norm() / db.norm()).item() > 1e-2, (a, b)
 
 
 # ---------------------------------------------------------------- 3 + 7. optimizer settings, schedule

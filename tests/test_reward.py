@@ -136,3 +136,15 @@ def test_a_function_that_cannot_be_imported_names_the_setting():
         rewards.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "no_such_module_x:f"}}))
     with pytest.raises(store.StageError, match="has no function 'nothing'"):
         rewards.add_rewards(_rollouts(["1"]), dict(CFG, functions={"mine": {"function": "json:nothing"}}))
+
+
+def test_overlong_shaping_adds_dapos_length_penalty_to_the_reward():
+    """reward.overlong_buffer 2 of max_new_tokens 4: completions of 1..4 tokens lose 0, 0,
+    1/2 and (cut at the limit) all of overlong_penalty 0.5; the penalty is its own column."""
+    cfg = dict(CFG, functions={"math": {"extraction": "flexible"}}, overlong_buffer=2, overlong_penalty=0.5,
+               max_new_tokens=4)
+    rows = rewards.add_rewards(_rollouts(["12", "12", "12", "no"]), cfg).to_pylist()
+    assert [len(r["completion_token_ids"]) for r in rows] == [1, 2, 3, 4]
+    assert [r["reward_overlong"] for r in rows] == [0.0, 0.0, -0.25, -0.5]
+    assert [r["reward"] for r in rows] == [1.0, 1.0, 0.75, -0.5]
+    assert "reward_overlong" not in rewards.add_rewards(_rollouts(["12"]), dict(cfg, overlong_buffer=0)).column_names

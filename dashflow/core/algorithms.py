@@ -7,9 +7,12 @@ B = sequences in a micro-batch, T = completion tokens.
 
 The learner's per-token loss is built from these pieces:
 
-    loss_bt = max(-A_b r_bt, -A_b clip(r_bt, 1 - eps_low, 1 + eps_high)) * w_bt + beta * KL_bt
-    r_bt = exp(logp_bt - old_logp_bt)                       (PPO ratio; 1 when on-policy)
-    w_bt = min(exp(old_logp_bt - sampler_logp_bt), cap)     (truncated IS, optional)
+    loss_bt = objective_bt * w_bt + beta * KL_bt
+    objective_bt: one of POLICY_OBJECTIVES (`learn.objective`), r_bt = exp(logp_bt - old_logp_bt):
+      ppo    max(-A_b r_bt, -A_b clip(r_bt, 1 - eps_low, 1 + eps_high))    (PPO/GRPO, DAPO clip-higher)
+      gspo   the same with the sequence ratio s_b = exp(mean_t log r_bt) for every token of b
+      cispo  -sg(min(r_bt, cap)) A_b logp_bt                                (no token's gradient dropped)
+    w_bt = one of MISMATCH_CORRECTIONS of exp(old_logp - sampler_logp)    (sampler mismatch, optional)
     KL_bt = k1, k2 or k3 estimate on completion tokens only  (optional, off by default)
 
 and reduced over the optimizer batch by one of the LOSS_AGGREGATIONS. With one optimizer
@@ -27,6 +30,8 @@ import torch
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 LOSS_AGGREGATIONS: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
+POLICY_OBJECTIVES: dict[str, Callable] = {}
+MISMATCH_CORRECTIONS: dict[str, Callable] = {}
 
 
 def _register(registry: dict[str, Callable], name: str):
@@ -216,21 +221,28 @@ def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
     agg: str, consts: dict, clip_eps: float, clip_eps_high: float, tis_weights: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+    objective: str = "ppo", cispo_cap: float = 5.0,
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The RL objective of one micro-batch, as the learner minimises it -> (loss, metrics).
 
     logprobs, old_logprobs [B, T] (the policy now, and before this batch's first step),
-    advantages [B], mask [B, T] (1 on completion tokens); tis_weights [B, T] (truncated
-    importance weights for the sampler mismatch) and ref_logprobs [B, T] (the reference
-    policy, with kl_coef > 0) are optional. Per token: the clipped surrogate (DAPO's
-    clip-higher), times the TIS weight, plus kl_coef x the KL estimator; then reduced by the
-    loss aggregation `agg` with the batch's constants `consts` (num_sequences, num_tokens,
+    advantages [B], mask [B, T] (1 on completion tokens); tis_weights [B, T] (the sampler
+    mismatch correction, see MISMATCH_CORRECTIONS) and ref_logprobs [B, T] (the reference
+    policy, with kl_coef > 0) are optional. Per token: the policy objective `objective`
+    (POLICY_OBJECTIVES: ppo's clipped surrogate with DAPO's clip-higher, gspo, cispo), times
+    the correction weight, plus kl_coef x the KL estimator; then reduced by the loss
+    aggregation `agg` with the batch's constants `consts` (num_sequences, num_tokens,
     max_new_tokens: the batch as sampled). metrics: name -> (sum, count) over the mask, so a
-    learner sums them over micro-batches (clip_fraction, approx_kl_to_sampling, tis_weight,
-    kl_to_reference). With one on-policy step (old = logprobs detached, no TIS, no KL) the
-    gradient is that of `policy_gradient_loss` (tested).
+    learner sums them over micro-batches (clip_fraction: tokens whose clipped or capped
+    branch was taken -- for gspo every token of a clipped sequence; approx_kl_to_sampling;
+    tis_weight and mismatch_masked, the tokens whose correction weight is 0;
+    kl_to_reference). With one on-policy step (old = logprobs detached, no correction, no
+    KL) the gradient of every objective is that of `policy_gradient_loss` under token_mean
+    (tested; gspo's differs under seq_mean and constant, which weigh a sequence's tokens).
     """
-    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps, clip_eps_high)
+    fn = get(POLICY_OBJECTIVES, objective, "learn.objective")
+    per_token, clipped = fn(logprobs, old_logprobs, advantages, mask, eps_low=clip_eps, eps_high=clip_eps_high,
+                            cap=cispo_cap)
     tokens = mask.sum()
     metrics = {}
     with torch.no_grad():
@@ -240,6 +252,7 @@ def policy_loss(
         per_token = per_token * tis_weights
         with torch.no_grad():
             metrics["tis_weight"] = ((tis_weights * mask).sum(), tokens)
+            metrics["mismatch_masked"] = (((tis_weights == 0).float() * mask).sum(), tokens)
     if ref_logprobs is not None:
         kl = get(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, mask)
         per_token = per_token + float(kl_coef) * kl
@@ -275,6 +288,50 @@ def clipped_surrogate(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+# Each takes logprobs, old_logprobs [B, T], advantages [B], mask [B, T] and the clip settings,
+# and returns (per-token loss [B, T], clipped [B, T] bool: where the clipped or capped branch
+# was taken). With one on-policy step (old = logprobs detached) every ratio is 1 and nothing clips.
+
+
+@_register(POLICY_OBJECTIVES, "ppo")
+def ppo_objective(logprobs, old_logprobs, advantages, mask, *, eps_low: float, eps_high: float, cap: float):
+    """PPO/GRPO: the token-level clipped surrogate (`clipped_surrogate`, DAPO's clip-higher)."""
+    return clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high)
+
+
+def sequence_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's log s_b = mean over b's completion tokens of (logp - old_logp), [B, T] -> [B]
+    (the log of the geometric mean of the token ratios; 0 for a row without tokens)."""
+    on = mask > 0
+    d = torch.where(on, logprobs - old_logprobs, torch.zeros_like(logprobs))
+    return d.sum(1) / on.sum(1).clamp(min=1)
+
+
+@_register(POLICY_OBJECTIVES, "gspo")
+def gspo_objective(logprobs, old_logprobs, advantages, mask, *, eps_low: float, eps_high: float, cap: float):
+    """GSPO (Zheng et al. 2025; TRL `importance_sampling_level="sequence"`): the clipped
+    surrogate of the sequence ratio s_b = exp(mean_t log r_bt), clipped per sequence, the same
+    value on every token of b (so the gradient reaches each token through the mean: d s_b =
+    s_b mean_t d logp_bt). The GSPO paper clips at 3e-4 / 4e-4, not PPO's 0.2."""
+    s = torch.exp(sequence_log_ratio(logprobs, old_logprobs, mask))[:, None]
+    adv = advantages[:, None]
+    unclipped = -adv * s
+    clipped = -adv * torch.clamp(s, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped).expand_as(logprobs)
+    return loss, (clipped > unclipped).expand_as(logprobs)
+
+
+@_register(POLICY_OBJECTIVES, "cispo")
+def cispo_objective(logprobs, old_logprobs, advantages, mask, *, eps_low: float, eps_high: float, cap: float):
+    """CISPO (MiniMax-M1; TRL and verl `cispo`): -sg(min(r_bt, cap)) A_b logp_bt. The ratio
+    is capped and detached and multiplies a REINFORCE log-prob gradient, so a token whose
+    ratio is capped still gets a gradient (PPO's clip zeroes it); `cap` is the ratio's upper
+    bound (ScaleRL's epsilon_max, 5), there is no lower one. `clipped`: ratio > cap."""
+    ratio = torch.exp(logprobs.detach() - old_logprobs)
+    weight = torch.clamp(ratio, max=cap)
+    return -weight * advantages[:, None] * logprobs, ratio > cap
 
 
 # Each takes log-probs under the policy and the reference, [B, T], and the completion mask
@@ -314,10 +371,65 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
     return torch.exp(d) - d - 1.0
 
 
-def tis_weights(learner_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance-sampling weights for the sampler/learner mismatch:
-    min(exp(logp_learner - logp_sampler), cap), no gradient. [B, T] -> [B, T]."""
-    return torch.clamp(torch.exp(learner_logprobs.detach() - sampler_logprobs), max=cap)
+# Sampler-mismatch corrections (`learn.tis_mode`, TRL's vllm_importance_sampling_mode): each
+# takes the learner's log-probs of the sampled tokens under the sampling distribution
+# (temperature, top-k, top-p applied: -inf where a token left the learner's top-k/top-p),
+# the sampler's, the completion mask [B, T] and the bounds [lo, hi] (lo 0 = none), and
+# returns the weight of each token [B, T], no gradient. Off the mask the weight is 1.
+#   token_truncate    w_bt = clamp(r_bt, lo, hi)                     (token TIS)
+#   token_mask        w_bt = r_bt if lo <= r_bt <= hi else 0         (IcePop with lo 0.5, hi 5)
+#   sequence_truncate w_bt = clamp(R_b, lo, hi), R_b = exp(sum_t log r_bt)
+#   sequence_mask     w_bt = R_b if lo <= R_b <= hi else 0           (TRL's default)
+# with r_bt = exp(logp_learner - logp_sampler).
+
+
+def _mismatch_log_ratio(learner_logprobs, sampler_logprobs, mask):
+    on = mask > 0
+    d = torch.where(on, learner_logprobs.detach() - sampler_logprobs, torch.zeros_like(sampler_logprobs))
+    return d, on
+
+
+def _bounded(ratio: torch.Tensor, lo: float, hi: float, truncate: bool) -> torch.Tensor:
+    if truncate:
+        return torch.clamp(ratio, min=lo or None, max=hi)
+    return torch.where((ratio >= lo) & (ratio <= hi), ratio, torch.zeros_like(ratio))
+
+
+def _token_level(truncate: bool):
+    def correction(learner_logprobs, sampler_logprobs, mask, *, lo: float, hi: float) -> torch.Tensor:
+        d, on = _mismatch_log_ratio(learner_logprobs, sampler_logprobs, mask)
+        return torch.where(on, _bounded(torch.exp(d), lo, hi, truncate), torch.ones_like(d))
+    return correction
+
+
+def _sequence_level(truncate: bool):
+    def correction(learner_logprobs, sampler_logprobs, mask, *, lo: float, hi: float) -> torch.Tensor:
+        d, on = _mismatch_log_ratio(learner_logprobs, sampler_logprobs, mask)
+        ratio = _bounded(torch.exp(d.sum(1, keepdim=True)), lo, hi, truncate)
+        return torch.where(on, ratio.expand_as(d), torch.ones_like(d))
+    return correction
+
+
+for _name, _fn in (("token_truncate", _token_level(True)), ("token_mask", _token_level(False)),
+                   ("sequence_truncate", _sequence_level(True)), ("sequence_mask", _sequence_level(False))):
+    MISMATCH_CORRECTIONS[_name] = _fn
+
+
+# ---------------------------------------------------------------- reward shaping
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> float:
+    """DAPO's soft overlong punishment of a completion of `length` tokens: 0 up to
+    max_new_tokens - buffer, then falling linearly to -penalty at max_new_tokens (a
+    truncated completion, which the sampler stops at max_new_tokens, gets -penalty);
+    buffer 0 = off. DAPO: R = ((L_max - L_cache) - |y|) / L_cache in the buffer, times
+    `penalty` here (their scale is 1)."""
+    if buffer <= 0:
+        return 0.0
+    start = max_new_tokens - buffer
+    if length <= start:
+        return 0.0
+    return -penalty * min(length - start, buffer) / buffer
 
 
 # ---------------------------------------------------------------- loss aggregation

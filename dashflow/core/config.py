@@ -37,7 +37,9 @@ _ARM = {"sample.batching": "packed", "sample.temperature": 0.9, "sample.top_k": 
         "advantage.estimator": "grpo", "advantage.epsilon": 1.0e-4,
         "filter.enabled": True, "filter.threshold": 0.1,
         "learn.mode": "rl", "learn.update": "multi", "learn.steps": 1, "learn.loss_agg": "constant",
-        "learn.kl_coef": 0.04, "learn.kl_estimator": "k3", "learn.tis_cap": 0, "learn.precision": "bf16-mixed"}
+        "learn.kl_coef": 0.04, "learn.kl_estimator": "k3", "learn.tis_cap": 0, "learn.precision": "bf16-mixed",
+        # the paper's code (TRL 0.16 GRPO): PPO's token ratio, no length shaping, truncated rows trained on
+        "learn.objective": "ppo", "reward.overlong_buffer": 0, "filter.drop_truncated": False}
 PRESETS: dict[str, dict] = {
     # standard GRPO: one prompt group per generation call, one on-policy step over the whole batch, KL, no filter
     "grpo": {**_ARM, "sample.batching": "per_group", "filter.enabled": False},
@@ -136,6 +138,16 @@ def check_sizes(tree: dict, source: str) -> None:
     if rows > MAX_ROWS_PER_ITERATION:
         raise ParamsError(f"{source}: sample.prompts_per_iteration x sample.samples_per_prompt = {rows:,} rows per "
                           f"iteration; at most {MAX_ROWS_PER_ITERATION:,} are allowed")
+    learn = tree.get("learn") or {}
+    cap, low = learn.get("tis_cap", 0), learn.get("tis_min", 0)
+    if cap and low > cap:
+        raise ParamsError(f"{source}: learn.tis_min = {low} is above learn.tis_cap = {cap}; the correction's bounds "
+                          "must satisfy tis_min <= tis_cap")
+    reward = tree.get("reward") or {}
+    buffer, new = reward.get("overlong_buffer", 0), sample.get("max_new_tokens", 1)
+    if buffer and buffer >= new:
+        raise ParamsError(f"{source}: reward.overlong_buffer = {buffer} must be below sample.max_new_tokens = {new} "
+                          "(the penalty starts at max_new_tokens - overlong_buffer)")
 
 
 # ---------------------------------------------------------------- validation

@@ -242,6 +242,13 @@ PARAMS: tuple[Param, ...] = (
           help='per-row bound on each reward function and answer check (an alarm)'),
     Param('reward.max_chars', 4000, _num(1, integer=True),
           help='only the last max_chars of a completion are parsed'),
+    Param('reward.overlong_buffer', 0, _num(0, integer=True),
+          note=("DAPO's soft overlong punishment (dashflow/core/algorithms.py overlong_penalty): a completion\n"
+                'longer than sample.max_new_tokens - overlong_buffer tokens loses up to overlong_penalty,\n'
+                'linearly, the whole of it at max_new_tokens (where the sampler truncates); added to the\n'
+                'reward as `reward_overlong`. 0 = off. DAPO: 4096 of 20480 tokens.')),
+    Param('reward.overlong_penalty', 1.0, _num(0),
+          help='the penalty at max_new_tokens (DAPO: 1, the size of its reward)'),
     # -------------------- sandbox
     Param('sandbox.timeout_s', 5, _num(0, 600, lo_open=True),
           help='wall time per program and its tests',
@@ -271,6 +278,10 @@ PARAMS: tuple[Param, ...] = (
     Param('filter.threshold', 0.1, _num(0),
           note=('DASH gradient filtering: drop rows with |advantage| <= threshold before the learner.\n'
                 'DASH: 0.1 for math, 0.01 for code. 0 keeps every row with a nonzero advantage.')),
+    Param('filter.drop_truncated', False, _BOOL,
+          note=("DAPO's overlong filtering: completions cut at sample.max_new_tokens (finish_reason length)\n"
+                "never reach the learner -- their loss is masked out, the other rows' gradients unchanged\n"
+                '(the normaliser counts the batch as sampled). Applies with filter.enabled false too.')),
     # -------------------- learn
     Param('learn.lr', 2e-05, _num(0, lo_open=True),
           help='DASH: 3e-6 for Qwen2.5-0.5B; the 135M model needs more'),
@@ -331,10 +342,32 @@ PARAMS: tuple[Param, ...] = (
                 '  k1: -d               gradient 0 in expectation: as a loss it regularises nothing\n'
                 '  k2: d^2 / 2          gradient of KL(policy || ref)\n'
                 "  k3: exp(d) - d - 1   gradient of KL(ref || policy) (GRPO's and the DASH code's choice)")),
+    Param('learn.objective', 'ppo', _choice("ppo", "gspo", "cispo"),
+          note=('The policy objective per token (dashflow/core/algorithms.py POLICY_OBJECTIVES), r = exp(logp - old_logp):\n'
+                '  ppo: max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_eps_high))  (GRPO, DASH; DAPO clip-higher)\n'
+                '  gspo: the same with the sequence ratio s = exp(mean log r), clipped per sequence (GSPO;\n'
+                '        its paper clips at clip_eps 3e-4, clip_eps_high 4e-4)\n'
+                '  cispo: -sg(min(r, cispo_cap)) A logp: the capped ratio weighs a REINFORCE gradient, no\n'
+                '        token loses its gradient to clipping (CISPO, MiniMax-M1)\n'
+                'With one on-policy step per batch (learn.steps: 1) r = 1: all three give the plain policy\n'
+                "gradient under loss_agg token_mean; they differ with steps > 1 or a sampler mismatch.")),
+    Param('learn.cispo_cap', 5.0, _num(0, lo_open=True),
+          help="cispo: the importance ratio's upper bound (ScaleRL's epsilon_max)"),
     Param('learn.tis_cap', 0, _num(0),
-          note=('Truncated importance sampling for sampler/learner mismatch: tokens weighted by\n'
-                'min(exp(logp_learner - logp_sampler), tis_cap), both under the sampling distribution\n'
-                '(temperature, top_k, top_p). 0 = off; the mismatch is reported either way.')),
+          note=('Sampler/learner mismatch correction: each token weighted by a function of\n'
+                'r = exp(logp_learner - logp_sampler), both under the sampling distribution (temperature,\n'
+                'top_k, top_p), bounded above by tis_cap (TRL: vllm_importance_sampling_clip_max, 3).\n'
+                '0 = off; the mismatch is reported either way.')),
+    Param('learn.tis_mode', 'token_truncate', _choice("token_truncate", "token_mask", "sequence_truncate",
+                                                      "sequence_mask"),
+          note=('How the correction uses r (dashflow/core/algorithms.py MISMATCH_CORRECTIONS; R = exp(sum of\n'
+                "log r over the completion), the sequence's ratio):\n"
+                '  token_truncate: clamp(r, tis_min, tis_cap) (token TIS)\n'
+                '  token_mask: r, or 0 where r is outside [tis_min, tis_cap] (IcePop: tis_min 0.5, tis_cap 5)\n'
+                '  sequence_truncate: clamp(R, tis_min, tis_cap) on every token of the sequence\n'
+                "  sequence_mask: R, or 0 for the whole sequence outside [tis_min, tis_cap] (TRL's default)")),
+    Param('learn.tis_min', 0, _num(0),
+          help='the lower bound of the correction (0 = none)'),
     Param('learn.launcher', 'local', _choice("local", "torchrun"),
           note=('Scaling out (docs/scaling.md); not part of the stage key (same update up to float rounding):\n'
                 '  local: this process | torchrun: `nproc` torch.distributed ranks (DDP; gloo on CPU, NCCL on CUDA),\n'

@@ -47,9 +47,10 @@ from multiprocessing import get_context
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from dashflow.core import answers, code, problems, sandbox, schema, store
+from dashflow.core import algorithms, answers, code, problems, sandbox, schema, store
 from dashflow.core.config import Params
 
 BUILTIN = ("math", "code")
@@ -291,6 +292,13 @@ def add_rewards(table: pa.Table, cfg: dict, desc: str = "reward", tally: dict | 
     fns = functions(cfg)
     scored = score_many(table.select(fields).to_pylist(), fns, cfg, desc)
     names = [f"reward_{f['name']}" for f in fns]
+    if cfg.get("overlong_buffer"):  # DAPO's soft overlong punishment, added to the reward
+        lengths = pc.list_value_length(table.column("completion_token_ids")).to_pylist()
+        for s, n in zip(scored, lengths):
+            s["reward_overlong"] = algorithms.overlong_penalty(n, cfg["max_new_tokens"], cfg["overlong_buffer"],
+                                                               cfg["overlong_penalty"])
+            s["reward"] += s["reward_overlong"]
+        names.append("reward_overlong")
     for name in ("reward", "correct", "parsed_answer", "reward_error", "strict_correct", "flexible_correct"):
         table = table.append_column(name, pa.array([s[name] for s in scored], type=schema.REWARDED.field(name).type))
     for name in names:
@@ -311,7 +319,8 @@ def settings(params: Params, iteration: int | None = None) -> dict:
     """The reward section for `iteration`, `functions: null` resolved to the task's defaults
     (so the stage key holds the functions that actually run), with the `sandbox:` section
     under `sandbox` (the code reward's limits)."""
-    cfg = dict(params.stage("reward", iteration), sandbox=params.stage("sandbox"))
+    cfg = dict(params.stage("reward", iteration), sandbox=params.stage("sandbox"),
+               max_new_tokens=params.stage("sample", iteration)["max_new_tokens"])
     if cfg.get("functions") is None:
         try:
             cfg["functions"] = problems.task_defaults(params["task"])["reward_functions"]
