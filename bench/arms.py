@@ -13,6 +13,9 @@ completion length and kept fraction -- each as the mean over seeds with the spre
     python bench/arms.py --presets grpo,preemptive,dash,dash-nokl -n 4 --seeds 0,1
     python bench/arms.py --tiny                            # seconds; what CI runs
 
+An arm is a preset, optionally with overrides of its own after colons (`PRESET:key=value:...`):
+    python bench/arms.py --presets dash,dash:learn.objective=gspo,dash:learn.objective=cispo -n 8 --seeds 0,1,2
+
 Old checkpoints are pruned as the runs go (retention: the last policy, the evaluated ones
 and the last optimizer state), and --root is removed at the end unless --keep.
 
@@ -23,6 +26,7 @@ a second invocation with the same root resumes them: pass a fresh --root to re-m
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import time
@@ -43,6 +47,8 @@ def _one(run: Path, iterations: int) -> dict:
     base = json.loads(layout.eval_json(-1).read_text())
     final = json.loads(layout.eval_json(iterations - 1).read_text())
     mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)  # noqa: E731
+    sampled = sum(m["rows"] * m["mean_completion_tokens"] for m in metrics)
+    kept = sum(m["rows"] * m["kept_fraction"] for m in metrics)
     return {
         "time_s": {k: mean(k) for k in ("sampling", "reward", "learner", "overhead", "total")},
         "reward_mean": statistics.fmean(m["reward_mean"] for m in metrics),
@@ -51,6 +57,10 @@ def _one(run: Path, iterations: int) -> dict:
         "flexible_base": base.get("greedy_flexible"), "flexible_last": final.get("greedy_flexible"),
         "mean_completion_tokens": statistics.fmean(m["mean_completion_tokens"] for m in metrics),
         "kept_fraction": statistics.fmean(m["kept_fraction"] for m in metrics),
+        # completion tokens sampled per row the learner got (the cost of a kept row)
+        "tokens_per_kept_row": sampled / kept if kept else None,
+        "reward_curve": [round(m["reward_mean"], 4) for m in metrics],
+        "clip_fraction": statistics.fmean(m["learner"].get("clip_fraction") or 0.0 for m in metrics),
         "optimizer_steps": [m.get("learner", {}).get("optimizer_steps") for m in metrics],
     }
 
@@ -66,7 +76,7 @@ def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
     keys = ("reward_mean", "reward_last", "strict_base", "strict_last", "flexible_base", "flexible_last",
-            "mean_completion_tokens", "kept_fraction")
+            "mean_completion_tokens", "kept_fraction", "tokens_per_kept_row", "clip_fraction")
     return {"arm": name, "iterations": iterations, "seeds": sorted(per_seed),
             "time_s": {k: spread(lambda r, k=k: r["time_s"][k])
                        for k in ("sampling", "reward", "learner", "overhead", "total")},
@@ -85,8 +95,8 @@ def _ms(x: dict, pct: bool = False, digits: int = 1) -> str:
 def table(rows: list[dict]) -> str:
     grpo = next((r for r in rows if r["arm"] == "grpo"), None)
     out = ["| arm | s/iter | sampling | reward | learner | overhead | time saved vs grpo | reward (mean over iters) "
-           "| greedy acc strict base → last | greedy acc flexible base → last | len | kept |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| greedy acc strict base → last | greedy acc flexible base → last | len | kept | tokens / kept row |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_s"]
         cut = ("-" if grpo is None or r is grpo
@@ -96,12 +106,21 @@ def table(rows: list[dict]) -> str:
             f"| {_ms(t['overhead'])} | {cut} | {_ms(r['reward_mean'], digits=3)} "
             f"| {_ms(r['strict_base'], True)} → {_ms(r['strict_last'], True)} "
             f"| {_ms(r['flexible_base'], True)} → {_ms(r['flexible_last'], True)} "
-            f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} |")
+            f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} | {_ms(r['tokens_per_kept_row'])} |")
     return "\n".join(out)
 
 
+def arm_spec(arm: str, presets: dict, parse) -> tuple[str, dict]:
+    """`PRESET[:key=value:...]` -> (preset, its own overrides)."""
+    preset, *sets = arm.split(":")
+    if preset not in presets:
+        raise typer.BadParameter(f"unknown arm {arm!r}: {preset!r} is not a preset; choose from {', '.join(presets)}")
+    return preset, dict(parse(x) for x in sets)
+
+
 def main(
-    presets: str = typer.Option("grpo,preemptive,dash,dash-nokl,multi,mini,sft", help="comma-separated arms"),
+    presets: str = typer.Option("grpo,preemptive,dash,dash-nokl,multi,mini,sft",
+                                help="comma-separated arms: PRESET or PRESET:key=value:... (its own overrides)"),
     iterations: int = typer.Option(3, "--iterations", "-n"),
     tiny: bool = typer.Option(False, help="the tiny configuration (seconds per arm)"),
     gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
@@ -115,24 +134,24 @@ def main(
     from dashflow.flows.dash_rl import dash_rl
 
     arms = [a.strip() for a in presets.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in PRESETS]
-    if unknown:
-        raise typer.BadParameter(f"unknown arm(s) {unknown}; choose from {', '.join(PRESETS)}")
+    specs = {a: arm_spec(a, PRESETS, _parse_override) for a in arms}
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     base = dict(TINY) if tiny else gpu_overrides() if gpu else {}
     base.update({"retention.policies": 1, "retention.optimizers": 1, "retention.dvc": "drop"})
     base.update(dict(_parse_override(s) for s in set_ or []))
     started = time.perf_counter()
-    name = lambda arm, seed: f"{arm}-seed{seed}"  # noqa: E731
+    name = lambda arm, seed: f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', arm)}-seed{seed}"  # noqa: E731
     try:
         for i in range(iterations):  # interleaved: iteration i of every run, then i + 1
             for seed in seed_list:
                 for arm in arms:
-                    overrides = dict(base, **{"run.root": str(root), "run.name": name(arm, seed), "run.seed": seed})
+                    preset, own = specs[arm]
+                    overrides = dict(base, **own, **{"run.root": str(root), "run.name": name(arm, seed),
+                                                     "run.seed": seed})
                     typer.echo(f"== {arm} seed {seed}: iteration {i}")
                     # the whole schedule (the base and the last policy evaluated), run up to iteration i
                     dash_rl(params_path=str(ROOT / "params.yaml"), overrides=overrides, iterations=iterations,
-                            preset=arm, until=i)
+                            preset=preset, until=i)
         rows = [_row(arm, {seed: root / name(arm, seed) for seed in seed_list}, iterations) for arm in arms]
     finally:
         if not keep:

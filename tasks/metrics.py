@@ -17,8 +17,8 @@ from dashflow.core.config import Params
 
 TRAIN_STAGES = ("sample", "reward", "advantage", "filter", "learn")
 LEARNER_METRICS = ("loss", "grad_norm", "lr", "clip_fraction", "approx_kl_to_sampling", "entropy", "tokens_per_s",
-                   "sampler_mismatch", "tis_weight", "kl_to_reference", "optimizer_steps", "precision", "rows",
-                   "sampled_rows")
+                   "sampler_mismatch", "tis_weight", "mismatch_masked", "kl_to_reference", "optimizer_steps",
+                   "precision", "rows", "sampled_rows")
 
 
 def iteration_metrics(params: Params, iteration: int, wall_s: float | None = None) -> dict:
@@ -38,6 +38,8 @@ def iteration_metrics(params: Params, iteration: int, wall_s: float | None = Non
         "strict_accuracy": m["reward"].stats.get("strict_accuracy"),
         "flexible_accuracy": m["reward"].stats.get("flexible_accuracy"),
         "kept_fraction": m["filter"].stats["kept_fraction"],
+        "dropped": m["filter"].stats.get("dropped"),
+        "reward_overlong_mean": m["reward"].stats.get("reward_overlong_mean"),
         "mean_completion_tokens": m["sample"].stats["mean_completion_tokens"],
         "rows": m["sample"].stats["rows"],
         "mixed_group_fraction": m["advantage"].stats["mixed_group_fraction"],

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPTS = {
     # script: (extra arguments, a column header its table must have, rows in the JSON)
-    "arms.py": (["--presets", "grpo,dash", "-n", "1"], "time saved vs grpo", 2),
+    "arms.py": (["--presets", "grpo,dash:learn.objective=cispo", "-n", "1"], "time saved vs grpo", 2),
     "sampler.py": (["--backends", "hf,vllm"], "bare generate tok/s", 6),
     "learner.py": ([], "bare fwd+bwd tok/s", 2),
     "overhead.py": ([], "overhead share", 2),

@@ -43,7 +43,8 @@ def print_iteration(m: dict, cached: bool = False) -> None:
     lm = m.get("learner") or {}
     if lm.get("loss") is not None:
         extra = "".join(f" {name} {lm[key]:.4f}" for name, key in (("clip", "clip_fraction"), ("kl_ref", "kl_to_reference"),
-                                                                    ("tis_w", "tis_weight")) if lm.get(key) is not None)
+                                                                    ("tis_w", "tis_weight"), ("tis_masked", "mismatch_masked"))
+                    if lm.get(key) is not None)
         console.print(
             f"         learner | steps {lm.get('optimizer_steps')} loss {lm['loss']:+.4f} grad_norm {lm['grad_norm']:.3f} "
             f"entropy {lm.get('entropy') or 0:.3f} mismatch {lm.get('sampler_mismatch') or 0:.4f}{extra} "
