@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from dashflow.core import algorithms, sampled, schema, store
@@ -28,7 +29,9 @@ from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
-STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", "filter.drop_truncated"),
+STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", "filter.drop_truncated",
+                                           "sample.dynamic_rounds", "sample.dynamic_groups",
+                                           "sample.prompts_per_iteration"),
               code=(algorithms, sampled, schema))
 
 
@@ -58,27 +61,58 @@ def dropped_by_reason(table: pa.Table, threshold: float, enabled: bool, drop_tru
     return out
 
 
+def gated(src: Path, target: int, label: str) -> set[str]:
+    """Dynamic sampling's batch: the first `target` groups with differing rewards (group_std
+    > 0), in sampled order (shard by shard), over every round the sample stage ran."""
+    order: list[str] = []
+    informative: list[bool] = []
+    for path in store.shard_paths(src, needed_by=label):
+        table = store.read_shard(path, schema.ADVANTAGED, stage=label).select(["prompt_id", "group_std"])
+        for pid, std in zip(table.column("prompt_id").to_pylist(), table.column("group_std").to_pylist()):
+            if not order or order[-1] != pid:  # a group's rows are together, sorted by the advantage stage
+                order.append(pid)
+                informative.append(std > 0)
+    return {order[i] for i in algorithms.gate_groups(informative, target)}
+
+
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
     cfg = params.stage("filter", iteration)
     src = layout.stage_dir("advantage", iteration)
     label = f"filter@{iteration}"
 
+    sample_cfg = params.stage("sample", iteration)
+    target = (int(sample_cfg["dynamic_groups"] or sample_cfg["prompts_per_iteration"])
+              if sample_cfg["dynamic_rounds"] else None)
+
     def build(tmp: Path) -> dict:
         rows_in = kept = 0
         dropped: dict[str, int] = {}
         groups: list[dict[str, Any]] = []
         rules = (cfg["threshold"], cfg["enabled"], cfg["drop_truncated"])
-        transform = lambda table, path: keep_rows(table, *rules)  # noqa: E731
+        batch = gated(src, target, label) if target is not None else None
+
+        def transform(table: pa.Table, path: Path) -> pa.Table:
+            if batch is not None:  # dynamic sampling: only the batch's groups go on
+                table = table.filter(pc.is_in(table.column("prompt_id"), pa.array(sorted(batch), pa.string())))
+            return keep_rows(table, *rules)
+
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
-            groups += sampled.sampled_groups(table)
+            mine = sampled.sampled_groups(table)
+            if batch is not None:
+                outside = sum(g["rows"] for g in mine if g["prompt_id"] not in batch)
+                dropped["dynamic_sampling"] = dropped.get("dynamic_sampling", 0) + outside
+                mine = [g for g in mine if g["prompt_id"] in batch]
+                table = table.filter(pc.is_in(table.column("prompt_id"), pa.array(sorted(batch), pa.string())))
+            groups += mine
             for reason, n in dropped_by_reason(table, *rules).items():
                 dropped[reason] = dropped.get(reason, 0) + n
         sampled.write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
-                          "dropped": dropped or {"filter_disabled": 0}}}
+                          "dropped": dropped or {"filter_disabled": 0},
+                          **({"batch_groups": len(groups), "dynamic_target": target} if batch is not None else {})}}
 
     return store.run_stage(
         "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},

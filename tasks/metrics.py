@@ -39,6 +39,10 @@ def iteration_metrics(params: Params, iteration: int, wall_s: float | None = Non
         "flexible_accuracy": m["reward"].stats.get("flexible_accuracy"),
         "kept_fraction": m["filter"].stats["kept_fraction"],
         "dropped": m["filter"].stats.get("dropped"),
+        # dynamic sampling: extra rounds run, groups with differing rewards found, the batch's groups
+        "dynamic_rounds": m["sample"].stats.get("dynamic_rounds"),
+        "informative_groups": m["sample"].stats.get("informative_groups"),
+        "batch_groups": m["filter"].stats.get("batch_groups"),
         "reward_overlong_mean": m["reward"].stats.get("reward_overlong_mean"),
         "mean_completion_tokens": m["sample"].stats["mean_completion_tokens"],
         "rows": m["sample"].stats["rows"],

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.core import answers, code, rewards, sandbox, sandbox_runner, schema, store
+from dashflow.core import rewards, schema, store
 from dashflow.core.config import Params
 from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # sandbox.workers (how many programs run at once) is not part of the key: the same rows.
-STAGE = Stage("reward", __name__, code=(rewards, answers, code, sandbox, sandbox_runner, schema), params=(
+STAGE = Stage("reward", __name__, code=(*rewards.code_modules(), schema), params=(
     "reward.functions", "reward.timeout_s", "reward.max_chars", "reward.overlong_buffer", "reward.overlong_penalty",
     "sample.max_new_tokens", "sandbox.timeout_s", "sandbox.memory_mb",
     "sandbox.output_kb", "sandbox.processes", "sandbox.work_mb"))

@@ -463,3 +463,13 @@ def test_policy_loss_on_policy_has_the_plain_policy_gradient():
     policy_gradient_loss(logp, adv, mask, normalizer=3 * 4).backward()
     assert torch.allclose(mine, logp.grad) and set(metrics) == {"clip_fraction", "approx_kl_to_sampling"}
     assert metrics["clip_fraction"][0].item() == 0
+
+
+def test_dynamic_sampling_gate_by_hand():
+    rewards = torch.tensor([[1.0, 1, 1], [0, 1, 0], [0, 0, 0], [0.5, 0.5, 1]])
+    assert algorithms.informative_groups(rewards).tolist() == [False, True, False, True]
+    assert algorithms.gate_groups([False, True, False, True, True], 2) == [1, 3]   # the first 2 with signal
+    assert algorithms.gate_groups([False, True], 4) == [1]                         # fewer when fewer were found
+    assert algorithms.rounds_needed(3, 4, 0, 2) and algorithms.rounds_needed(3, 4, 1, 2)
+    assert not algorithms.rounds_needed(4, 4, 0, 2)      # the batch is full
+    assert not algorithms.rounds_needed(3, 4, 2, 2)      # the cap on extra rounds

@@ -197,3 +197,8 @@ def test_rows_per_iteration_are_bounded_before_anything_runs():
 def test_settings_that_contradict_each_other_are_refused_when_loaded(overrides, message):
     with pytest.raises(ParamsError, match=message):
         Params.load(ROOT / "params.yaml", overrides)
+
+
+def test_dynamic_sampling_needs_one_planned_step_count():
+    with pytest.raises(ParamsError, match="sample.dynamic_rounds = 2 needs learn.update: multi"):
+        Params.load(ROOT / "params.yaml", ["sample.dynamic_rounds=2", "learn.update=mini"])

@@ -81,3 +81,22 @@ def test_prepare_and_evaluate_declare_what_their_keys_hash():
     assert "task.instruction" in prepare.PROMPTS.params and "model.name" in prepare.POLICY.params
     assert "evaluate.sets" in evaluate.STAGE.params
     assert all(m.__name__.startswith("dashflow.core.") for s in (prepare.PROMPTS, evaluate.STAGE) for m in s.code)
+
+
+def test_with_dynamic_sampling_dvc_yaml_makes_sample_depend_on_the_reward(monkeypatch, tmp_path):
+    """The sample key then holds the reward settings and code (the rewards decide the rounds);
+    dvc.yaml must say so, and a run is not recorded against a dvc.yaml written without it."""
+    import yaml
+
+    from dashflow.ops import versioning
+
+    params = Params.load(ROOT / "params.yaml", ["sample.dynamic_rounds=2"])
+    assert "run `dashflow dvc-yaml`" in versioning._stale_dynamic(ROOT, params)   # the committed file: off
+    assert versioning._stale_dynamic(ROOT, Params.load(ROOT / "params.yaml")) is None
+    monkeypatch.setattr(dvcfile, "dynamic_sampling", lambda root: True)
+    text = dvcfile.render(ROOT)
+    stage = yaml.safe_load(text)["stages"]["sample"]["do"]
+    assert {"reward.functions", "reward.overlong_buffer", "sample.dynamic_rounds"} <= set(stage["params"])
+    assert "dashflow/core/rewards.py" in stage["deps"]
+    (tmp_path / "dvc.yaml").write_text(text)
+    assert versioning._stale_dynamic(tmp_path, params) is None

@@ -89,3 +89,19 @@ def test_the_format_moves_the_keys_of_the_stages_that_read_prompts(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "prompt, as the policy saw it:" in out and "Put the final answer in \\boxed{}.<|im_end|>" in out
     assert prompts.turns(prompts.read_prompts(system, "train").to_pylist()[0])[1]["content"] in out
+
+
+def test_dynamic_sampling_rounds_draw_new_prompts_and_leave_the_next_iterations_alone():
+    import pyarrow as pa
+
+    from dashflow.core import prompts
+
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(10)]})
+    first = prompts.iteration_prompts(table, 0, 4, seed=0)
+    used = {r["prompt_id"] for r in first}
+    more = prompts.round_prompts(table, 0, 1, 4, seed=0, used=used)
+    assert len(more) == 4 and not used & {r["prompt_id"] for r in more}
+    assert more == prompts.round_prompts(table, 0, 1, 4, seed=0, used=used)        # seeded
+    assert more != prompts.round_prompts(table, 0, 2, 4, seed=0, used=used)        # each round its own order
+    everything = used | {r["prompt_id"] for r in more}
+    assert len(prompts.round_prompts(table, 0, 2, 4, seed=0, used=everything)) == 2  # what is left

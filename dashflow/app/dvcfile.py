@@ -70,24 +70,36 @@ def _stage(name: str, specs: list[Stage], root: Path, *, cmd: str, data: list[st
     return lines + [""]
 
 
+def dynamic_sampling(root: Path) -> bool:
+    """Whether `root`'s params.yaml turns DAPO's dynamic sampling on (sample.dynamic_rounds > 0)."""
+    import yaml
+
+    path = Path(root) / "params.yaml"
+    tree = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return bool(((tree.get("sample") or {}).get("dynamic_rounds")) or 0)
+
+
 def render(root: Path) -> str:
-    """dvc.yaml for the project at `root`."""
+    """dvc.yaml for the project at `root`. With dynamic sampling on in its params.yaml the
+    sample stage also depends on the reward's parameters and code (the rewards decide how
+    many rounds run), as its cache key does."""
     it = f"{RUN}/${{item.dir}}"
     lines = [HEADER, "stages:"]
+    sample_specs = [sample.STAGE, reward.STAGE] if dynamic_sampling(root) else [sample.STAGE]
     lines += _stage("prepare", [prepare.POLICY, prepare.PROMPTS], root, cmd="dashflow stage prepare", data=[],
                     outs=[f"{RUN}/base/prompts", f"{RUN}/base/policy"])
     chain = [
-        ("sample", sample.STAGE, [f"{RUN}/base/prompts", f"{RUN}/${{item.policy}}"], ["rollouts"], ""),
-        ("reward", reward.STAGE, [f"{it}/rollouts"], ["rewarded"], ""),
-        ("advantage", advantage.STAGE, [f"{it}/rewarded"], ["advantaged"], ""),
-        ("filter", filter_stage.STAGE, [f"{it}/advantaged"], ["kept"], ""),
-        ("reference", reference.STAGE, [f"{it}/kept", f"{RUN}/base/policy"], ["reference"],
+        ("sample", sample_specs, [f"{RUN}/base/prompts", f"{RUN}/${{item.policy}}"], ["rollouts"], ""),
+        ("reward", [reward.STAGE], [f"{it}/rollouts"], ["rewarded"], ""),
+        ("advantage", [advantage.STAGE], [f"{it}/rewarded"], ["advantaged"], ""),
+        ("filter", [filter_stage.STAGE], [f"{it}/advantaged"], ["kept"], ""),
+        ("reference", [reference.STAGE], [f"{it}/kept", f"{RUN}/base/policy"], ["reference"],
          "empty output when learn.kl_coef is 0"),
-        ("learn", learn.STAGE, [f"{RUN}/${{item.policy}}", f"{it}/kept", f"{it}/reference", f"{RUN}/base/prompts"],
+        ("learn", [learn.STAGE], [f"{RUN}/${{item.policy}}", f"{it}/kept", f"{it}/reference", f"{RUN}/base/prompts"],
          ["policy"], "iter-i/optimizer (AdamW's state) is a local cache, not versioned"),
     ]
-    for name, spec, data, outs, comment in chain:
-        lines += _stage(name, [spec], root, cmd=f"dashflow stage {name} -i ${{item.i}}", data=data,
+    for name, specs, data, outs, comment in chain:
+        lines += _stage(name, specs, root, cmd=f"dashflow stage {name} -i ${{item.i}}", data=data,
                         outs=[f"{it}/{o}" for o in outs], foreach="${schedule.iterations}", comment=comment)
     metrics_deps = [f"{it}/{d}" for d in ("rollouts", "rewarded", "advantaged", "kept", "policy")]
     lines += [

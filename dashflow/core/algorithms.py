@@ -161,6 +161,28 @@ def filter_mask(advantages: torch.Tensor, threshold: float) -> torch.Tensor:
     return advantages.abs() > threshold
 
 
+# ---------------------------------------------------------------- dynamic sampling (DAPO)
+
+
+def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """A group carries signal when its rewards are not all equal (every estimator gives an
+    all-equal group advantage 0). rewards [num_groups, G] -> bool [num_groups]."""
+    return (rewards != rewards[:, :1]).any(dim=1)
+
+
+def gate_groups(informative: list[bool], target: int) -> list[int]:
+    """DAPO's dynamic-sampling batch: the indices of the first `target` informative groups in
+    sampled order (verl's filter_groups keeps the first train_batch_size of them); fewer when
+    the rounds found fewer."""
+    return [i for i, ok in enumerate(informative) if ok][:target]
+
+
+def rounds_needed(found: int, target: int, rounds_done: int, max_rounds: int) -> bool:
+    """Whether dynamic sampling samples another round: fewer than `target` informative groups
+    found so far and fewer than `max_rounds` extra rounds run (round 0 is not counted)."""
+    return found < target and rounds_done < max_rounds
+
+
 # ---------------------------------------------------------------- policy loss
 
 

@@ -39,7 +39,8 @@ _ARM = {"sample.batching": "packed", "sample.temperature": 0.9, "sample.top_k": 
         "learn.mode": "rl", "learn.update": "multi", "learn.steps": 1, "learn.loss_agg": "constant",
         "learn.kl_coef": 0.04, "learn.kl_estimator": "k3", "learn.tis_cap": 0, "learn.precision": "bf16-mixed",
         # the paper's code (TRL 0.16 GRPO): PPO's token ratio, no length shaping, truncated rows trained on
-        "learn.objective": "ppo", "reward.overlong_buffer": 0, "filter.drop_truncated": False}
+        "learn.objective": "ppo", "reward.overlong_buffer": 0, "filter.drop_truncated": False,
+        "sample.dynamic_rounds": 0}
 PRESETS: dict[str, dict] = {
     # standard GRPO: one prompt group per generation call, one on-policy step over the whole batch, KL, no filter
     "grpo": {**_ARM, "sample.batching": "per_group", "filter.enabled": False},
@@ -143,6 +144,10 @@ def check_sizes(tree: dict, source: str) -> None:
     if cap and low > cap:
         raise ParamsError(f"{source}: learn.tis_min = {low} is above learn.tis_cap = {cap}; the correction's bounds "
                           "must satisfy tis_min <= tis_cap")
+    if sample.get("dynamic_rounds") and (learn.get("update", "multi") != "multi" or learn.get("mode", "rl") != "rl"):
+        raise ParamsError(f"{source}: sample.dynamic_rounds = {sample['dynamic_rounds']} needs learn.update: multi and "
+                          f"learn.mode: rl (not {learn.get('update')} / {learn.get('mode')}): the steps of mini and "
+                          "per_group depend on how many groups dynamic sampling finds")
     reward = tree.get("reward") or {}
     buffer, new = reward.get("overlong_buffer", 0), sample.get("max_new_tokens", 1)
     if buffer and buffer >= new:

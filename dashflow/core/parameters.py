@@ -206,6 +206,15 @@ PARAMS: tuple[Param, ...] = (
     Param('sample.max_batch_size', 128, _num(1, integer=True)),
     Param('sample.groups_per_shard', 8, _num(1, integer=True),
           help='prompt groups per Parquet shard (shards never split a group)'),
+    Param('sample.dynamic_rounds', 0, _num(0, integer=True),
+          note=("DAPO's dynamic sampling: a group whose rewards are all equal carries no signal; after the\n"
+                "iteration's prompts, sample up to this many extra rounds of prompts_per_iteration new train\n"
+                'prompts (scored with the reward settings) until the batch holds dynamic_groups groups whose\n'
+                'rewards differ; the filter then keeps the first dynamic_groups of them, in sampled order, and\n'
+                'the learner normalises by them. 0 = off. DAPO: max_num_gen_batches. Needs learn.update: multi.')),
+    Param('sample.dynamic_groups', None, ((lambda v: v is None or _num(1, integer=True)[0](v)),
+                                          "null or an integer >= 1"),
+          help='informative groups the batch must hold (null = sample.prompts_per_iteration)'),
     Param('sample.workers', 1, _num(1, integer=True),
           help=">1: shards sampled in parallel on Ray (pip install '.[ray]'); 1: in this process, no Ray",
           note=('Scaling out (docs/scaling.md). None of these changes the rows (each request has its\n'

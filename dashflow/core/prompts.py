@@ -103,3 +103,13 @@ def iteration_prompts(prompts: pa.Table, iteration: int, count: int, seed: int) 
             orders[epoch] = epoch_order(n, seed, epoch)
         out.append(rows[orders[epoch][pos]])
     return out
+
+
+def round_prompts(prompts: pa.Table, iteration: int, round_: int, count: int, seed: int,
+                  used: set[str]) -> list[dict]:
+    """Dynamic sampling's extra round `round_` (>= 1) of iteration i: `count` train prompts
+    not yet sampled in this iteration (`used`: their prompt ids), in a seeded order of their
+    own (so the next iterations' prompts, `iteration_prompts`, stay what they were)."""
+    rows = [r for r in prompts.to_pylist() if r["prompt_id"] not in used]
+    random.Random(f"{seed}/dynamic/{iteration}/{round_}").shuffle(rows)
+    return rows[:count]

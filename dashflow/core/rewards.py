@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from dashflow.core import algorithms, answers, code, problems, sandbox, schema, store
+from dashflow.core import algorithms, answers, code, problems, sandbox, sandbox_runner, schema, store
 from dashflow.core.config import Params
 
 BUILTIN = ("math", "code")
@@ -327,3 +327,14 @@ def settings(params: Params, iteration: int | None = None) -> dict:
         except problems.ProblemError as exc:
             raise store.StageError(f"reward: {exc}") from exc
     return cfg
+
+
+def code_modules() -> tuple:
+    """The modules scoring runs (what a stage that scores rows hashes as its code)."""
+    return (sys.modules[__name__], algorithms, answers, code, sandbox, sandbox_runner)
+
+
+def key_settings(cfg: dict) -> dict:
+    """The reward settings that change scores (`settings`, less how many programs run at once)."""
+    return {**{k: v for k, v in cfg.items() if k != "sandbox"},
+            "sandbox": {k: v for k, v in cfg["sandbox"].items() if k != "workers"}}

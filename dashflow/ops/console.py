@@ -34,7 +34,9 @@ def print_iteration(m: dict, cached: bool = False) -> None:
     ev = m.get("eval", {})
     console.print(
         f"iter {m['iteration']:3d}{' (cached)' if cached else ''} | reward {m['reward_mean']:.3f} "
-        f"acc {_pct(m.get('strict_accuracy'))} / {_pct(m.get('flexible_accuracy'))} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} | "
+        f"acc {_pct(m.get('strict_accuracy'))} / {_pct(m.get('flexible_accuracy'))} kept {_pct(m['kept_fraction'])} len {m['mean_completion_tokens']:5.1f} "
+        + (f"rounds +{m['dynamic_rounds']} groups {m['batch_groups']} " if m.get("dynamic_rounds") is not None else "")
+        + "| "
         f"time sample {t['sampling']:6.1f}s reward {t['reward']:5.1f}s learn {t['learner']:6.1f}s "
         f"overhead {t['overhead']:5.1f}s"
         + "".join(f" | eval{'' if name == HELDOUT else ' ' + name} {eval_line(st)}"

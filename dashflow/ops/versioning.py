@@ -74,6 +74,20 @@ def _why_not(root: Path, params_path: Path, overrides: dict) -> str | None:
     return None
 
 
+def _stale_dynamic(root: Path, params) -> str | None:
+    """With dynamic sampling on, dvc.yaml's sample stage must depend on the reward settings
+    (its cache key does); a dvc.yaml written with it off does not."""
+    import yaml
+
+    if not params.stage("sample").get("dynamic_rounds"):
+        return None
+    stage = ((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}).get("sample") or {}
+    if "reward.functions" not in ((stage.get("do") or stage).get("params") or []):
+        return ("sample.dynamic_rounds is on, but dvc.yaml's sample stage does not depend on the reward settings "
+                "that decide its rounds; run `dashflow dvc-yaml` with this params.yaml to rewrite it")
+    return None
+
+
 class Recorder:
     """`recorder(result)` queues the stage a stage task just finished (`result` is the
     summary a stage task returns) and `recorder.flush()` commits the queue; both are
@@ -84,8 +98,8 @@ class Recorder:
         mode = str((params.tree.get("dvc") or {}).get("track", "auto")).lower()
         if mode not in ("auto", "on", "off", "true", "false"):
             raise ParamsError(f"dvc.track must be auto, on or off, not {mode!r}")
-        self.reason = "dvc.track is off" if mode in ("off", "false") else _why_not(
-            self.root, Path(params_path), overrides or {})
+        self.reason = "dvc.track is off" if mode in ("off", "false") else (
+            _why_not(self.root, Path(params_path), overrides or {}) or _stale_dynamic(self.root, params))
         if self.reason and mode in ("on", "true"):
             raise ParamsError(f"dvc.track is on, but this run cannot be recorded in DVC: {self.reason}")
         self.enabled = self.reason is None
