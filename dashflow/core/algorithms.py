@@ -259,8 +259,8 @@ def policy_loss(
     branch was taken -- for gspo every token of a clipped sequence; approx_kl_to_sampling;
     tis_weight and mismatch_masked, the tokens whose correction weight is 0;
     kl_to_reference). With one on-policy step (old = logprobs detached, no correction, no
-    KL) the gradient of every objective is that of `policy_gradient_loss` under token_mean
-    (tested; gspo's differs under seq_mean and constant, which weigh a sequence's tokens).
+    KL) the gradient of every objective is that of `policy_gradient_loss`, under every
+    aggregation (tested).
     """
     fn = get(POLICY_OBJECTIVES, objective, "learn.objective")
     per_token, clipped = fn(logprobs, old_logprobs, advantages, mask, eps_low=clip_eps, eps_high=clip_eps_high,

@@ -359,7 +359,7 @@ PARAMS: tuple[Param, ...] = (
                 '  cispo: -sg(min(r, cispo_cap)) A logp: the capped ratio weighs a REINFORCE gradient, no\n'
                 '        token loses its gradient to clipping (CISPO, MiniMax-M1)\n'
                 'With one on-policy step per batch (learn.steps: 1) r = 1: all three give the plain policy\n'
-                "gradient under loss_agg token_mean; they differ with steps > 1 or a sampler mismatch.")),
+                "gradient under every loss_agg; they differ with steps > 1 (off-policy steps).")),
     Param('learn.cispo_cap', 5.0, _num(0, lo_open=True),
           help="cispo: the importance ratio's upper bound (ScaleRL's epsilon_max)"),
     Param('learn.tis_cap', 0, _num(0),
