@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from dashflow.core import algorithms, sampled, schema, store
@@ -35,30 +34,29 @@ STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", 
               code=(algorithms, sampled, schema))
 
 
-def keep_rows(table: pa.Table, threshold: float, enabled: bool = True, drop_truncated: bool = False) -> pa.Table:
-    """The rows the learner gets: |A| > threshold (unless the filter is off: standard GRPO
-    trains on every row, zero-advantage ones included), and with `drop_truncated` none whose
-    completion was cut at max_new_tokens (DAPO's overlong filtering)."""
+def keep_rows(table: pa.Table, threshold: float, enabled: bool = True, drop_truncated: bool = False,
+              batch: set[str] | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """The rows the learner gets and how many each rule dropped, the rules in this order:
+    with dynamic sampling only the `batch`'s groups; |A| > threshold (unless the filter is
+    off: standard GRPO trains on every row, zero-advantage ones included); with
+    `drop_truncated` none whose completion was cut at max_new_tokens (DAPO's overlong
+    filtering). A row counts under the first rule that drops it."""
     keep = [True] * table.num_rows
+    dropped: dict[str, int] = {}
+
+    def rule(name: str, passes: list[bool]) -> None:
+        nonlocal keep
+        dropped[name] = sum(k and not ok for k, ok in zip(keep, passes))
+        keep = [k and ok for k, ok in zip(keep, passes)]
+
+    if batch is not None:
+        rule("dynamic_sampling", [pid in batch for pid in table.column("prompt_id").to_pylist()])
     if enabled:
         advantages = torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32)
-        keep = algorithms.filter_mask(advantages, threshold).tolist()
+        rule(f"abs_advantage_le_{threshold}", algorithms.filter_mask(advantages, threshold).tolist())
     if drop_truncated:
-        keep = [k and reason != "length" for k, reason in zip(keep, table.column("finish_reason").to_pylist())]
-    return table.filter(pa.array(keep, pa.bool_()))
-
-
-def dropped_by_reason(table: pa.Table, threshold: float, enabled: bool, drop_truncated: bool) -> dict[str, int]:
-    """How many rows each rule drops (a truncated small-|A| row counts under the |A| rule)."""
-    small = [False] * table.num_rows
-    if enabled:
-        small = (~algorithms.filter_mask(torch.tensor(table.column("advantage").to_pylist(), dtype=torch.float32),
-                                         threshold)).tolist()
-    out = {f"abs_advantage_le_{threshold}": sum(small)} if enabled else {}
-    if drop_truncated:
-        out["truncated"] = sum(1 for s, r in zip(small, table.column("finish_reason").to_pylist())
-                               if not s and r == "length")
-    return out
+        rule("truncated", [r != "length" for r in table.column("finish_reason").to_pylist()])
+    return table.filter(pa.array(keep, pa.bool_())), dropped
 
 
 def gated(src: Path, target: int, label: str) -> set[str]:
@@ -89,26 +87,19 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         rows_in = kept = 0
         dropped: dict[str, int] = {}
         groups: list[dict[str, Any]] = []
-        rules = (cfg["threshold"], cfg["enabled"], cfg["drop_truncated"])
         batch = gated(src, target, label) if target is not None else None
 
         def transform(table: pa.Table, path: Path) -> pa.Table:
-            if batch is not None:  # dynamic sampling: only the batch's groups go on
-                table = table.filter(pc.is_in(table.column("prompt_id"), pa.array(sorted(batch), pa.string())))
-            return keep_rows(table, *rules)
+            out, counts = keep_rows(table, cfg["threshold"], cfg["enabled"], cfg["drop_truncated"], batch)
+            for reason, n in counts.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+            return out
 
         for table, out in store.map_shards(src, tmp, transform, reads=schema.ADVANTAGED, writes=schema.KEPT, stage=label):
             rows_in += table.num_rows
             kept += out.num_rows
-            mine = sampled.sampled_groups(table)
-            if batch is not None:
-                outside = sum(g["rows"] for g in mine if g["prompt_id"] not in batch)
-                dropped["dynamic_sampling"] = dropped.get("dynamic_sampling", 0) + outside
-                mine = [g for g in mine if g["prompt_id"] in batch]
-                table = table.filter(pc.is_in(table.column("prompt_id"), pa.array(sorted(batch), pa.string())))
-            groups += mine
-            for reason, n in dropped_by_reason(table, *rules).items():
-                dropped[reason] = dropped.get(reason, 0) + n
+            # the batch as sampled (the learner's normaliser): every group, or dynamic sampling's
+            groups += [g for g in sampled.sampled_groups(table) if batch is None or g["prompt_id"] in batch]
         sampled.write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
                           "dropped": dropped or {"filter_disabled": 0},
