@@ -13,8 +13,10 @@ completion length and kept fraction -- each as the mean over seeds with the spre
     python bench/arms.py --presets grpo,preemptive,dash,dash-nokl -n 4 --seeds 0,1
     python bench/arms.py --tiny                            # seconds; what CI runs
 
-An arm is a preset, optionally with overrides of its own after colons (`PRESET:key=value:...`):
+An arm is a preset, optionally with overrides of its own after colons (`PRESET:key=value:...`);
+the preset `params` is params.yaml as it is (the default run):
     python bench/arms.py --presets dash,dash:learn.objective=gspo,dash:learn.objective=cispo -n 8 --seeds 0,1,2
+    python bench/arms.py --presets 'params,params:reward.functions={"math": {"extraction": "strict"}}' -n 8
 
 Old checkpoints are pruned as the runs go (retention: the last policy, the evaluated ones
 and the last optimizer state), and --root is removed at the end unless --keep.
@@ -55,6 +57,8 @@ def _one(run: Path, iterations: int) -> dict:
         "reward_last": metrics[-1]["reward_mean"],
         "strict_base": base.get("greedy_strict"), "strict_last": final.get("greedy_strict"),
         "flexible_base": base.get("greedy_flexible"), "flexible_last": final.get("greedy_flexible"),
+        # the sampled evaluation (evaluate.samples > 0): the last policy's strict mean@n and pass@n
+        **{f"{kind}_strict_last": final.get(f"{kind}@{final.get('samples')}_strict") for kind in ("mean", "pass")},
         "mean_completion_tokens": statistics.fmean(m["mean_completion_tokens"] for m in metrics),
         "kept_fraction": statistics.fmean(m["kept_fraction"] for m in metrics),
         # completion tokens sampled per row the learner got (the cost of a kept row)
@@ -76,7 +80,8 @@ def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
     keys = ("reward_mean", "reward_last", "strict_base", "strict_last", "flexible_base", "flexible_last",
-            "mean_completion_tokens", "kept_fraction", "tokens_per_kept_row", "clip_fraction")
+            "mean_completion_tokens", "kept_fraction", "tokens_per_kept_row", "clip_fraction",
+            "mean_strict_last", "pass_strict_last")
     return {"arm": name, "iterations": iterations, "seeds": sorted(per_seed),
             "time_s": {k: spread(lambda r, k=k: r["time_s"][k])
                        for k in ("sampling", "reward", "learner", "overhead", "total")},
@@ -95,8 +100,9 @@ def _ms(x: dict, pct: bool = False, digits: int = 1) -> str:
 def table(rows: list[dict]) -> str:
     grpo = next((r for r in rows if r["arm"] == "grpo"), None)
     out = ["| arm | s/iter | sampling | reward | learner | overhead | time saved vs grpo | reward (mean over iters) "
-           "| greedy acc strict base → last | greedy acc flexible base → last | len | kept | tokens / kept row |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| greedy acc strict base → last | greedy acc flexible base → last | last mean@n / pass@n strict "
+           "| len | kept | tokens / kept row |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_s"]
         cut = ("-" if grpo is None or r is grpo
@@ -106,16 +112,18 @@ def table(rows: list[dict]) -> str:
             f"| {_ms(t['overhead'])} | {cut} | {_ms(r['reward_mean'], digits=3)} "
             f"| {_ms(r['strict_base'], True)} → {_ms(r['strict_last'], True)} "
             f"| {_ms(r['flexible_base'], True)} → {_ms(r['flexible_last'], True)} "
+            f"| {_ms(r['mean_strict_last'], True)} / {_ms(r['pass_strict_last'], True)} "
             f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} | {_ms(r['tokens_per_kept_row'])} |")
     return "\n".join(out)
 
 
 def arm_spec(arm: str, presets: dict, parse) -> tuple[str, dict]:
-    """`PRESET[:key=value:...]` -> (preset, its own overrides)."""
-    preset, *sets = arm.split(":")
-    if preset not in presets:
-        raise typer.BadParameter(f"unknown arm {arm!r}: {preset!r} is not a preset; choose from {', '.join(presets)}")
-    return preset, dict(parse(x) for x in sets)
+    """`PRESET[:key=value:...]` -> (preset, its own overrides); the preset `params` -> None (params.yaml as is)."""
+    preset, *sets = re.split(r":(?=[A-Za-z_][\w.@]*=)", arm)  # a value may hold colons (YAML)
+    if preset != "params" and preset not in presets:
+        raise typer.BadParameter(f"unknown arm {arm!r}: {preset!r} is not a preset; "
+                                 f"choose from params, {', '.join(presets)}")
+    return (None if preset == "params" else preset), dict(parse(x) for x in sets)
 
 
 def main(
