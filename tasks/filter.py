@@ -79,9 +79,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     src = layout.stage_dir("advantage", iteration)
     label = f"filter@{iteration}"
 
-    sample_cfg = params.stage("sample", iteration)
-    target = (int(sample_cfg["dynamic_groups"] or sample_cfg["prompts_per_iteration"])
-              if sample_cfg["dynamic_rounds"] else None)
+    target = algorithms.dynamic_target(params.stage("sample", iteration))
 
     def build(tmp: Path) -> dict:
         rows_in = kept = 0

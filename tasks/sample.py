@@ -107,8 +107,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     if workers < 1:
         raise store.StageError(f"{label}: sample.workers must be >= 1, not {workers}")
 
-    dynamic = int(cfg["dynamic_rounds"]) > 0
-    target = int(cfg["dynamic_groups"] or cfg["prompts_per_iteration"])
+    target = algorithms.dynamic_target(cfg)
+    dynamic = target is not None
     reward_cfg = rewards.settings(params, iteration) if dynamic else None
 
     def build(tmp: Path) -> dict:

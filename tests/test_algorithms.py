@@ -473,3 +473,7 @@ def test_dynamic_sampling_gate_by_hand():
     assert algorithms.rounds_needed(3, 4, 0, 2) and algorithms.rounds_needed(3, 4, 1, 2)
     assert not algorithms.rounds_needed(4, 4, 0, 2)      # the batch is full
     assert not algorithms.rounds_needed(3, 4, 2, 2)      # the cap on extra rounds
+    off = {"dynamic_rounds": 0, "dynamic_groups": 5, "prompts_per_iteration": 16}
+    assert algorithms.dynamic_target(off) is None
+    assert algorithms.dynamic_target({**off, "dynamic_rounds": 2}) == 5
+    assert algorithms.dynamic_target({**off, "dynamic_rounds": 2, "dynamic_groups": None}) == 16

@@ -177,6 +177,14 @@ def gate_groups(informative: list[bool], target: int) -> list[int]:
     return [i for i, ok in enumerate(informative) if ok][:target]
 
 
+def dynamic_target(sample_cfg: dict) -> int | None:
+    """The informative groups dynamic sampling fills the batch with (`sample.dynamic_groups`,
+    null = `sample.prompts_per_iteration`); None when it is off (`sample.dynamic_rounds: 0`)."""
+    if not int(sample_cfg["dynamic_rounds"]):
+        return None
+    return int(sample_cfg["dynamic_groups"] or sample_cfg["prompts_per_iteration"])
+
+
 def rounds_needed(found: int, target: int, rounds_done: int, max_rounds: int) -> bool:
     """Whether dynamic sampling samples another round: fewer than `target` informative groups
     found so far and fewer than `max_rounds` extra rounds run (round 0 is not counted)."""
