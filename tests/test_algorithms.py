@@ -477,3 +477,18 @@ def test_dynamic_sampling_gate_by_hand():
     assert algorithms.dynamic_target(off) is None
     assert algorithms.dynamic_target({**off, "dynamic_rounds": 2}) == 5
     assert algorithms.dynamic_target({**off, "dynamic_rounds": 2, "dynamic_groups": None}) == 16
+
+
+def test_with_binary_rewards_and_g4_dash_filter_drops_exactly_dynamic_samplings_groups():
+    # Every group of 4 rewards in {0, 1}: a group with k of 4 correct has mean k/4 and sample
+    # std sqrt(k(4-k)/12), so |A| is 1.5 / 0.5 (k = 1, 3) or 0.866 (k = 2): never <= 0.1.
+    # DASH's filter at 0.1 therefore keeps every row of an informative group and none of the
+    # others -- what the dynamic-sampling gate keeps (why those two arms measure the same).
+    patterns = torch.tensor([[(m >> b) & 1 for b in range(4)] for m in range(16)], dtype=torch.float32)
+    adv, _, _ = algorithms.grpo_advantage(patterns, epsilon=1e-4)
+    keep = algorithms.filter_mask(adv.flatten(), 0.1).view(16, 4)
+    informative = algorithms.informative_groups(patterns)
+    assert informative.sum().item() == 14                       # all but 0000 and 1111
+    assert torch.equal(keep.all(dim=1), informative) and torch.equal(keep.any(dim=1), informative)
+    k1 = patterns.sum(dim=1) == 1
+    assert torch.allclose(adv[k1].abs().min(dim=1).values, torch.full((4,), 0.25 / (0.5 + 1e-4)), atol=1e-6)
