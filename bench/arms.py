@@ -21,6 +21,11 @@ the preset `params` is params.yaml as it is (the default run):
 Old checkpoints are pruned as the runs go (retention: the last policy, the evaluated ones
 and the last optimizer state), and --root is removed at the end unless --keep.
 
+Seeds run in separate invocations (same iterations and overrides) make one table with
+`--merge A.json --merge B.json` (accuracy, reward and tokens with their spread over all the
+seeds; an (arm, seed) in two files is checked to be the same run; times are left out, as
+they compare only within one invocation).
+
 Writes the table's numbers as JSON (--out). Runs live under --root (one directory per arm;
 a second invocation with the same root resumes them: pass a fresh --root to re-measure).
 """
@@ -71,7 +76,11 @@ def _one(run: Path, iterations: int) -> dict:
 
 def _row(name: str, runs: dict[int, Path], iterations: int) -> dict:
     """An arm over its seeds: every number as {mean, min, max} across seeds."""
-    per_seed = {seed: _one(run, iterations) for seed, run in runs.items()}
+    return _summary(name, {seed: _one(run, iterations) for seed, run in runs.items()}, iterations)
+
+
+def _summary(name: str, per_seed: dict[int, dict], iterations: int) -> dict:
+    """Every number of the (arm, seed) runs as {mean, min, max} across the seeds."""
 
     def spread(get) -> dict:
         values = [v for v in (get(r) for r in per_seed.values()) if v is not None]  # e.g. no sampled eval
@@ -105,7 +114,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["time_s"]
-        cut = ("-" if grpo is None or r is grpo
+        cut = ("-" if grpo is None or r is grpo or None in (t["total"]["mean"], grpo["time_s"]["total"]["mean"])
                else f"{100 * (1 - t['total']['mean'] / grpo['time_s']['total']['mean']):.0f}%")
         out.append(
             f"| {r['arm']} | {_ms(t['total'])} | {_ms(t['sampling'])} | {_ms(t['reward'])} | {_ms(t['learner'])} "
@@ -115,6 +124,56 @@ def table(rows: list[dict]) -> str:
             f"| {_ms(r['mean_strict_last'], True)} / {_ms(r['pass_strict_last'], True)} "
             f"| {_ms(r['mean_completion_tokens'])} | {_ms(r['kept_fraction'], True)} | {_ms(r['tokens_per_kept_row'])} |")
     return "\n".join(out)
+
+
+# what makes two results of one (arm, seed) the same run: its trajectory and its evaluations
+SAME_RUN = ("reward_curve", "strict_base", "strict_last", "flexible_base", "flexible_last",
+            "mean_strict_last", "pass_strict_last", "tokens_per_kept_row")
+# what every merged file must share (else their seeds are not one arm's)
+SAME_SETUP = ("iterations", "tiny", "overrides")
+
+
+def merge(files: list[Path]) -> tuple[list[dict], list[str]]:
+    """Arms over the seeds of several invocations (their --out JSON): one run per (arm, seed).
+
+    An (arm, seed) found in two files is kept once, and said whether it is the same run
+    (SAME_RUN equal) or not. Times are dropped: they are ratios within one invocation only,
+    so compare them in each invocation's own table."""
+    first: Optional[tuple[Path, dict]] = None
+    runs: dict[str, dict[int, tuple[Path, dict]]] = {}
+    said: list[str] = []
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+            setup = {key: data[key] for key in SAME_SETUP}
+            arms = [(arm["arm"], {int(s): r for s, r in arm["per_seed"].items()}) for arm in data["arms"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise typer.BadParameter(f"{path}: not a bench/arms.py --out JSON with per-seed results ({err!r})")
+        if first is None:
+            first = (path, setup)
+        for key in SAME_SETUP:
+            if setup[key] != first[1][key]:
+                raise typer.BadParameter(f"{path}: {key} is {setup[key]!r} but {first[0]} has {first[1][key]!r}; "
+                                         "seeds of one arm must share the setup")
+        for arm, per_seed in arms:
+            for seed, result in sorted(per_seed.items()):
+                seen = runs.setdefault(arm, {}).get(seed)
+                if seen is None:
+                    runs[arm][seed] = (path, result)
+                    continue
+                differs = [key for key in SAME_RUN if seen[1].get(key) != result.get(key)]
+                said.append(f"{arm} seed {seed} is in {seen[0]} and {path}: "
+                            + (f"not the same run (differs in {', '.join(differs)}); the first is kept"
+                               if differs else "the same run (reward curve and evaluations equal)"))
+    iterations = first[1]["iterations"] if first else 0
+    rows = []
+    for arm, by_seed in runs.items():
+        per_seed = {seed: dict(result, time_s={key: None for key in result["time_s"]})
+                    for seed, (_, result) in sorted(by_seed.items())}
+        row = _summary(arm, per_seed, iterations)
+        row["from"] = {seed: str(path) for seed, (path, _) in sorted(by_seed.items())}
+        rows.append(row)
+    return rows, said
 
 
 def arm_spec(arm: str, presets: dict, parse) -> tuple[str, dict]:
@@ -137,7 +196,23 @@ def main(
     root: Path = typer.Option(Path("data/bench/arms"), help="where the arms' runs live"),
     keep: bool = typer.Option(False, help="keep --root afterwards (checkpoints: GBs)"),
     out: Path = typer.Option(Path("bench/results/arms.json"), help="JSON with the table's numbers"),
+    merge_: Optional[List[Path]] = typer.Option(
+        None, "--merge", help="run nothing: one table over the seeds of earlier invocations' --out JSON files "
+                              "(repeat it; times left out: compare them within one invocation)"),
 ):
+    if merge_:
+        rows, said = merge(merge_)
+        for line in said:
+            typer.echo(line)
+        seeds_of = "; ".join(f"{r['arm']}: {r['seeds']}" for r in rows)
+        typer.echo(f"\n{len(rows)} arms merged from {len(merge_)} invocations; mean (min..max) over seeds "
+                   f"({seeds_of}); times left out (see each invocation's table)\n")
+        typer.echo(table(rows))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"merged": [str(f) for f in merge_], "said": said, "arms": rows},
+                                  indent=2, default=str))
+        typer.echo(f"\nwrote {out}")
+        return
     from dashflow.core.config import PRESETS, TINY, _parse_override
     from dashflow.flows.dash_rl import dash_rl
 
