@@ -139,7 +139,7 @@ def merge(files: list[Path]) -> tuple[list[dict], list[str]]:
     An (arm, seed) found in two files is kept once, and said whether it is the same run
     (SAME_RUN equal) or not. Times are dropped: they are ratios within one invocation only,
     so compare them in each invocation's own table."""
-    first: Optional[tuple[Path, dict]] = None
+    first: Optional[tuple[Path, dict]] = None  # the first file and its setup (files is not empty)
     runs: dict[str, dict[int, tuple[Path, dict]]] = {}
     said: list[str] = []
     for path in files:
@@ -165,7 +165,7 @@ def merge(files: list[Path]) -> tuple[list[dict], list[str]]:
                 said.append(f"{arm} seed {seed} is in {seen[0]} and {path}: "
                             + (f"not the same run (differs in {', '.join(differs)}); the first is kept"
                                if differs else "the same run (reward curve and evaluations equal)"))
-    iterations = first[1]["iterations"] if first else 0
+    iterations = first[1]["iterations"]
     rows = []
     for arm, by_seed in runs.items():
         per_seed = {seed: dict(result, time_s={key: None for key in result["time_s"]})
@@ -205,14 +205,9 @@ def main(
         for line in said:
             typer.echo(line)
         seeds_of = "; ".join(f"{r['arm']}: {r['seeds']}" for r in rows)
-        typer.echo(f"\n{len(rows)} arms merged from {len(merge_)} invocations; mean (min..max) over seeds "
-                   f"({seeds_of}); times left out (see each invocation's table)\n")
-        typer.echo(table(rows))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"merged": [str(f) for f in merge_], "said": said, "arms": rows},
-                                  indent=2, default=str))
-        typer.echo(f"\nwrote {out}")
-        return
+        return _report(f"{len(rows)} arms merged from {len(merge_)} invocations; mean (min..max) over seeds "
+                       f"({seeds_of}); times left out (see each invocation's table)",
+                       rows, out, {"merged": [str(f) for f in merge_], "said": said})
     from dashflow.core.config import PRESETS, TINY, _parse_override
     from dashflow.flows.dash_rl import dash_rl
 
@@ -239,14 +234,19 @@ def main(
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    text = table(rows)
-    typer.echo(f"\n{len(arms)} arms x {len(seed_list)} seeds x {iterations} iterations in "
-               f"{time.perf_counter() - started:.0f} s ({'tiny' if tiny else 'default'} config"
-               f"{', ' + ', '.join(set_) if set_ else ''}; {machine()}); mean (min..max) over seeds {seed_list}\n")
-    typer.echo(text)
+    _report(f"{len(arms)} arms x {len(seed_list)} seeds x {iterations} iterations in "
+            f"{time.perf_counter() - started:.0f} s ({'tiny' if tiny else 'default'} config"
+            f"{', ' + ', '.join(set_) if set_ else ''}; {machine()}); mean (min..max) over seeds {seed_list}",
+            rows, out, {"iterations": iterations, "seeds": seed_list, "tiny": tiny, "overrides": base,
+                        "machine": machine()})
+
+
+def _report(title: str, rows: list[dict], out: Path, payload: dict) -> None:
+    """Print the title and the arms' table; write the rows with `payload` as JSON to `out`."""
+    typer.echo(f"\n{title}\n")
+    typer.echo(table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"iterations": iterations, "seeds": seed_list, "tiny": tiny, "overrides": base,
-                               "machine": machine(), "arms": rows}, indent=2, default=str))
+    out.write_text(json.dumps({**payload, "arms": rows}, indent=2, default=str))
     typer.echo(f"\nwrote {out}")
 
 
