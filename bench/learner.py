@@ -60,7 +60,7 @@ def bare_step(path, table, rows_per_micro: int, device, precision: str = "fp32",
               temperature: float = 0.9) -> tuple[float, int]:
     import torch
 
-    from dashflow.core import algorithms, policy
+    from dashflow.core import algorithms, batches, policy
 
     model = policy.load_model(path, device, "float32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -73,7 +73,7 @@ def bare_step(path, table, rows_per_micro: int, device, precision: str = "fp32",
     t0, seen = time.perf_counter(), 0
     for s in range(0, len(prompts), rows_per_micro):
         idx = list(range(s, min(s + rows_per_micro, len(prompts))))
-        ids, att, tgt, mask = policy.collate([prompts[i] for i in idx], [comps[i] for i in idx], 0)
+        ids, att, tgt, mask = batches.collate([prompts[i] for i in idx], [comps[i] for i in idx], 0)
         with autocast:
             logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits[:, :-1]
         logp = algorithms.token_logprobs(logits, tgt.to(device), temperature)

@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from dashflow.core.config import Params
-from dashflow.core import algorithms, schema, store
+from dashflow.core import algorithms, batches, schema, store
 from dashflow.core import policy as policy_mod
 from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
-STAGE = Stage("reference", __name__, code=(algorithms, policy_mod, schema),
+STAGE = Stage("reference", __name__, code=(algorithms, batches, policy_mod, schema),
               params=("learn.mode", "learn.kl_coef", "sample.temperature", "sample.token_budget", "model.dtype"))
 
 
@@ -47,7 +47,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         def transform(table: pa.Table, path: Path) -> pa.Table:
             if table.num_rows == 0:
                 return schema.REFERENCED.empty_table()
-            ref, _ = policy_mod.completion_logprobs(
+            ref, _ = batches.completion_logprobs(
                 model, table.column("prompt_token_ids").to_pylist(), table.column("completion_token_ids").to_pylist(),
                 pad_id=pad_id, temperature=temperature, token_budget=budget, desc=label)
             return table.append_column("ref_logprobs", pa.array(ref, pa.list_(pa.float32())))
@@ -61,7 +61,6 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         inputs={"kept": src, "reference": ref_dir} if on else {"kept": src},
         params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
     )
-
 
 # Scoring with a frozen model is idempotent; a retry is safe.
 reference_task = stage_task(run, "reference")

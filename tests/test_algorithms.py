@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dashflow.core import algorithms
-from dashflow.core.algorithms import ADVANTAGE_ESTIMATORS, filter_mask, policy_gradient_loss, token_logprobs
+from dashflow.core.algorithms import (ADVANTAGE_ESTIMATORS, LossInputs, LossSettings, filter_mask, policy_gradient_loss,
+                                      token_logprobs)
 
 
 def approx(t, values, tol=1e-5):
@@ -242,9 +243,10 @@ def test_gspo_clips_the_sequence_ratio_by_hand():
     Token-level PPO would clip only token (0, 0) (r = 1.49) and keep (0, 1) (r = 1.22)."""
     logp, old, adv, mask = _off_policy()
     s1 = math.exp(-0.2)
-    loss, metrics = algorithms.policy_loss(logp, old, adv, mask, agg="token_mean", objective="gspo", clip_eps=0.2,
-                                           clip_eps_high=0.28, consts=dict(num_sequences=2, num_tokens=4,
-                                                                           max_new_tokens=2))
+    loss, metrics = algorithms.policy_loss(
+        LossInputs(logp, old, adv, mask), LossSettings(agg="token_mean", objective="gspo", clip_eps=0.2,
+                                                       clip_eps_high=0.28),
+        consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
     assert loss.item() == pytest.approx((2 * -1.28 + 2 * s1) / 4, abs=1e-6)
     loss.backward()
     approx(logp.grad, [[0.0, 0.0], [s1 / 4, s1 / 4]])
@@ -259,9 +261,10 @@ def test_cispo_keeps_the_gradient_of_a_capped_token_by_hand():
     -1.3 / 4 where PPO's clip would give it 0."""
     logp, old, adv, mask = _off_policy()
     w = [[1.3, math.exp(0.2)], [math.exp(-0.1), math.exp(-0.3)]]
-    loss, metrics = algorithms.policy_loss(logp, old, adv, mask, agg="token_mean", objective="cispo", cispo_cap=1.3,
-                                           clip_eps=0.2, clip_eps_high=0.28,
-                                           consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
+    loss, metrics = algorithms.policy_loss(
+        LossInputs(logp, old, adv, mask), LossSettings(agg="token_mean", objective="cispo", cispo_cap=1.3,
+                                                       clip_eps=0.2, clip_eps_high=0.28),
+        consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
     expected = -(w[0][0] * 0.4 + w[0][1] * 0.2) + (w[1][0] * -0.1 + w[1][1] * -0.3)
     assert loss.item() == pytest.approx(expected / 4, abs=1e-6)
     loss.backward()
@@ -279,8 +282,9 @@ def test_every_objective_on_policy_is_the_plain_policy_gradient(objective, agg):
     logp = torch.randn(3, 4).requires_grad_()
     adv, mask = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     consts = dict(num_sequences=3, num_tokens=9, max_new_tokens=4)
-    loss, metrics = algorithms.policy_loss(logp, logp.detach(), adv, mask, agg=agg, objective=objective,
-                                           clip_eps=0.2, clip_eps_high=0.28, consts=consts)
+    loss, metrics = algorithms.policy_loss(
+        LossInputs(logp, logp.detach(), adv, mask),
+        LossSettings(agg=agg, objective=objective, clip_eps=0.2, clip_eps_high=0.28), consts=consts)
     loss.backward()
     mine, logp.grad = logp.grad.clone(), None
     per_token = -adv[:, None] * logp   # REINFORCE per token, aggregated the same way
@@ -292,9 +296,10 @@ def test_policy_loss_reports_the_tokens_a_mismatch_mask_removed():
     logp = torch.zeros(2, 2, requires_grad=True)
     w = algorithms.MISMATCH_CORRECTIONS["token_mask"](torch.zeros(2, 2), torch.tensor([[0.0, -2.0], [0.0, 0.0]]),
                                                      torch.ones(2, 2), lo=0.5, hi=5.0)   # e^2 = 7.4 > 5: out
-    loss, metrics = algorithms.policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 2),
-                                           agg="token_mean", clip_eps=0.2, clip_eps_high=0.2, tis_weights=w,
-                                           consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
+    loss, metrics = algorithms.policy_loss(
+        LossInputs(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 2), tis_weights=w),
+        LossSettings(agg="token_mean", clip_eps=0.2, clip_eps_high=0.2),
+        consts=dict(num_sequences=2, num_tokens=4, max_new_tokens=2))
     loss.backward()
     approx(logp.grad, [[-0.25, 0.0], [0.25, 0.25]])
     assert (metrics["mismatch_masked"][0] / metrics["mismatch_masked"][1]).item() == pytest.approx(0.25)
@@ -348,12 +353,12 @@ def test_lr_schedule_factors_by_hand_and_as_transformers(schedule, expected):
 def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_model():
     """K = 1: old log-probs are the current ones detached, so the ratio is 1, nothing is
     clipped, and every parameter's gradient equals plain policy gradient's."""
-    from dashflow.core import policy
+    from dashflow.core import batches, policy
 
     path = policy.resolve_model("embedded:smollm2-135m-instruct")
     model = policy.load_model(path, torch.device("cpu"))
     prompts, completions = [[1, 4093, 28, 216], [1, 4093, 29]], [[339, 6459, 2], [5248, 30, 441, 2]]
-    input_ids, attention, targets, mask = policy.collate(prompts, completions, pad_id=2)
+    input_ids, attention, targets, mask = batches.collate(prompts, completions, pad_id=2)
     adv = torch.tensor([1.5, -0.5])
 
     def grads(use_clipped: bool) -> list[torch.Tensor]:
@@ -435,10 +440,10 @@ def test_policy_loss_composes_clip_tis_and_kl_by_hand():
     old = torch.tensor([[0.0, -0.5], [0.3, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     loss, metrics = algorithms.policy_loss(
-        logp, old, torch.tensor([1.0, -2.0]), mask, agg="token_mean",
-        consts={"num_sequences": 2, "num_tokens": 4, "max_new_tokens": 2}, clip_eps=0.2, clip_eps_high=0.28,
-        tis_weights=torch.tensor([[1.0, 0.5], [2.0, 1.0]]), ref_logprobs=torch.tensor([[-1.0, 0.0], [0.0, 0.0]]),
-        kl_coef=0.1, kl_estimator="k3")
+        LossInputs(logp, old, torch.tensor([1.0, -2.0]), mask, tis_weights=torch.tensor([[1.0, 0.5], [2.0, 1.0]]),
+                   ref_logprobs=torch.tensor([[-1.0, 0.0], [0.0, 0.0]])),
+        LossSettings(agg="token_mean", clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.1, kl_estimator="k3"),
+        consts={"num_sequences": 2, "num_tokens": 4, "max_new_tokens": 2})
     e = math.exp
     assert loss.item() == pytest.approx((-1 + 0.1 * e(-1) - 0.64 + 3.2) / 4, abs=1e-6)
     loss.backward()
@@ -454,9 +459,9 @@ def test_policy_loss_on_policy_has_the_plain_policy_gradient():
     torch.manual_seed(0)
     logp = torch.randn(3, 4).requires_grad_()
     adv, mask = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    loss, metrics = algorithms.policy_loss(logp, logp.detach(), adv, mask, agg="constant", clip_eps=0.2,
-                                           clip_eps_high=0.28,
-                                           consts={"num_sequences": 3, "num_tokens": 9, "max_new_tokens": 4})
+    loss, metrics = algorithms.policy_loss(
+        LossInputs(logp, logp.detach(), adv, mask), LossSettings(agg="constant", clip_eps=0.2, clip_eps_high=0.28),
+        consts={"num_sequences": 3, "num_tokens": 9, "max_new_tokens": 4})
     loss.backward()
     mine = logp.grad.clone()
     logp.grad = None
@@ -492,3 +497,9 @@ def test_with_binary_rewards_and_g4_dash_filter_drops_exactly_dynamic_samplings_
     assert torch.equal(keep.all(dim=1), informative) and torch.equal(keep.any(dim=1), informative)
     k1 = patterns.sum(dim=1) == 1
     assert torch.allclose(adv[k1].abs().min(dim=1).values, torch.full((4,), 0.25 / (0.5 + 1e-4)), atol=1e-6)
+
+
+def test_a_second_function_under_a_registered_name_is_refused():
+    with pytest.raises(ValueError, match="'ppo' is registered already"):
+        algorithms._register(algorithms.POLICY_OBJECTIVES, "ppo")
+    assert algorithms.POLICY_OBJECTIVES["ppo"].__module__ == "dashflow.core.algorithms"  # the first one stays

@@ -16,6 +16,7 @@ from conftest import ROOT, fork_run, tiny_params
 from dashflow.core.config import PRESETS, Params
 from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward, sample
 from dashflow.core import algorithms, schema, store
+from dashflow.core import batches
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
 from dashflow.core import samplers
@@ -266,7 +267,7 @@ def test_bf16_autocast_loss_and_gradient_agree_with_fp32(rollouts):
     prompts = table.column("prompt_token_ids").to_pylist()[:6]
     completions = table.column("completion_token_ids").to_pylist()[:6]
     model = policy_mod.load_model(rollouts.layout.policy(-1), torch.device("cpu"))
-    ids, att, tgt, mask = policy_mod.collate(prompts, completions, 2)
+    ids, att, tgt, mask = batches.collate(prompts, completions, 2)
     adv = torch.tensor([1.0, -0.5, -0.5, 0.8, -0.4, -0.4])
 
     def loss_and_grad(bf16: bool):
@@ -287,7 +288,7 @@ def test_bf16_autocast_loss_and_gradient_agree_with_fp32(rollouts):
 
 def test_gradient_checkpointing_gives_the_same_gradient(rollouts):
     table = store.read_stage(rollouts.layout.stage_dir("sample", 0), schema.ROLLOUTS, stage="test")
-    ids, att, tgt, mask = policy_mod.collate(table.column("prompt_token_ids").to_pylist()[:3],
+    ids, att, tgt, mask = batches.collate(table.column("prompt_token_ids").to_pylist()[:3],
                                              table.column("completion_token_ids").to_pylist()[:3], 2)
     model = policy_mod.load_model(rollouts.layout.policy(-1), torch.device("cpu"))
     model.train()
@@ -326,7 +327,7 @@ def test_sampler_applies_exactly_the_configured_processors(rollouts, tmp_path):
     comps = sampler.generate(prompts, max_new_tokens=10, temperature=1.0, top_k=5, top_p=0.9, seed=3)
     completions = [c.token_ids for c in comps]
     model = policy_mod.load_model(ckpt, torch.device("cpu"))
-    plain, processed = policy_mod.completion_logprobs(model, prompts, completions, pad_id=tok.pad_token_id,
+    plain, processed = batches.completion_logprobs(model, prompts, completions, pad_id=tok.pad_token_id,
                                                       temperature=1.0, token_budget=4096, desc="t", top_k=5, top_p=0.9)
     recorded = [lp for c in comps for lp in c.logprobs]
     ours = [lp for row in processed for lp in row]

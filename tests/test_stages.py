@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
+from dashflow.core import batches
 from dashflow.core import policy as policy_mod
 from dashflow.tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample
 from dashflow.core import answers, prompts, rewards, sampled, schema, store
@@ -199,7 +200,7 @@ def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_
 
 
 def _policy_logprob(model, prompt_ids, completion_ids):
-    ids, att, tgt, mask = policy_mod.collate([prompt_ids], [completion_ids], 2)
+    ids, att, tgt, mask = batches.collate([prompt_ids], [completion_ids], 2)
     with torch.no_grad():
         lp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
     return float((lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) * mask).sum())
@@ -339,7 +340,7 @@ def test_reference_scores_kept_rows_with_the_base_model(tmp_path, run0):
     assert table.num_rows == m["filter"].stats["rows_kept"] == ref_m.stats["rows"] > 0
     base = policy_mod.load_model(params.layout.policy(-1), torch.device("cpu"))
     rows = table.to_pylist()
-    plain, _ = policy_mod.completion_logprobs(base, [r["prompt_token_ids"] for r in rows],
+    plain, _ = batches.completion_logprobs(base, [r["prompt_token_ids"] for r in rows],
                                               [r["completion_token_ids"] for r in rows], pad_id=2,
                                               temperature=params["sample"]["temperature"], token_budget=4096, desc="t")
     diffs, gaps = [], []

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, descendants, tiny_params
+from dashflow.core import batches
 from dashflow.core import policy as policy_mod
 from dashflow.core import samplers, store
 from dashflow.tasks import prepare
@@ -103,7 +104,7 @@ def test_sampled_log_probs_are_the_learners_under_the_same_processing(base):
     prompts = _prompts(params, policy_dir, 4)
     outs = sampler.generate(prompts, max_new_tokens=10, temperature=0.7, top_p=1.0, top_k=20, seed=5)
     model = policy_mod.inference_model(policy_dir, torch.device("cpu"), "float32")
-    _, learner = policy_mod.completion_logprobs(model, prompts, [c.token_ids for c in outs], pad_id=tok.pad_token_id,
+    _, learner = batches.completion_logprobs(model, prompts, [c.token_ids for c in outs], pad_id=tok.pad_token_id,
                                                 temperature=0.7, token_budget=4096, desc="score", top_k=20)
     gaps = [abs(a - b) for c, ref in zip(outs, learner) for a, b in zip(c.logprobs, ref)]
     assert len(gaps) == sum(len(c.token_ids) for c in outs) > 0
@@ -111,7 +112,7 @@ def test_sampled_log_probs_are_the_learners_under_the_same_processing(base):
     greedy = sampler.generate(prompts, max_new_tokens=10, temperature=0.7, top_p=1.0, seed=5, greedy=True)
     assert all(c.logprobs == [] for c in greedy)
     # greedy = the argmax of the learner's distribution at every step
-    (first,), _ = policy_mod.completion_logprobs(model, prompts[:1], [greedy[0].token_ids], pad_id=tok.pad_token_id,
+    (first,), _ = batches.completion_logprobs(model, prompts[:1], [greedy[0].token_ids], pad_id=tok.pad_token_id,
                                                  temperature=1.0, token_budget=4096, desc="score")
     ids = torch.tensor([prompts[0] + greedy[0].token_ids])
     logits = model(input_ids=ids).logits[0, len(prompts[0]) - 1:-1]

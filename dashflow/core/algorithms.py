@@ -23,6 +23,7 @@ triggers and the gradient is exactly plain policy gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,6 +36,10 @@ MISMATCH_CORRECTIONS: dict[str, Callable] = {}
 
 
 def _register(registry: dict[str, Callable], name: str):
+    """Register `fn` under `name`; a second function under a name already taken is refused."""
+    if name in registry:
+        raise ValueError(f"{name!r} is registered already (as {registry[name].__name__})")
+
     def wrap(fn):
         registry[name] = fn
         return fn
@@ -247,48 +252,74 @@ def policy_gradient_loss(
     return -(advantages[:, None] * logprobs * mask).sum() / normalizer
 
 
-def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    agg: str, consts: dict, clip_eps: float, clip_eps_high: float, tis_weights: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-    objective: str = "ppo", cispo_cap: float = 5.0,
-) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+@dataclass(frozen=True)
+class LossSettings:
+    """How the policy loss is formed: one learn stage's settings (`learn.*`), the same for every micro-batch."""
+
+    agg: str                        # LOSS_AGGREGATIONS name (learn.loss_agg)
+    clip_eps: float                 # PPO's lower clip range
+    clip_eps_high: float            # DAPO's clip-higher upper range
+    kl_coef: float = 0.0            # beta of the KL penalty to the reference policy
+    kl_estimator: str = "k3"        # KL_ESTIMATORS name
+    objective: str = "ppo"          # POLICY_OBJECTIVES name
+    cispo_cap: float = 5.0          # CISPO's cap on the importance weight
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        """From the learn stage's config (a mapping of `learn.*`)."""
+        return cls(agg=cfg["loss_agg"], clip_eps=float(cfg["clip_eps"]), clip_eps_high=float(cfg["clip_eps_high"]),
+                   kl_coef=float(cfg["kl_coef"]), kl_estimator=cfg["kl_estimator"], objective=cfg["objective"],
+                   cispo_cap=float(cfg["cispo_cap"]))
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's tensors. B rows, T completion-aligned positions."""
+
+    logprobs: torch.Tensor                      # [B, T] the policy now (with gradient)
+    old_logprobs: torch.Tensor                  # [B, T] the policy before this batch's first step
+    advantages: torch.Tensor                    # [B]
+    mask: torch.Tensor                          # [B, T] 1 on completion tokens
+    tis_weights: torch.Tensor | None = None     # [B, T] the sampler-mismatch correction (MISMATCH_CORRECTIONS)
+    ref_logprobs: torch.Tensor | None = None    # [B, T] the reference policy (with kl_coef > 0)
+
+
+def policy_loss(x: LossInputs, settings: LossSettings, consts: dict,
+                ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The RL objective of one micro-batch, as the learner minimises it -> (loss, metrics).
 
-    logprobs, old_logprobs [B, T] (the policy now, and before this batch's first step),
-    advantages [B], mask [B, T] (1 on completion tokens); tis_weights [B, T] (the sampler
-    mismatch correction, see MISMATCH_CORRECTIONS) and ref_logprobs [B, T] (the reference
-    policy, with kl_coef > 0) are optional. Per token: the policy objective `objective`
-    (POLICY_OBJECTIVES: ppo's clipped surrogate with DAPO's clip-higher, gspo, cispo), times
-    the correction weight, plus kl_coef x the KL estimator; then reduced by the loss
-    aggregation `agg` with the batch's constants `consts` (num_sequences, num_tokens,
-    max_new_tokens: the batch as sampled). metrics: name -> (sum, count) over the mask, so a
-    learner sums them over micro-batches (clip_fraction: tokens whose clipped or capped
-    branch was taken -- for gspo every token of a clipped sequence; approx_kl_to_sampling;
-    tis_weight and mismatch_masked, the tokens whose correction weight is 0;
-    kl_to_reference). With one on-policy step (old = logprobs detached, no correction, no
-    KL) the gradient of every objective is that of `policy_gradient_loss`, under every
-    aggregation (tested).
+    Per token: the policy objective `settings.objective` (POLICY_OBJECTIVES: ppo's clipped
+    surrogate with DAPO's clip-higher, gspo, cispo), times the correction weight
+    `x.tis_weights` if any, plus kl_coef x the KL estimator to `x.ref_logprobs` if any; then
+    reduced by the loss aggregation `settings.agg` with the batch's constants `consts`
+    (num_sequences, num_tokens, max_new_tokens: the batch as sampled). metrics: name ->
+    (sum, count) over the mask, so a learner sums them over micro-batches (clip_fraction:
+    tokens whose clipped or capped branch was taken -- for gspo every token of a clipped
+    sequence; approx_kl_to_sampling; tis_weight and mismatch_masked, the tokens whose
+    correction weight is 0; kl_to_reference). With one on-policy step (old = logprobs
+    detached, no correction, no KL) the gradient of every objective is that of
+    `policy_gradient_loss`, under every aggregation (tested).
     """
-    fn = get(POLICY_OBJECTIVES, objective, "learn.objective")
-    per_token, clipped = fn(logprobs, old_logprobs, advantages, mask, eps_low=clip_eps, eps_high=clip_eps_high,
-                            cap=cispo_cap)
+    logprobs, old_logprobs, mask = x.logprobs, x.old_logprobs, x.mask
+    fn = get(POLICY_OBJECTIVES, settings.objective, "learn.objective")
+    per_token, clipped = fn(logprobs, old_logprobs, x.advantages, mask, eps_low=settings.clip_eps,
+                            eps_high=settings.clip_eps_high, cap=settings.cispo_cap)
     tokens = mask.sum()
     metrics = {}
     with torch.no_grad():
         metrics["clip_fraction"] = ((clipped.float() * mask).sum(), tokens)
         metrics["approx_kl_to_sampling"] = ((kl_k3(logprobs, old_logprobs, mask) * mask).sum(), tokens)
-    if tis_weights is not None:
-        per_token = per_token * tis_weights
+    if x.tis_weights is not None:
+        per_token = per_token * x.tis_weights
         with torch.no_grad():
-            metrics["tis_weight"] = ((tis_weights * mask).sum(), tokens)
-            metrics["mismatch_masked"] = (((tis_weights == 0).float() * mask).sum(), tokens)
-    if ref_logprobs is not None:
-        kl = get(KL_ESTIMATORS, kl_estimator, "KL estimator")(logprobs, ref_logprobs, mask)
-        per_token = per_token + float(kl_coef) * kl
+            metrics["tis_weight"] = ((x.tis_weights * mask).sum(), tokens)
+            metrics["mismatch_masked"] = (((x.tis_weights == 0).float() * mask).sum(), tokens)
+    if x.ref_logprobs is not None:
+        kl = get(KL_ESTIMATORS, settings.kl_estimator, "KL estimator")(logprobs, x.ref_logprobs, mask)
+        per_token = per_token + float(settings.kl_coef) * kl
         with torch.no_grad():
             metrics["kl_to_reference"] = ((kl * mask).sum(), tokens)
-    return get(LOSS_AGGREGATIONS, agg, "loss aggregation")(per_token, mask, **consts), metrics
+    return get(LOSS_AGGREGATIONS, settings.agg, "loss aggregation")(per_token, mask, **consts), metrics
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -312,6 +312,7 @@ class VLLMEngine:
         return check
 
     def _learner_probe(self, policy_dir: str):
+        from dashflow.core import batches
         from dashflow.core import policy as policy_mod
 
         ident = policy_identity(policy_dir)
@@ -320,7 +321,7 @@ class VLLMEngine:
         completion = tokenizer(PROBE_ANSWER, add_special_tokens=False)["input_ids"]
         if ident not in self.probes:
             model = policy_mod.inference_model(policy_dir, torch.device("cpu"), "float32")
-            (lp,), _ = policy_mod.completion_logprobs(model, [prompt], [completion], pad_id=tokenizer.pad_token_id,
+            (lp,), _ = batches.completion_logprobs(model, [prompt], [completion], pad_id=tokenizer.pad_token_id,
                                                       temperature=1.0, token_budget=4096, desc="probe")
             self.probes[ident] = lp
         return prompt, completion, self.probes[ident]
