@@ -176,7 +176,7 @@ def test_an_untouched_output_is_trusted_by_its_stat_and_rehashed_when_it_changes
     out = tmp_path / "stage"
     store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls))
     real = store.file_digest
-    monkeypatch.setattr(store, "file_digest", lambda p, algo="md5": hashed.append(p.name) or real(p, algo))
+    monkeypatch.setattr(store.digests, "file_digest", lambda p, algo="md5": hashed.append(p.name) or real(p, algo))
     assert store.run_stage("t", 0, out, inputs={}, params={}, code="c", build=_build_rows(3, calls)).cached
     assert hashed == []                      # resume: a stat per file, no rehash
     import os
@@ -199,10 +199,10 @@ def test_replacing_an_output_is_one_atomic_exchange(tmp_path):
     (out / "a").write_text("old")
     staged.mkdir()
     (staged / "a").write_text("new")
-    assert store._exchange(staged, out)          # supported here (Linux, glibc >= 2.28)
+    assert store.landing._exchange(staged, out)  # supported here (Linux, glibc >= 2.28)
     assert (out / "a").read_text() == "new" and (staged / "a").read_text() == "old"
-    store._exchange(staged, out)
-    store._swap(staged, out)
+    store.landing._exchange(staged, out)
+    store.landing._swap(staged, out)
     assert (out / "a").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -256,7 +256,7 @@ def test_an_output_of_several_large_files_is_hashed_file_by_file_on_every_core(t
         return {}
 
     threads, real = set(), store.file_digest
-    monkeypatch.setattr(store, "file_digest",
+    monkeypatch.setattr(store.digests, "file_digest",
                         lambda p, algo="md5": threads.add(threading.get_ident()) or real(p, algo))
     out = tmp_path / "policy"
     m = store.run_stage("learn", 0, out, inputs={}, params={}, code="c", build=build)
@@ -349,7 +349,7 @@ def test_torch_save_into_a_hashed_file_writes_what_it_writes_to_any_file_object(
         torch.save(state, f)
     ours = (tmp_path / "ours.pt").read_bytes()
     assert ours == library.getvalue()
-    assert f.digest == xxhash.xxh3_128(ours).hexdigest() == store._digest_written(tmp_path / "ours.pt", "xxh128")
+    assert f.digest == xxhash.xxh3_128(ours).hexdigest() == store.hashed.digest_written(tmp_path / "ours.pt", "xxh128")
     assert torch.equal(torch.load(tmp_path / "ours.pt")["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
 
 
@@ -370,7 +370,7 @@ def test_a_file_system_that_refuses_o_direct_at_write_gets_buffered_writes(tmp_p
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
-    monkeypatch.setattr(store.os, "write", write)
+    monkeypatch.setattr(store.hashed.os, "write", write)
     blob = os.urandom((16 << 20) + 5)
     path = tmp_path / "shard.safetensors"
     assert store.write_hashed(path, [blob[:7], blob[7:]]) == hashlib.md5(blob).hexdigest()

@@ -43,11 +43,13 @@ class Module:
 
 
 def modules(root: Path) -> dict[str, Module]:
-    """Every module of the installed package, by its dotted name."""
+    """Every module of the installed package, by its dotted name (subpackages included:
+    dashflow/core/store/)."""
     out = {"dashflow": Module("dashflow", "core", root / "dashflow" / "__init__.py")}
     for layer, (folder, package, _, _) in LAYERS.items():
-        for path in sorted((root / folder).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            name = ".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])
             out[name] = Module(name, layer, path)
     return out
 
@@ -143,7 +145,7 @@ def table(root: Path) -> list[tuple[str, str, int, int, str]]:
     mods = modules(Path(root))
     rows = []
     for layer, (folder, _, what, _) in reversed(list(LAYERS.items())):
-        own = [m for m in mods.values() if m.layer == layer and m.path.parent == Path(root) / folder
+        own = [m for m in mods.values() if m.layer == layer and Path(root) / folder in m.path.parents
                and m.path.stem != "__init__"]
         rows.append((layer, folder + "/", len(own), sum(len(m.path.read_text().splitlines()) for m in own), what))
     return rows
