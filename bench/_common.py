@@ -16,6 +16,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+from dashflow.core.config import overlay  # noqa: E402 (dashflow from this checkout: the path above)
+
+# The tiny configuration (`--tiny`): params/tiny.yaml's overrides, the ones the tests run on.
+TINY = overlay(ROOT / "params" / "tiny.yaml")
+
 
 def machine() -> str:
     import torch

@@ -42,7 +42,7 @@ from typing import List, Optional
 
 import typer
 
-from _common import ROOT, gpu_overrides, machine
+from _common import ROOT, TINY, gpu_overrides, machine
 
 
 def _one(run: Path, iterations: int) -> dict:
@@ -208,7 +208,7 @@ def main(
         return _report(f"{len(rows)} arms merged from {len(merge_)} invocations; mean (min..max) over seeds "
                        f"({seeds_of}); times left out (see each invocation's table)",
                        rows, out, {"merged": [str(f) for f in merge_], "said": said})
-    from dashflow.core.config import PRESETS, TINY, _parse_override
+    from dashflow.core.config import PRESETS, _parse_override
     from dashflow.flows.dash_rl import dash_rl
 
     arms = [a.strip() for a in presets.split(",") if a.strip()]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import typer
 
-from _common import ROOT, arithmetic_prompts, emit, gpu_overrides, scratch
+from _common import ROOT, TINY, arithmetic_prompts, emit, gpu_overrides, scratch
 
 
 def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, seed: int = 0):
@@ -94,7 +94,7 @@ def main(
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/learner.json")),
 ):
-    from dashflow.core.config import TINY, Params
+    from dashflow.core.config import Params
     from dashflow.tasks import learn, prepare
     from dashflow.core import policy
 

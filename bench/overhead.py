@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit, scratch
+from _common import ROOT, TINY, emit, scratch
 
 STAGES = ("sample", "reward", "advantage", "filter", "reference", "learn")
 
@@ -72,7 +72,6 @@ def main(
     tiny: bool = typer.Option(False, help="the tiny config only"),
     out: Path = typer.Option(Path("bench/results/overhead.json")),
 ):
-    from dashflow.core.config import TINY
 
     rows = []
     if run_dir:

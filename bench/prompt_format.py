@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit, scratch
+from _common import ROOT, TINY, emit, scratch
 
 SYSTEM = "Put the final answer in \\boxed{}."
 EXAMPLE = [{"question": "What is 2 + 3? Put the final answer in \\boxed{}.",
@@ -38,7 +38,7 @@ def main(
     tiny: bool = typer.Option(False),
     out: Path = typer.Option(Path("bench/results/prompt_format.json")),
 ):
-    from dashflow.core.config import TINY, Params, _parse_override
+    from dashflow.core.config import Params, _parse_override
     from dashflow.tasks import evaluate, prepare
 
     base = dict(TINY) if tiny else {}

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit, scratch
+from _common import ROOT, TINY, emit, scratch
 
 
 def main(
@@ -30,7 +30,7 @@ def main(
     tiny: bool = typer.Option(False),
     out: Path = typer.Option(Path("bench/results/scaleout.json")),
 ):
-    from dashflow.core.config import TINY, Params, _parse_override
+    from dashflow.core.config import Params, _parse_override
     from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
     from dashflow.core import schema, store
 

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import typer
 
-from _common import ROOT, emit, gpu_overrides, scratch
+from _common import ROOT, TINY, emit, gpu_overrides, scratch
 
 
 def main(
@@ -30,7 +30,7 @@ def main(
     gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
     out: Path = typer.Option(Path("bench/results/scaling.json")),
 ):
-    from dashflow.core.config import TINY, Params, _parse_override
+    from dashflow.core.config import Params, _parse_override
     from dashflow.flows.dash_rl import dash_rl, prewarm
 
     base = dict(TINY) if tiny else gpu_overrides() if gpu else {}

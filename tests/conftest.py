@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from dashflow.core.config import TINY, Params
+from dashflow.core.config import Params, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-# The tiny configuration (dashflow.core.config.TINY): every stage runs on the real SmolLM2 model, in seconds.
+# The tiny configuration (params/tiny.yaml): every stage runs on the real SmolLM2 model, in seconds.
+# TINY is its dotted overrides, applied on top of params.yaml.
+TINY = overlay(ROOT / "params" / "tiny.yaml")
 
 
 def tiny_params(root: Path, name: str = "tiny", **extra) -> Params:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, descendants
-from dashflow.core.config import TINY
+from conftest import ROOT, TINY, descendants
 from dashflow.app.serving import healthy
 from dashflow.core import policy as policy_mod
 

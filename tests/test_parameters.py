@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY
 from dashflow.app import dvcfile
-from dashflow.core import parameters
-from dashflow.core.config import PRESETS, TINY, Params, ParamsError, load_yaml, render_schedule
+from dashflow.core import parameters, presets
+from dashflow.core.config import PRESETS, Params, ParamsError, load_yaml, render_schedule
 from dashflow.tasks import evaluate, learn, prepare, reward, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,29 @@ def test_every_default_is_allowed_and_every_preset_key_declared():
 
 def test_the_parameter_page_is_current():
     assert (ROOT / "docs" / "parameters.md").read_text() == parameters.markdown()
+
+
+def _table(path: Path, header: str) -> str:
+    """The markdown table of `path` that starts with `header`, up to the blank line after it."""
+    text = path.read_text()
+    start = text.index(header)
+    return text[start: text.index("\n\n", start) + 1]
+
+
+def test_the_preset_tables_are_written_from_the_declarations():
+    # one declaration (dashflow/core/presets.py): each preset's line, its values and the tables from them
+    assert list(presets.SUMMARIES) == list(PRESETS)
+    fix = 'python -c "from dashflow.core import presets; print(presets.summary_table()); print(presets.markdown())"'
+    assert _table(ROOT / "README.md", "| preset | what it is |") == presets.summary_table(), fix
+    assert _table(ROOT / "docs" / "presets.md", "| preset | generation call") == presets.markdown(), fix
+    note = parameters.BY_KEY["run.preset"].note
+    assert all(f"  {name} " in note for name in PRESETS)
+
+
+def test_the_tiny_params_file_is_the_tiny_overrides(tmp_path):
+    """`dashflow run --params params/tiny.yaml` runs what the tests' tiny_params run."""
+    where = {"run.root": str(tmp_path), "run.name": "tiny"}
+    assert Params.load(ROOT / "params" / "tiny.yaml", where) == Params.load(ROOT / "params.yaml", dict(TINY, **where))
 
 
 def test_dvc_yaml_is_what_the_stages_declare():

@@ -9,6 +9,8 @@ from typing import List, Optional
 
 import typer
 
+from dashflow.core.presets import PRESETS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 PARAMS = typer.Option("params.yaml", "--params", "-p", help="parameter file")
@@ -61,7 +63,7 @@ def run(
     set_: Optional[List[str]] = SET,
     rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
     iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm: grpo | preemptive | dash | dash-nokl | multi | mini | sft | dash-code"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm (docs/presets.md): " + " | ".join(PRESETS)),
     from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
     verify: bool = typer.Option(False, "--verify", help="rehash every output file against its manifest (default: "
                                                           "only files whose size, mtime or inode changed)"),
@@ -133,7 +135,8 @@ def stage(
     set_: Optional[List[str]] = SET,
 ):
     """Run one stage of one iteration (no Prefect), from the outputs already on disk."""
-    from dashflow.core.config import STAGES, Params, ParamsError
+    from dashflow.core.config import Params, ParamsError
+    from dashflow.core.schedule import STAGES
     from dashflow.core.store import StageError
 
     if name not in STAGES:
@@ -184,7 +187,8 @@ def schedule(
     params: Path = PARAMS,
 ):
     """Rewrite params.yaml's `schedule` (the iteration list the flow and dvc.yaml share)."""
-    from dashflow.core.config import ParamsError, make_schedule, write_schedule
+    from dashflow.core.config import ParamsError
+    from dashflow.core.schedule import make_schedule, write_schedule
 
     try:
         new = make_schedule(iterations, every=every)
@@ -251,7 +255,7 @@ def _stage_path(ref: str, run_dir: Path, stage: str) -> Path:
     """`3` / `base` / a path -> the stage output directory to compare."""
     if Path(ref).exists():
         return Path(ref)
-    from dashflow.core.config import RunLayout
+    from dashflow.core.layout import RunLayout
 
     layout = RunLayout(run_dir)
     i = -1 if ref == "base" else int(ref)
@@ -321,7 +325,8 @@ def params_cmd(
     """Check a parameter file against the declarations (dashflow/core/parameters.py): every key
     known and allowed; --write renders its comments, --docs the reference page."""
     from dashflow.core import parameters
-    from dashflow.core.config import Params, ParamsError, load_yaml, render_schedule
+    from dashflow.core.config import Params, ParamsError, load_yaml
+    from dashflow.core.schedule import render_schedule
 
     try:
         loaded = Params.load(params_path)

@@ -1,135 +1,40 @@
-"""params.yaml loading, `--set` overrides and the on-disk layout of a run.
+"""Params: a run's parameters, loaded from params.yaml with presets and `--set` overrides,
+then checked.
 
 Overrides are `dotted.key=value` strings (value parsed as YAML) or a dict of the same.
 A key whose first part is `stage@i` (e.g. `filter@2.threshold`) applies to iteration i
 of that stage only; `Params.stage(name, i)` returns the stage's slice with it applied.
+
+Beside it, each in a module of its own (and importable from here, as they always were):
+the presets (dashflow/core/presets.py), reading a params file and ParamsError
+(params_file.py), the schedule and stage references (schedule.py) and the run's on-disk
+layout (layout.py).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from dashflow.core import parameters, precision
+from dashflow.core.layout import RunLayout
+from dashflow.core.params_file import ParamsError, load_yaml, read_params_file
+from dashflow.core.presets import PRESETS
+from dashflow.core.schedule import (STAGES, check_schedule, iteration_dir, make_schedule, parse_stage_ref,
+                                    render_schedule, stage_sequence, stages_from, write_schedule)
 
-STAGES = ("prepare", "sample", "reward", "advantage", "filter", "reference", "learn", "evaluate")
-
-# The DASH paper's arms, selectable with `run.preset` (or `--preset`). A preset sets every
-# knob its arm is about, on top of params.yaml; `--set` overrides still win over it.
-# Every arm is what the authors' code (shuoli90/efficient_reasoning, a fork of TRL 0.16's
-# GRPOTrainer; scripts/run_grpo.sh) runs: G completions per prompt with a std-normalised
-# group advantage (epsilon 1e-4), ONE on-policy optimizer step per sampled batch (ratio 1:
-# their 256 completions per step = 4 per device x 2 GPUs x 32 accumulation steps), the
-# Dr.GRPO constant normaliser (`loss_type dr_grpo`: completion tokens / (sequences x max new
-# tokens)), the k3 KL at beta 0.04, bf16 autocast over float32 master weights, temperature
-# 0.9 and top_k 50. The arms differ in exactly what the paper varies: how many groups one
-# generation call samples (grpo: one; the others: the whole batch), the gradient filter
-# (dash: |A| > 0.1), the KL term (dash-nokl) and the number of updates per batch (multi,
-# mini). The batch size itself (`sample.prompts_per_iteration` x G) is the scale of a run,
-# not an arm: the default config is sized for a CPU, params/paper.yaml for the paper.
-_ARM = {"sample.batching": "packed", "sample.temperature": 0.9, "sample.top_k": 50, "sample.top_p": 1.0,
-        "advantage.estimator": "grpo", "advantage.epsilon": 1.0e-4,
-        "filter.enabled": True, "filter.threshold": 0.1,
-        "learn.mode": "rl", "learn.update": "multi", "learn.steps": 1, "learn.loss_agg": "constant",
-        "learn.kl_coef": 0.04, "learn.kl_estimator": "k3", "learn.tis_cap": 0, "learn.precision": "bf16-mixed",
-        # the paper's code (TRL 0.16 GRPO): PPO's token ratio, no length shaping, truncated rows trained on
-        "learn.objective": "ppo", "reward.overlong_buffer": 0, "filter.drop_truncated": False,
-        "sample.dynamic_rounds": 0}
-PRESETS: dict[str, dict] = {
-    # standard GRPO: one prompt group per generation call, one on-policy step over the whole batch, KL, no filter
-    "grpo": {**_ARM, "sample.batching": "per_group", "filter.enabled": False},
-    # preemptive sampling alone: the whole batch in large generation calls, otherwise GRPO
-    "preemptive": {**_ARM, "filter.enabled": False},
-    # DASH: preemptive sampling + gradient filtering (|A| > 0.1), with the paper's KL term
-    "dash": dict(_ARM),
-    # DASH without KL (the paper's best arm)
-    "dash-nokl": {**_ARM, "learn.kl_coef": 0.0},
-    # PPO-style off-policy updates on each sampled batch: K = 3 passes / K = 3 mini-batches
-    "multi": {**_ARM, "learn.update": "multi", "learn.steps": 3},
-    "mini": {**_ARM, "learn.update": "mini", "learn.steps": 3},
-    # DASH on code (the paper's code experiments filter with |A| > 0.01; math: 0.1): the
-    # built-in synthetic code task, rewarded by its tests in the sandbox (docs/tasks.md)
-    "dash-code": {**_ARM, "filter.threshold": 0.01, "task.kind": "pyfunc", "task.num_train": 192, "task.num_eval": 64,
-                  "sample.max_new_tokens": 96, "evaluate.max_new_tokens": 96},
-    # SFT on the dataset's reference solutions (the paper's SFT-H), same prompts and micro-batching
-    "sft": {**_ARM, "learn.mode": "sft", "learn.kl_coef": 0.0},
-}
-
-
-# The tiny configuration: every stage on the real model in seconds (tests, `bench/ --tiny`).
-TINY = {
-    "run.iterations": 2,     # (rewrites the schedule: 2 iterations, evaluated: base and the last)
-    "sample.backend": "hf",  # the hf sampler in-process; tests/test_vllm.py runs the vLLM engine
-    "task.num_train": 24,
-    "task.num_eval": 4,
-    "sample.prompts_per_iteration": 4,
-    "sample.samples_per_prompt": 3,
-    "sample.max_new_tokens": 12,
-    "sample.groups_per_shard": 2,
-    "sample.temperature": 1.0,
-    "filter.threshold": 0.1,
-    "learn.micro_batch_tokens": 256,
-    "evaluate.num_prompts": 4,
-    "evaluate.max_new_tokens": 12,
-    "evaluate.samples": 2,
-}
-
-
-class ParamsError(ValueError):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as people write numbers: `2e-5` and `1E3` are floats (YAML 1.1, which PyYAML
-    follows, needs a dot -- `2.0e-5` -- and reads `2e-5` as the string "2e-5")."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
-
-
-def load_yaml(text: str) -> Any:
-    """Parse params YAML (a file or a `--set` value) with `_Loader`."""
-    return yaml.load(text, Loader=_Loader)
-
+__all__ = [  # the names call sites import from dashflow.core.config
+    "MAX_ROWS_PER_ITERATION", "PRESETS", "STAGES", "Params", "ParamsError", "RunLayout", "check_schedule",
+    "check_sizes", "iteration_dir", "load_yaml", "make_schedule", "overlay", "parse_stage_ref",
+    "read_params_file", "render_schedule", "stage_sequence", "stages_from", "validate", "write_schedule",
+]
 
 # rows one iteration may sample: prompts_per_iteration x samples_per_prompt (a typo of a few
 # zeros otherwise ends with the kernel killing the process, with no message)
 MAX_ROWS_PER_ITERATION = 1_000_000
-
-
-def read_params_file(path: Path) -> dict:
-    """A params file's tree; what is not one is refused naming the file and the place."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ParamsError(f"{path}: not UTF-8 text (line {line}, byte {exc.start} of the file)") from None
-    if "\0" in text:
-        line = text[: text.index("\0")].count("\n") + 1
-        raise ParamsError(f"{path}: a NUL byte on line {line}; a params file is YAML text")
-    try:
-        tree = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ParamsError(f"{path}: not valid YAML{where}: {problem}") from None
-    if tree is None:
-        return {}
-    if not isinstance(tree, Mapping):
-        raise ParamsError(f"{path}: the top level must be a mapping of sections (run:, sample:, learn:, ...), "
-                          f"not a {type(tree).__name__}")
-    return dict(tree)
 
 
 def check_sizes(tree: dict, source: str) -> None:
@@ -201,46 +106,7 @@ def _reschedule(tree: dict, key: str, value: Any) -> dict:
     return make_schedule(n, every=value)
 
 
-# ---------------------------------------------------------------- the schedule
-# `schedule:` in params.yaml is the one source of truth for how many iterations a run has
-# and which policies are evaluated; the flow and dvc.yaml (`foreach`) both read it.
-
-def iteration_dir(i: int) -> str:
-    return "base" if i < 0 else f"iter-{i:04d}"
-
-
-def make_schedule(iterations: int, every: int = 0, keep: Iterable[int] = ()) -> dict:
-    """The `schedule` section for `iterations` iterations. Evaluated: the base policy, every
-    `every`-th iteration, the last, and the iterations in `keep` that still exist."""
-    if iterations < 1:
-        raise ParamsError(f"a run needs at least 1 iteration, not {iterations}")
-    items = [{"i": i, "dir": iteration_dir(i), "policy": f"{iteration_dir(i - 1)}/policy"} for i in range(iterations)]
-    due = {-1, iterations - 1} | {i for i in keep if -1 <= i < iterations}
-    if every > 0:
-        due |= {i for i in range(iterations) if (i + 1) % every == 0}
-    evaluate = {("base" if i < 0 else str(i)): {"i": i, "dir": iteration_dir(i)} for i in sorted(due)}
-    return {"iterations": items, "evaluate": evaluate}
-
-
-def check_schedule(tree: dict, source: str = "params.yaml") -> None:
-    """Every schedule item must be the one `make_schedule` writes: dvc.yaml builds its stage
-    paths from these strings, so a hand edit that disagrees would split DVC from the flow."""
-    fix = "rewrite it with `dashflow schedule N --every K`"
-    sched = tree.get("schedule")
-    if not isinstance(sched, Mapping) or not isinstance(sched.get("iterations"), list) or not sched["iterations"]:
-        raise ParamsError(f"{source}: `schedule.iterations` must list the run's iterations; {fix}")
-    n = len(sched["iterations"])
-    expected = make_schedule(n)["iterations"]
-    for k, (item, want) in enumerate(zip(sched["iterations"], expected)):
-        if item != want:
-            raise ParamsError(f"{source}: schedule.iterations[{k}] is {item}, expected {want}; {fix}")
-    for name, item in (sched.get("evaluate") or {}).items():
-        i = item.get("i") if isinstance(item, Mapping) else None
-        want_name = "base" if i == -1 else str(i)
-        if not isinstance(i, int) or not -1 <= i < n or str(name) != want_name or item != {"i": i, "dir": iteration_dir(i)}:
-            raise ParamsError(f"{source}: schedule.evaluate.{name} is {item}; entries look like "
-                              f"'3': {{i: 3, dir: iter-0003}} for an iteration below {n}; {fix}")
-
+# ---------------------------------------------------------------- overrides and overlay files
 
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
@@ -292,6 +158,19 @@ def _items(overrides: Iterable[str] | Mapping | None) -> list[tuple[str, Any]]:
     return [o if isinstance(o, tuple) else _parse_override(o) for o in overrides]
 
 
+def overlay(path: str | Path) -> dict[str, Any]:
+    """The dotted overrides an overlay file (one that starts `extends: ...`) sets, in its order:
+    `Params.load(its parent, overlay(path))` is `Params.load(path)`. The tests and the
+    benchmarks' `--tiny` read their tiny configuration, params/tiny.yaml, with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"parameter file {path} not found")
+    tree = read_params_file(path)
+    if "extends" not in tree:
+        raise ParamsError(f"{path}: not an overlay (it does not start `extends: params.yaml`)")
+    return dict(_extended(path, tree)[1])
+
+
 @dataclass
 class Params:
     """All parameters of a run: the YAML tree plus per-iteration stage overrides."""
@@ -310,8 +189,8 @@ class Params:
             raise ParamsError(f"{path}: unknown parameter {unknown[0]!r}; the parameters are listed in "
                               "docs/parameters.md (dashflow/core/parameters.py)")
         if "extends" in tree:
-            tree, overlay = _extended(path, tree)
-            overrides = overlay + _items(overrides)
+            tree, overlaid = _extended(path, tree)
+            overrides = overlaid + _items(overrides)
         items = _items(overrides)
         preset = dict(items).get("run.preset", (tree.get("run") or {}).get("preset"))
         base = cls(tree, {})
@@ -374,126 +253,3 @@ class Params:
 
     def to_json(self) -> str:
         return json.dumps({"tree": self.tree, "scoped": self.scoped}, sort_keys=True)
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where every stage of a run writes. One run = one directory."""
-
-    root: Path
-
-    @property
-    def base(self) -> Path:
-        return self.root / "base"
-
-    @property
-    def prompts_train(self) -> Path:
-        return self.base / "prompts_train"
-
-    @property
-    def prompts_eval(self) -> Path:
-        return self.base / "prompts_eval"
-
-    def iteration(self, i: int) -> Path:
-        return self.root / iteration_dir(i)
-
-    def policy(self, i: int) -> Path:
-        """The policy after iteration i; i = -1 is the starting checkpoint."""
-        return self.base / "policy" if i < 0 else self.iteration(i) / "policy"
-
-    def optimizer(self, i: int) -> Path | None:
-        """The optimizer state after iteration i (learn@i's second output); None before the first."""
-        return None if i < 0 else self.iteration(i) / "optimizer"
-
-    def eval(self, i: int) -> Path:
-        return self.base / "eval" if i < 0 else self.iteration(i) / "eval"
-
-    def stage_dir(self, stage: str, i: int) -> Path:
-        names = {"sample": "rollouts", "reward": "rewarded", "advantage": "advantaged", "filter": "kept",
-                 "reference": "reference"}
-        if stage in names:
-            return self.iteration(i) / names[stage]
-        if stage == "learn":
-            return self.policy(i)
-        if stage == "evaluate":
-            return self.eval(i)
-        raise ParamsError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-
-    def metrics(self, i: int) -> Path:
-        return self.iteration(i) / "metrics.json"
-
-    def eval_json(self, i: int) -> Path:
-        """The accuracies of evaluation i (-1 = base), beside its eval/ directory (a DVC metric)."""
-        return self.eval(i).parent / "eval.json"
-
-
-def parse_stage_ref(ref: str) -> tuple[str, int | None]:
-    """`filter@2` -> ("filter", 2); `prepare` -> ("prepare", None); `evaluate@base` -> ("evaluate", -1)."""
-    if ref == "prepare":
-        return "prepare", None
-    stage, sep, it = ref.partition("@")
-    it = "-1" if it == "base" else it
-    if not sep or not it.lstrip("-").isdigit() or stage not in STAGES:
-        raise ParamsError(f"stage reference {ref!r} must look like STAGE@ITERATION with STAGE in {STAGES}")
-    return stage, int(it)
-
-
-def stage_sequence(iterations: int) -> list[tuple[str, int | None]]:
-    """Every stage of a run in execution order (reference and evaluate listed even where
-    they do not run; forcing a stage that does not run does nothing)."""
-    seq: list[tuple[str, int | None]] = [("prepare", None), ("evaluate", -1)]
-    for i in range(iterations):
-        seq += [(s, i) for s in STAGES if s != "prepare"]
-    return seq
-
-
-def stages_from(ref: str, iterations: int) -> set[tuple[str, int | None]]:
-    """`from_stage`: the named stage and every stage after it (`reward@2` -> reward@2,
-    advantage@2, ..., learn@2, evaluate@2, sample@3, ...)."""
-    start = parse_stage_ref(ref)
-    seq = stage_sequence(iterations)
-    if start not in seq:
-        raise ParamsError(f"from_stage {ref!r} is not a stage of this run ({iterations} iterations)")
-    return set(seq[seq.index(start):])
-
-
-
-SCHEDULE_HEADER = """\
-# The schedule: the one source of truth for how many iterations a run has. The flow runs
-# exactly these iterations and dvc.yaml makes its stages from them (`foreach`), so the two
-# never disagree. Iteration i samples with `policy` (the policy written by iteration i-1).
-# `evaluate` lists the policies evaluated on the held-out prompts (stage evaluate@NAME).
-# Rewrite this section with `dashflow schedule N --every K`; `dvc repro` then runs only
-# the new stages. `--iterations N` / `--set run.iterations=N` change it for one run.
-"""
-
-
-def render_schedule(schedule: dict) -> str:
-    lines = [SCHEDULE_HEADER.rstrip("\n"), "schedule:", "  iterations:"]
-    lines += [f"    - {{i: {it['i']}, dir: {it['dir']}, policy: {it['policy']}}}" for it in schedule["iterations"]]
-    lines.append("  evaluate:")
-    lines += [f"    {name if name == 'base' else repr(str(name))}: {{i: {e['i']}, dir: {e['dir']}}}"
-              for name, e in schedule["evaluate"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_schedule(path: str | Path, schedule: dict) -> None:
-    """Replace the `schedule:` section of a params file (and its comment header), keeping
-    every other line and comment as it is; append it where the file has none."""
-    path = Path(path)
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((k for k, line in enumerate(lines) if line.startswith("schedule:")), None)
-    if start is None:
-        text = "".join(lines).rstrip("\n") + "\n\n" + render_schedule(schedule)
-    else:
-        end = next((k for k in range(start + 1, len(lines)) if lines[k].strip() and not lines[k][0].isspace()
-                    and not lines[k].startswith("#")), len(lines))
-        header = start
-        while header > 0 and lines[header - 1].startswith("#"):
-            header -= 1
-        text = "".join(lines[:header]) + render_schedule(schedule) + "\n" + "".join(lines[end:]).lstrip("\n")
-    tree = yaml.safe_load(text)
-    check_schedule(tree, str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text.rstrip("\n") + "\n")
-    tmp.replace(path)

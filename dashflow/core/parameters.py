@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from dashflow.core import presets
+
 Check = tuple[Callable[[Any], bool], str]
 
 
@@ -48,7 +50,8 @@ _BETAS: Check = ((lambda v: isinstance(v, list) and len(v) == 2 and all(_num(0, 
                  "a list of two numbers in [0, 1)")
 _WEIGHTS: Check = ((lambda v: isinstance(v, list) and bool(v) and all(_num(0)[0](w) for w in v) and sum(v) > 0),
                    "a list of weights >= 0 with a positive sum")
-_PRESET: Check = ((lambda v: v is None or isinstance(v, str)), "null or a preset name (dashflow/core/config.py PRESETS)")
+_PRESET: Check = ((lambda v: v is None or isinstance(v, str) and (v in presets.PRESETS or not v)),
+                  "null or a preset: " + ", ".join(presets.PRESETS))
 _RETRIES: Check = ((lambda v: isinstance(v, Mapping) and all(_num(0, integer=True)[0](n) for n in v.values())),
                    "a mapping of stage names to retries (integers >= 0)")
 _TIMEOUTS: Check = ((lambda v: isinstance(v, Mapping) and all(t is None or _num(0, lo_open=True)[0](t) for t in v.values())),
@@ -92,13 +95,8 @@ PARAMS: tuple[Param, ...] = (
                 "what the authors' code does: one on-policy optimizer step per sampled batch, Dr.GRPO's\n"
                 'constant normaliser, std-normalised advantages (epsilon 1e-4), k3 KL at beta 0.04,\n'
                 'bf16-mixed precision, temperature 0.9, top_k 50 -- and they differ in what the paper varies:\n'
-                '  grpo        one prompt group per generation call, no filter\n'
-                '  preemptive  the whole batch in large generation calls, no filter\n'
-                '  dash        preemptive + gradient filter |A| > 0.1\n'
-                '  dash-nokl   dash without KL\n'
-                '  multi/mini  dash with K = 3 PPO-style updates per sampled batch (passes / mini-batches)\n'
-                "  sft         supervised fine-tuning on the dataset's reference solutions (SFT-H)\n"
-                "null: this file as it is. The preset's values are listed in dashflow/core/config.py (PRESETS).")),
+                + "\n".join(presets.listing()) + "\n"
+                "null: this file as it is. The presets are declared in dashflow/core/presets.py (docs/presets.md).")),
     # -------------------- model
     Param('model.name', 'embedded:smollm2-135m-instruct', _STR,
           note=('`embedded:smollm2-135m-instruct` = SmolLM2-135M-Instruct from the PyPI package\n'
