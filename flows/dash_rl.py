@@ -30,13 +30,13 @@ from dashflow.ops.console import print_iteration, print_summary
 from dashflow.ops import retention, tracking
 from dashflow.ops.report import write_report
 from dashflow.ops.versioning import Recorder
-from dashflow.tasks import metrics
+from dashflow.ops import metrics
 from dashflow.core import store
 from dashflow.core import policy as policy_mod
+from dashflow.core.optimizer_state import HeldState
 from dashflow.tasks.advantage import advantage_task
 from dashflow.tasks.evaluate import evaluate_task
 from dashflow.tasks.filter import filter_task
-from dashflow.tasks import learn as learn_stage
 from dashflow.tasks.learn import learn_task
 from dashflow.tasks.prepare import prepare_task
 from dashflow.tasks.reference import reference_task
@@ -102,9 +102,9 @@ def dash_rl(
     def force(stage: str, i: int | None) -> bool:
         return (stage, i) in forced
 
-    # learn@i hands its state to learn@i+1 in memory (tasks/learn.py `holding`); what is held
-    # is written when the run ends, stops or fails
-    with store.run_lock(params.layout.root), learn_stage.holding(params):
+    # learn@i hands its state to learn@i+1 in memory (dashflow/core/optimizer_state.py); what
+    # is held is written when the run ends, stops or fails
+    with store.run_lock(params.layout.root), HeldState(params) as held:
         dvc(prepare_task(params, None, force=force("prepare", None)))
         if params.evaluated(-1):
             tracking.log_eval(params, -1, dvc(evaluate_task(params, -1, force=force("evaluate", -1)))["stats"])
@@ -122,13 +122,13 @@ def dash_rl(
                     dvc(filter_task(params, i, force=force("filter", i))),
                     # the frozen base model scores the kept rows (an empty output when KL is off)
                     dvc(reference_task(params, i, force=force("reference", i))),
-                    dvc(learn_task(params, i, force=force("learn", i))),
+                    dvc(learn_task(params, i, force=force("learn", i), held=held)),
                 ]
                 if (i + 1) % commit_every == 0:
                     dvc.flush()  # the iterations' stages into dvc.lock (counted in the orchestration time)
                 # every learn.state_every: the optimizer state learn@i holds, written in a thread
                 # while the next stages compute (after the commit, whose CPU it would slow)
-                learn_stage.write_due_state()
+                held.write_due()
                 fresh = not any(r["cached"] for r in ran)
                 wall = time.perf_counter() - started
                 if params.evaluated(i):
@@ -136,7 +136,7 @@ def dash_rl(
                 if keep.optimizers is not None:
                     # retention keeps the state being written, not the one before: wait for it
                     # to land, and count the wait in the iteration (it is its bookkeeping)
-                    wall += learn_stage.wait_for_state()
+                    wall += held.wait()
                 row = dvc(metrics_task(params, i, wall if fresh else None), stage="metrics")
                 history.append(row)
                 print_iteration(row, cached=all(r["cached"] for r in ran))

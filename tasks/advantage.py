@@ -17,7 +17,6 @@ import torch
 
 from dashflow.core.config import Params
 from dashflow.core import algorithms, schema, store
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 STAGE = Stage("advantage", __name__, params=("advantage.estimator", "advantage.epsilon"), code=(algorithms, schema))
@@ -47,9 +46,9 @@ def add_advantages(table: pa.Table, estimator: str, epsilon: float, *, where: st
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
-    cfg = params.stage("advantage", iteration)
+    cfg = STAGE.config(params, iteration)
     src = layout.stage_dir("reward", iteration)
-    label = f"advantage@{iteration}"
+    label = STAGE.label(iteration)
 
     def build(tmp: Path) -> dict:
         rows = groups = mixed = 0
@@ -62,10 +61,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         return {"stats": {"rows": rows, "groups": groups, "mixed_groups": mixed,
                           "mixed_group_fraction": mixed / max(groups, 1)}}
 
-    return store.run_stage(
-        "advantage", iteration, layout.stage_dir("advantage", iteration), inputs={"rewarded": src},
-        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
-    )
+    return STAGE.run(params, iteration, inputs={"rewarded": src}, build=build, force=force)
 
 
-advantage_task = stage_task(run, "advantage")
+advantage_task = STAGE.task(run)

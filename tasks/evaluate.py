@@ -25,7 +25,6 @@ from dashflow.core import code as code_mod
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
 from dashflow.core.config import Params
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # What makes the evaluation rows (the sets' prompts, the policy and the code are its inputs).
@@ -116,14 +115,14 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
     `out`. A set whose prompts, policy, settings and code are unchanged since the previous
     output is carried over from it, not generated again: adding a set evaluates only it."""
     layout = params.layout
-    cfg = params.stage("evaluate", iteration)
+    cfg = STAGE.config(params, iteration)
     sample_cfg = params.stage("sample")
     reward_cfg = rewards.settings(params)
     policy_dir = Path(policy) if policy is not None else layout.policy(iteration)
     out_dir = Path(out) if out is not None else layout.eval(iteration)
     if policy is not None and not (policy_dir / "config.json").is_file():
         raise store.StageError(f"evaluate: {policy_dir} is not a model checkpoint directory (no config.json)")
-    label = ("evaluate" if iteration is None else f"evaluate@{iteration}" if iteration >= 0 else "evaluate@base")
+    label = STAGE.label(iteration)
     if policy is None:  # a run's policy: it must be a finished stage output
         store.require_output(policy_dir, needed_by=label)
     stage_output = store.read_manifest(policy_dir) is not None
@@ -178,11 +177,9 @@ def run(params: Params, iteration: int | None, force: bool = False, policy: Path
             stats.update(_prefixed(name, one))
         return {"stats": stats, "timing": {"work_s": time.perf_counter() - t0}}
 
-    manifest = store.run_stage(
-        "evaluate", iteration, out_dir,
-        inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
-        extra_inputs=None if stage_output else policy_id,
-        params=stage_params, code=code, build=build, force=force,
+    manifest = STAGE.run(
+        params, iteration, inputs={"prompts": layout.base / "prompts", **({"policy": policy_dir} if stage_output else {})},
+        build=build, force=force, out=out_dir, derived={"sets": sets}, extra_inputs=None if stage_output else policy_id,
     )
     if out is None and iteration is not None:
         # what `dvc metrics show` lists for an evaluation: accuracies, mean lengths, prompts, per set
@@ -226,4 +223,4 @@ def evaluate_set(loaded, prompts: list[dict], cfg: dict, sample_cfg: dict, rewar
 
 
 # Evaluation only reads a checkpoint; retrying it is safe.
-evaluate_task = stage_task(run, "evaluate")
+evaluate_task = STAGE.task(run)

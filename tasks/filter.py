@@ -25,7 +25,6 @@ import torch
 
 from dashflow.core import algorithms, sampled, schema, store
 from dashflow.core.config import Params
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", "filter.drop_truncated",
@@ -75,9 +74,9 @@ def gated(src: Path, target: int, label: str) -> set[str]:
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
-    cfg = params.stage("filter", iteration)
+    cfg = STAGE.config(params, iteration)
     src = layout.stage_dir("advantage", iteration)
-    label = f"filter@{iteration}"
+    label = STAGE.label(iteration)
 
     target = algorithms.dynamic_target(params.stage("sample", iteration))
 
@@ -103,10 +102,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
                           "dropped": dropped or {"filter_disabled": 0},
                           **({"batch_groups": len(groups), "dynamic_target": target} if batch is not None else {})}}
 
-    return store.run_stage(
-        "filter", iteration, layout.stage_dir("filter", iteration), inputs={"advantaged": src},
-        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
-    )
+    return STAGE.run(params, iteration, inputs={"advantaged": src}, build=build, force=force)
 
 
-filter_task = stage_task(run, "filter")
+filter_task = STAGE.task(run)

@@ -18,7 +18,6 @@ from dashflow.core.config import Params
 from dashflow.core import policy as policy_mod
 from dashflow.core import problems, schema, store
 from dashflow.core import prompts as prompts_mod
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # prepare writes two outputs, each with its own key: the prompts and the base policy
@@ -59,9 +58,8 @@ def prepare_prompts(params: Params, force: bool = False) -> store.Manifest:
         user = [problems.user_task(kind)[0]] if isinstance(kind, str) and ":" in kind else []
     except problems.ProblemError as exc:
         raise store.StageError(f"prepare: {exc}") from exc
-    return store.run_stage(
-        "prepare", None, layout.base / "prompts", inputs={}, params=PROMPTS.key_params(params),
-        code=PROMPTS.code_digest(*user), build=build, force=force,
+    return PROMPTS.run(
+        params, None, inputs={}, build=build, force=force, out=layout.base / "prompts", extra_code=tuple(user),
         extra_inputs={**_file_digest(task_cfg.get("path")), **_file_digest(demo_file, "demonstrations_file")},
     )
 
@@ -110,9 +108,8 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
             policy_mod.load_tokenizer(source).save_pretrained(tmp)
         return {"stats": {"source": source}}
 
-    return store.run_stage(
-        "prepare_policy", None, layout.policy(-1), inputs={}, params=POLICY.key_params(params),
-        code=POLICY.code_digest(), build=build, force=force,
+    return POLICY.run(
+        params, None, inputs={}, build=build, force=force, out=layout.policy(-1),
         extra_inputs=_model_identity(model_cfg["name"], layout.base / ".model_identity.json"),
     )
 
@@ -122,4 +119,4 @@ def run(params: Params, iteration: int | None = None, force: bool = False) -> st
     return prepare_prompts(params, force=force)
 
 
-prepare_task = stage_task(run, "prepare")
+prepare_task = PROMPTS.task(run)

@@ -19,7 +19,6 @@ import pyarrow as pa
 from dashflow.core.config import Params
 from dashflow.core import algorithms, batches, schema, store
 from dashflow.core import policy as policy_mod
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 STAGE = Stage("reference", __name__, code=(algorithms, batches, policy_mod, schema),
@@ -32,7 +31,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     ref_dir = layout.policy(-1)
     temperature = params.stage("sample", iteration)["temperature"]
     budget = params.stage("sample", iteration)["token_budget"]
-    label = f"reference@{iteration}"
+    label = STAGE.label(iteration)
     on = params.needs_reference(iteration)
 
     def build(tmp: Path) -> dict:
@@ -56,11 +55,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             rows += out.num_rows
         return {"stats": {"rows": rows}, "timing": {"load_s": t1 - t0, "work_s": time.perf_counter() - t1}}
 
-    return store.run_stage(
-        "reference", iteration, layout.stage_dir("reference", iteration),
-        inputs={"kept": src, "reference": ref_dir} if on else {"kept": src},
-        params=STAGE.key_params(params, iteration), code=STAGE.code_digest(), build=build, force=force,
-    )
+    return STAGE.run(params, iteration, inputs={"kept": src, "reference": ref_dir} if on else {"kept": src},
+                     build=build, force=force)
 
 # Scoring with a frozen model is idempotent; a retry is safe.
-reference_task = stage_task(run, "reference")
+reference_task = STAGE.task(run)

@@ -13,7 +13,6 @@ import pyarrow as pa
 
 from dashflow.core import rewards, schema, store
 from dashflow.core.config import Params
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # sandbox.workers (how many programs run at once) is not part of the key: the same rows.
@@ -27,7 +26,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
     cfg = rewards.settings(params, iteration)
     src = layout.stage_dir("sample", iteration)
-    label = f"reward@{iteration}"
+    label = STAGE.label(iteration)
     fns = rewards.functions(cfg)
 
     def build(tmp: Path) -> dict:
@@ -62,12 +61,9 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             "timing": {"work_s": work},
         }
 
-    return store.run_stage(
-        "reward", iteration, layout.stage_dir("reward", iteration), inputs={"rollouts": src},
-        params=STAGE.key_params(params, iteration, functions=cfg["functions"]),  # null resolved to the task's
-        code=STAGE.code_digest(*rewards.user_modules(fns)),
-        build=build, force=force,
-    )
+    return STAGE.run(params, iteration, inputs={"rollouts": src}, build=build, force=force,
+                     derived={"functions": cfg["functions"]},  # null resolved to the task's
+                     extra_code=tuple(rewards.user_modules(fns)))
 
 
-reward_task = stage_task(run, "reward")
+reward_task = STAGE.task(run)

@@ -27,7 +27,6 @@ import torch
 from dashflow.core import policy as policy_mod
 from dashflow.core import algorithms, prompts, rewards, samplers, scaleout, schema, store
 from dashflow.core.config import Params
-from dashflow.core.prefecting import stage_task
 from dashflow.core.stage import Stage
 
 # The sample keys that change rows; how a stage runs (workers, ray_address, worker_gpus,
@@ -96,11 +95,11 @@ def sample_shards(job: ShardJob) -> dict:
 
 def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
     layout = params.layout
-    cfg = params.stage("sample", iteration)
+    cfg = STAGE.config(params, iteration)
     seed = params["run"]["seed"]
     policy_dir = layout.policy(iteration - 1)
     prompts_dir = layout.base / "prompts"
-    label = f"sample@{iteration}"
+    label = STAGE.label(iteration)
     workers = int(cfg.get("workers") or 1)
     if cfg["batching"] not in ("packed", "per_group"):
         raise store.StageError(f"{label}: unknown sample.batching {cfg['batching']!r}; choose packed or per_group")
@@ -209,17 +208,14 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             found += int(algorithms.informative_groups(torch.tensor(list(by_group.values()))).sum())
         return found
 
-    return store.run_stage(
-        "sample", iteration, layout.stage_dir("sample", iteration),
-        inputs={"policy": policy_dir, "prompts": prompts_dir},
-        # with dynamic sampling the rewards decide how many rounds run: the reward settings
-        # and code are part of what the rows depend on
-        params=STAGE.key_params(params, iteration, **({"reward": rewards.key_settings(reward_cfg)} if dynamic else {})),
-        code=STAGE.code_digest(*((*rewards.code_modules(), *rewards.user_modules(rewards.functions(reward_cfg)))
-                                 if dynamic else ())),
-        build=build, force=force,
+    # with dynamic sampling the rewards decide how many rounds run: the reward settings and
+    # code are part of what the rows depend on
+    return STAGE.run(
+        params, iteration, inputs={"policy": policy_dir, "prompts": prompts_dir}, build=build, force=force,
+        derived={"reward": rewards.key_settings(reward_cfg)} if dynamic else None,
+        extra_code=(*rewards.code_modules(), *rewards.user_modules(rewards.functions(reward_cfg))) if dynamic else (),
     )
 
 
 # Sampling is idempotent (its output only lands when complete), so a retry is safe.
-sample_task = stage_task(run, "sample")
+sample_task = STAGE.task(run)

@@ -260,11 +260,11 @@ def test_push_delete_pull_restores_every_byte_and_the_flow_skips_everything(repo
     assert {p: p.stat().st_mtime_ns for p in (repo / RUN).rglob("_manifest.json")} == manifests
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
     # what a learn continuing the run here finds (it replays learn@0, learn@1 first: test_retention)
-    from dashflow.tasks import learn
+    from dashflow.core import optimizer_state
 
     with pytest.raises(store.StageError, match=r"learn@2: the optimizer state of iteration 1 .* is not on disk "
                                                r"\(a local cache: .*`dvc pull` restores the policies only"):
-        learn.previous_state(repo / RUN / "iter-0001/optimizer", 2, "learn@2")
+        optimizer_state.previous_state(repo / RUN / "iter-0001/optimizer", 2, "learn@2")
 
 
 def test_an_extended_schedule_adds_only_the_new_iterations_stages(repo):

@@ -16,7 +16,8 @@ from conftest import ROOT, fork_run, tiny_params
 from dashflow.core.config import PRESETS, Params
 from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward, sample
 from dashflow.core import algorithms, schema, store
-from dashflow.core import batches
+from dashflow.core import batches, update
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
 from dashflow.core import samplers
@@ -234,7 +235,7 @@ def test_optimizer_settings_and_schedule_apply_after_loading_the_previous_state(
         store.link_or_copy(f, params.layout.stage_dir("filter", 1) / f.name)
     second = learn.run(params, 1)
     assert second.stats["lr"] == pytest.approx(7e-6 * 0.5)             # step 1 of 2: factor 1/2
-    state = torch.load(params.layout.optimizer(1) / learn.OPTIMIZER_FILE, weights_only=True)
+    state = torch.load(params.layout.optimizer(1) / OPTIMIZER_FILE, weights_only=True)
     group = state["param_groups"][0]
     assert group["lr"] == pytest.approx(3.5e-6) and tuple(group["betas"]) == (0.8, 0.95)
     assert group["weight_decay"] == 0.01
@@ -300,7 +301,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(rollouts):
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     plain = grad()
-    learn.enable_gradient_checkpointing(model)
+    update.enable_gradient_checkpointing(model)
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     assert torch.allclose(grad(), plain, atol=1e-6)
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, TINY, descendants, tiny_params
 from dashflow.tasks import prepare
 from dashflow.core import store
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path)
 
     def ranks_up() -> bool:
         family[:] = sorted(set(family) | set(descendants(proc.pid)))
-        return sum("dashflow.tasks.learn" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p) for p in family) >= 2
+        return sum("dashflow.core.torchrun" in _cmdline(p) and "torch.distributed.run" not in _cmdline(p) for p in family) >= 2
 
     try:
         _wait_for(ranks_up, 180, "two torchrun ranks", proc, log)
@@ -303,7 +304,7 @@ def test_sigkill_at_a_named_point_then_the_rerun_gives_the_same_bytes(finished, 
 
 def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_replay_gives_the_same_bytes(
         finished, tmp_path):
-    """A flow writes the held optimizer state in a thread (tasks/learn.py `holding`); killed
+    """A flow writes the held optimizer state in a thread (dashflow/core/optimizer_state.py `HeldState`); killed
     in the middle of it, nothing looks finished, and the next learn's replay lands the bytes
     of an uninterrupted learn@0."""
     from conftest import fork_run
@@ -315,15 +316,16 @@ def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_repl
     overrides = dict(TINY, **{"run.root": str(tmp_path / "runs"), "run.name": "tiny"}, **extra)
     flow = ("from dashflow.core.config import Params\nfrom dashflow.tasks import learn\n"
             f"params = Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r})\n"
-            "with learn.holding(params):\n    learn.run(params, 0)\n    learn.write_due_state()\n"
-            "    learn.wait_for_state()\n")
+            "from dashflow.core.optimizer_state import HeldState\n"
+            "with HeldState(params) as held:\n    learn.run(params, 0, held=held)\n    held.write_due()\n"
+            "    held.wait()\n")
     killed = subprocess.run([sys.executable, "-c", flow], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, DASHFLOW_FAULT="mid-state@learn@0"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     state, policy = params.layout.optimizer(0), params.layout.policy(0)
     assert store.read_manifest(policy).digest == store.read_manifest(finished.layout.policy(0)).digest
     assert store.read_manifest(state) is None and not state.exists()  # only a hidden staging directory
-    assert (state.parent / f".{state.name}.tmp" / learn.OPTIMIZER_FILE).exists()
+    assert (state.parent / f".{state.name}.tmp" / OPTIMIZER_FILE).exists()
     replay = ("from dashflow.core.config import Params\nfrom dashflow.tasks import learn\n"
               f"learn.replay_state(Params.load({str(ROOT / 'params.yaml')!r}, {overrides!r}), 1)\n")
     done = subprocess.run([sys.executable, "-c", replay], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -17,6 +17,7 @@ from dashflow.core.config import Params, ParamsError
 from dashflow.ops.retention import Retention, to_prune
 from dashflow.tasks import learn
 from dashflow.core import store
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
 from dashflow.core import policy as policy_mod
 
 
@@ -62,7 +63,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     layout = params.layout
     # 2 iterations, evaluated: base and 1. Policy 0 is neither the last nor evaluated; optimizer 0 is not the last.
     assert not layout.policy(0).exists() and not layout.optimizer(0).exists()
-    assert policy_mod.weight_files(layout.policy(1)) and (layout.optimizer(1) / learn.OPTIMIZER_FILE).exists()
+    assert policy_mod.weight_files(layout.policy(1)) and (layout.optimizer(1) / OPTIMIZER_FILE).exists()
     assert policy_mod.weight_files(layout.policy(-1))
     record = json.loads(store.pruned_record(layout.policy(0)).read_text())
     assert record["stage"] == "learn" and record["iteration"] == 0 and "model.safetensors.index.json" in record["outputs"]
@@ -79,7 +80,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     # rebuilding a removed output brings it back and drops its record
     again = learn.run(params, 0, force=True)
     assert again.digest == record["digest"]  # same inputs, same seed, same bytes
-    assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists()
+    assert (layout.optimizer(0) / OPTIMIZER_FILE).exists()
     assert not store.pruned_record(layout.policy(0)).exists() and not store.pruned_record(layout.optimizer(0)).exists()
     # an optimizer state is a local cache: removed for good, and a learn that needs it says how to replay it
     from dashflow.ops import retention
@@ -105,7 +106,7 @@ def test_a_run_with_retention_removes_old_checkpoints_and_resumes_over_them(pref
     killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, DASHFLOW_FAULT="mid-retention@iter-0000/optimizer"))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert (layout.optimizer(0) / learn.OPTIMIZER_FILE).exists() and not (layout.optimizer(0) / store.MANIFEST).exists()
+    assert (layout.optimizer(0) / OPTIMIZER_FILE).exists() and not (layout.optimizer(0) / store.MANIFEST).exists()
     assert store.read_manifest(layout.optimizer(0)).pruned  # the record speaks for it
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_params
 from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
 from dashflow.core import samplers, schema, store
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
 from dashflow.core import policy as policy_mod
 
 
@@ -143,7 +144,7 @@ def test_two_gloo_ranks_give_the_same_update_as_one_process(one_worker):
     d1 = torch.cat([(w1[k] - base[k]).flatten() for k in w1])
     d2 = torch.cat([(w2[k] - base[k]).flatten() for k in w1])
     assert d1.abs().max() > 1e-6 and ((d1 - d2).norm() / d1.norm()).item() < 1e-3
-    s1 = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
+    s1 = torch.load(params.layout.optimizer(0) / OPTIMIZER_FILE)
     assert len(s1["state"]) == len(w1)
 
 

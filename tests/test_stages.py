@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
-from dashflow.core import batches
+from dashflow.core import batches, optimizer_state
+from dashflow.core.optimizer_state import OPTIMIZER_FILE, HeldState
 from dashflow.core import policy as policy_mod
 from dashflow.tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample
 from dashflow.core import answers, prompts, rewards, sampled, schema, store
@@ -123,7 +124,7 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     params, m = run0
     out = params.layout.policy(0)
     assert {"model.safetensors.index.json", "config.json"} <= {p.name for p in out.iterdir()}
-    assert learn.OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
+    assert OPTIMIZER_FILE not in {p.name for p in out.iterdir()}
     # the 0.54 GB of float32 weights as shards of at most SHARD_SIZE (128 MB), so the store
     # hashes them on every core: 538 MB -> 5 shards, each listed by the index and the manifest
     shards = policy_mod.weight_files(out)
@@ -136,11 +137,11 @@ def test_learn_writes_a_loadable_checkpoint_with_optimizer_state(run0):
     # the AdamW state lands in its own output, same stage key; the policy is stored in the
     # samplers' dtype (float32 here), so it is the learner's weights themselves
     opt = store.read_manifest(params.layout.optimizer(0))
-    assert opt.key == m["learn"].key and list(opt.outputs) == [learn.OPTIMIZER_FILE]
+    assert opt.key == m["learn"].key and list(opt.outputs) == [OPTIMIZER_FILE]
     assert all("xxh128" in info for info in opt.outputs.values())            # not DVC's: a fast digest
     assert all("md5" in info for info in m["learn"].outputs.values())         # DVC's, handed to it
     assert policy_mod.checkpoint_dtype(out) == "float32"
-    state = torch.load(params.layout.optimizer(0) / learn.OPTIMIZER_FILE)
+    state = torch.load(params.layout.optimizer(0) / OPTIMIZER_FILE)
     assert len(state["state"]) == sum(1 for _ in AutoModelForCausalLM.from_pretrained(out).parameters()) \
         or not m["learn"].stats["updated"]
     if m["filter"].stats["rows_kept"]:
@@ -166,7 +167,7 @@ def test_policy_files_are_byte_for_byte_what_save_pretrained_writes(run0, tmp_pa
     for name in names:
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "library" / name).read_bytes(), name
     shard = policy_mod.weight_files(tmp_path / "ours")[0]
-    assert store._digest_written(shard, "md5") == hashlib.md5(shard.read_bytes()).hexdigest()
+    assert store.hashed.digest_written(shard, "md5") == hashlib.md5(shard.read_bytes()).hexdigest()
 
 
 def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_path):
@@ -188,7 +189,7 @@ def test_bfloat16_checkpoints_keep_the_learners_float32_weights_exact(run0, tmp_
     out = params.layout.policy(0)
     assert policy_mod.checkpoint_dtype(out) == "bfloat16"
     assert list(store.read_manifest(params.layout.optimizer(0)).outputs) == [policy_mod.LOW_BITS_FILE,
-                                                                             learn.OPTIMIZER_FILE]
+                                                                             OPTIMIZER_FILE]
     stored = policy_mod.read_weights(out)
     master = policy_mod.load_master(out, params.layout.optimizer(0) / policy_mod.LOW_BITS_FILE, torch.device("cpu"))
     named = dict(master.named_parameters())
@@ -429,9 +430,9 @@ def test_learn_hands_its_weights_to_the_samplers_and_they_sample_what_the_file_h
 
     params = tiny_params(tmp_path / "runs")
     fork_run(run0[0], params)
-    with learn.holding(params):
-        learn.run(params, 0)
-        held = next(iter(learn._held.values()))[0]
+    with HeldState(params) as state:
+        learn.run(params, 0, held=state)
+        held = next(iter(state.entries.values()))[0]
         served = policy_mod.inference_model(params.layout.policy(0), torch.device("cpu"), "float32")
         assert served is held                                     # no second copy, no read of the file
         gen_config = held.generation_config.to_dict()
@@ -456,28 +457,28 @@ def test_a_held_state_is_written_in_the_background_and_lands_the_bytes_a_synchro
     params, m = run0
     flow = tiny_params(tmp_path / "runs", **{"learn.state_every": 1})  # learn@0 is not the schedule's last
     fork_run(params, flow)
-    with learn.holding(flow):
-        landed = learn.run(flow, 0)
-        assert learn._due is flow and learn._writer is None        # due; the flow starts it ...
+    with HeldState(flow) as held:
+        landed = learn.run(flow, 0, held=held)
+        assert held.due and held.writer is None                     # due; the flow starts it ...
         assert store.read_manifest(flow.layout.optimizer(0)) is None
-        learn.write_due_state()                                      # ... after its bookkeeping
-        writer = learn._writer
+        held.write_due()                                             # ... after its bookkeeping
+        writer = held.writer
         assert writer is not None and writer.name == "dashflow-optimizer-state"
-        learn.wait_for_state()
-        assert not writer.is_alive() and learn._writer is None
+        held.wait()
+        assert not writer.is_alive() and held.writer is None
         state = store.read_manifest(flow.layout.optimizer(0))
         assert state.key == landed.key == m["learn"].key and store.content_problem(flow.layout.optimizer(0), state) is None
-        assert (flow.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes() == \
-            (params.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes()
-        assert list(learn._held) == [landed.key]                   # still held: learn@1 takes it from memory
-    assert learn._held == {}
+        assert (flow.layout.optimizer(0) / OPTIMIZER_FILE).read_bytes() == \
+            (params.layout.optimizer(0) / OPTIMIZER_FILE).read_bytes()
+        assert list(held.entries) == [landed.key]                  # still held: learn@1 takes it from memory
+    assert held.entries == {}
     # a due write that the flow never started is written by whoever needs it next
     again = tiny_params(tmp_path / "again", **{"learn.state_every": 1})
     fork_run(params, again)
-    with learn.holding(again):
-        learn.run(again, 0)
-        learn.wait_for_state()
-        assert learn._due is None and learn._writer is None
+    with HeldState(again) as held:
+        learn.run(again, 0, held=held)
+        held.wait()
+        assert not held.due and held.writer is None
         assert store.read_manifest(again.layout.optimizer(0)).key == landed.key
     policy_mod.release_inference_model()
 
@@ -487,27 +488,27 @@ def test_a_background_state_write_that_fails_stops_the_next_learn_and_is_written
     params, m = run0
     flow = tiny_params(tmp_path / "runs", **{"learn.state_every": 1})
     fork_run(params, flow)
-    write_state = learn.write_state
+    write_state = optimizer_state.write_state
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(learn, "write_state", disk_full)
-    with learn.holding(flow):
-        learn.run(flow, 0)  # the policy lands; its state is written in the thread, which fails
-        learn.write_due_state()
+    monkeypatch.setattr(optimizer_state, "write_state", disk_full)
+    with HeldState(flow) as held:
+        learn.run(flow, 0, held=held)  # the policy lands; its state is written in the thread, which fails
+        held.write_due()
         with pytest.raises(store.StageError, match=r"writing the optimizer state in the background failed "
                                                    r"\(OSError: \[Errno 28\] No space left on device\)"):
-            learn.wait_for_state()
+            held.wait()
         # nothing half-written: no manifest, no staging directory
         assert store.read_manifest(flow.layout.optimizer(0)) is None
         assert not [p.name for p in flow.layout.optimizer(0).parent.iterdir() if "optimizer" in p.name]
-        assert learn._held                                           # the state is still held ...
-        monkeypatch.setattr(learn, "write_state", write_state)
+        assert held.entries                                          # the state is still held ...
+        monkeypatch.setattr(optimizer_state, "write_state", write_state)
     state = store.read_manifest(flow.layout.optimizer(0))            # ... and leaving the flow writes it
     assert state is not None and state.key == m["learn"].key
-    assert (flow.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes() == \
-        (params.layout.optimizer(0) / learn.OPTIMIZER_FILE).read_bytes()
+    assert (flow.layout.optimizer(0) / OPTIMIZER_FILE).read_bytes() == \
+        (params.layout.optimizer(0) / OPTIMIZER_FILE).read_bytes()
     policy_mod.release_inference_model()
 
 

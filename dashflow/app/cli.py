@@ -166,7 +166,7 @@ def metrics(
 ):
     """Write iter-i/metrics.json and the run's history.json from the stage outputs (DVC's metrics@i)."""
     from dashflow.core.config import Params, ParamsError
-    from dashflow.tasks import metrics as metrics_mod
+    from dashflow.ops import metrics as metrics_mod
     from dashflow.core.store import StageError
 
     from dashflow.core.store import run_lock

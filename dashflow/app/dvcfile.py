@@ -107,7 +107,7 @@ def render(root: Path) -> str:
         "    foreach: ${schedule.iterations}",
         "    do:",
         "      cmd: dashflow metrics -i ${item.i}",
-        "      deps: " + _flow(["tasks/metrics.py"] + [_quoted(d) for d in metrics_deps], 13),
+        "      deps: " + _flow(["dashflow/ops/metrics.py"] + [_quoted(d) for d in metrics_deps], 13),
         "      metrics:",
         f"        - {it}/metrics.json: {{persist: true}}",
         "",

@@ -11,7 +11,7 @@ needs the last of each, so N and M are at least 1.
 A removed output leaves a pruned record `<dir>.pruned.json` (its manifest and why), so the
 stage still counts as finished: a resumed run skips it and downstream keys do not change.
 A stage that has to read a removed output (a forced rerun) stops and says how to restore it
-(an optimizer state: replay the learner from the last one kept, tasks/learn.py).
+(an optimizer state: replay the learner from the last one kept, tasks/learn.py `replay_state`).
 
 Removed policies, in a DVC-recorded run: dvc.lock keeps the output's hashes; the files also
 leave the local DVC cache (with hard links that is what frees the disk), except objects

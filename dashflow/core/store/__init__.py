@@ -26,9 +26,6 @@ from dashflow.core.store.manifest import (MANIFEST, Manifest, StageError, pruned
 from dashflow.core.store.shards import (check_shards, map_shards, read_shard, read_stage, shard_name, shard_paths,
                                         vouched_bytes, write_shard)
 
-# its private name before the split, still read by tests/test_stages.py
-from dashflow.core.store.hashed import digest_written as _digest_written  # noqa: E402,F401
-
 __all__ = [
     "DIGESTS", "FAULT_ENV", "MANIFEST", "SIDE_DIGEST", "HashedFile", "Manifest", "StageError",
     "check_shards", "code_digest", "content_problem", "directory_digest", "fault_point",

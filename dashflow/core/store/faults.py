@@ -15,7 +15,7 @@ def fault_point(point: str, label: str, *, once_in: Path | None = None) -> None:
     that stage. Points: mid-shard (a shard's partial file written, not renamed), after-shards
     (the build finished, nothing sealed), mid-swap (the new output exchanged into place, the
     old one not yet removed), mid-checkpoint (learn: weights written, optimizer state not),
-    mid-state (a flow's held optimizer state written, not landed: tasks/learn.py `flush`),
+    mid-state (a flow's held optimizer state written, not landed: dashflow/core/optimizer_state.py `HeldState.flush`),
     mid-retention (an output's manifest removed, its files not; the label is
     `iter-0000/optimizer`), mid-dvc-commit (dashflow/ops/versioning.py: an iteration's md5s
     handed to DVC, dvc.lock not yet written; the label is any stage in that commit),
