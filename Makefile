@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make train   set up .venv and .venv-vllm and run DASH on the embedded defaults (SmolLM2-135M, arithmetic, CPU)
 #   make test    set up .venv and run the test suite (CI runs this)
-# For development: make test-fast (unit and stage tests without the real model end to end, ~2 min)
+# For development: make test-fast (unit and stage tests without the real model end to end, ~2 min);
+#   make lint (ruff check + ruff format --check, as CI runs it)
 # The vLLM sampler's environment (sample.backend: vllm): make vllm (CPU) | make vllm VLLM=gpu
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -13,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup vllm train train-hf test test-fast layers clean-venv
+.PHONY: setup vllm train train-hf test test-fast lint format layers clean-venv
 
 setup: $(VENV)/.installed
 
@@ -49,6 +50,15 @@ test: setup vllm
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# ruff's rules and line length are in pyproject.toml ([tool.ruff])
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 layers: setup
 	$(VENV)/bin/dashflow layers

@@ -38,10 +38,8 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from _common import ROOT, TINY, gpu_overrides, machine
 
 
@@ -53,7 +51,7 @@ def _one(run: Path, iterations: int) -> dict:
     metrics = [json.loads(layout.metrics(i).read_text()) for i in range(iterations)]
     base = json.loads(layout.eval_json(-1).read_text())
     final = json.loads(layout.eval_json(iterations - 1).read_text())
-    mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)  # noqa: E731
+    mean = lambda key: statistics.fmean(m["time"][key] for m in metrics)
     sampled = sum(m["rows"] * m["mean_completion_tokens"] for m in metrics)
     kept = sum(m["rows"] * m["kept_fraction"] for m in metrics)
     return {
@@ -139,7 +137,7 @@ def merge(files: list[Path]) -> tuple[list[dict], list[str]]:
     An (arm, seed) found in two files is kept once, and said whether it is the same run
     (SAME_RUN equal) or not. Times are dropped: they are ratios within one invocation only,
     so compare them in each invocation's own table."""
-    first: Optional[tuple[Path, dict]] = None  # the first file and its setup (files is not empty)
+    first: tuple[Path, dict] | None = None  # the first file and its setup (files is not empty)
     runs: dict[str, dict[int, tuple[Path, dict]]] = {}
     said: list[str] = []
     for path in files:
@@ -148,7 +146,7 @@ def merge(files: list[Path]) -> tuple[list[dict], list[str]]:
             setup = {key: data[key] for key in SAME_SETUP}
             arms = [(arm["arm"], {int(s): r for s, r in arm["per_seed"].items()}) for arm in data["arms"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise typer.BadParameter(f"{path}: not a bench/arms.py --out JSON with per-seed results ({err!r})")
+            raise typer.BadParameter(f"{path}: not a bench/arms.py --out JSON with per-seed results ({err!r})") from err
         if first is None:
             first = (path, setup)
         for key in SAME_SETUP:
@@ -192,11 +190,11 @@ def main(
     tiny: bool = typer.Option(False, help="the tiny configuration (seconds per arm)"),
     gpu: bool = typer.Option(False, help="the GPU configuration (Qwen2.5-0.5B, GSM8K/MATH; see _common.gpu_overrides)"),
     seeds: str = typer.Option("0", help="comma-separated run.seed values: every arm runs once per seed"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value for every arm"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="extra override key=value for every arm"),
     root: Path = typer.Option(Path("data/bench/arms"), help="where the arms' runs live"),
     keep: bool = typer.Option(False, help="keep --root afterwards (checkpoints: GBs)"),
     out: Path = typer.Option(Path("bench/results/arms.json"), help="JSON with the table's numbers"),
-    merge_: Optional[List[Path]] = typer.Option(
+    merge_: list[Path] | None = typer.Option(
         None, "--merge", help="run nothing: one table over the seeds of earlier invocations' --out JSON files "
                               "(repeat it; times left out: compare them within one invocation)"),
 ):
@@ -218,7 +216,7 @@ def main(
     base.update({"retention.policies": 1, "retention.optimizers": 1, "retention.dvc": "drop"})
     base.update(dict(_parse_override(s) for s in set_ or []))
     started = time.perf_counter()
-    name = lambda arm, seed: f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', arm)}-seed{seed}"  # noqa: E731
+    name = lambda arm, seed: f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', arm)}-seed{seed}"
     try:
         for i in range(iterations):  # interleaved: iteration i of every run, then i + 1
             for seed in seed_list:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import typer
-
 from _common import ROOT, TINY, arithmetic_prompts, emit, gpu_overrides, scratch
 
 
@@ -43,9 +42,7 @@ def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, se
 
 
 def write_kept(params, table) -> None:
-    from dashflow.core import schema, store
-
-    from dashflow.core import sampled
+    from dashflow.core import sampled, schema, store
 
     def build(tmp):
         store.write_shard(tmp, 0, table, schema.KEPT, stage="bench")
@@ -94,9 +91,9 @@ def main(
     gpu: bool = typer.Option(False, help="Qwen2.5-0.5B in bfloat16 on CUDA (DASHFLOW_GPU_MODEL)"),
     out: Path = typer.Option(Path("bench/results/learner.json")),
 ):
+    from dashflow.core import policy
     from dashflow.core.config import Params
     from dashflow.tasks import learn, prepare
-    from dashflow.core import policy
 
     if tiny:
         rows, completion_len, micro, kept, sampled = 4, 8, "1,2", "2,4", 4

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from _common import ROOT, TINY, emit, scratch
 
 STAGES = ("sample", "reward", "advantage", "filter", "reference", "learn")
@@ -67,7 +65,7 @@ def run_config(label: str, overrides: dict, iterations: int, root: Path) -> Path
 
 
 def main(
-    run_dir: Optional[List[Path]] = typer.Option(None, "--run-dir", help="analyse existing run directories"),
+    run_dir: list[Path] | None = typer.Option(None, "--run-dir", help="analyse existing run directories"),
     iterations: int = typer.Option(2, "--iterations", "-n"),
     tiny: bool = typer.Option(False, help="the tiny config only"),
     out: Path = typer.Option(Path("bench/results/overhead.json")),

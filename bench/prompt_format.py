@@ -13,10 +13,8 @@ completions per prompt at sample.temperature, each checked strict (the DASH pape
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from _common import ROOT, TINY, emit, scratch
 
 SYSTEM = "Put the final answer in \\boxed{}."
@@ -33,8 +31,8 @@ FORMATS = {
 
 def main(
     samples: int = typer.Option(4, help="sampled completions per prompt (0: greedy only)"),
-    formats: Optional[str] = typer.Option(None, help="comma-separated indices into the format list (default: all)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value"),
+    formats: str | None = typer.Option(None, help="comma-separated indices into the format list (default: all)"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="extra override key=value"),
     tiny: bool = typer.Option(False),
     out: Path = typer.Option(Path("bench/results/prompt_format.json")),
 ):
@@ -54,7 +52,7 @@ def main(
             prepare.run(params)
             s = evaluate.run(params, -1).stats
             n = s["samples"]
-            pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"  # noqa: E731
+            pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
             rows.append([name, pct(1 - s["greedy_strict_none"]), pct(s["greedy_strict"]), pct(s["greedy_flexible"]),
                          pct(1 - s["sampled_strict_none"]) if n else "-", pct(s.get(f"mean@{n}_strict")) if n else "-",
                          pct(s.get(f"mean@{n}_flexible")) if n else "-", round(s["greedy_mean_tokens"], 1)])

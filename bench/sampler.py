@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import typer
-
 from _common import arithmetic_prompts, base_policy_path, emit, gpu_overrides
 
 

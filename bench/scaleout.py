@@ -16,23 +16,22 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from _common import ROOT, TINY, emit, scratch
 
 
 def main(
     workers: str = typer.Option("1,2", help="comma-separated Ray worker counts (sample.workers)"),
     ranks: str = typer.Option("1,2", help="comma-separated torchrun process counts (learn.nproc)"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="extra override key=value"),
     tiny: bool = typer.Option(False),
     out: Path = typer.Option(Path("bench/results/scaleout.json")),
 ):
-    from dashflow.core.config import Params, _parse_override
-    from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
     from dashflow.core import schema, store
+    from dashflow.core.config import Params, _parse_override
+    from dashflow.tasks import advantage, learn, prepare, reference, reward, sample
+    from dashflow.tasks import filter as filter_stage
 
     base = dict(TINY) if tiny else {}
     base.update(dict(_parse_override(s) for s in set_ or []))

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
-
 from _common import ROOT, TINY, emit, gpu_overrides, scratch
 
 
 def main(
     rollouts: str = typer.Option("32,64,128,256", help="rollouts per iteration"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="extra override key=value"),
+    set_: list[str] | None = typer.Option(None, "--set", "-s", help="extra override key=value"),
     iterations: int = typer.Option(1, help="iterations per size; a row each (the first pays the base policy's "
                                            "loads, the last the optimizer state's write)"),
     tiny: bool = typer.Option(False),

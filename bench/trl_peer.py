@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import typer
-
 from _common import ROOT, base_policy_path, machine
 
 PROMPTS_PER_STEP, G, MAX_NEW, TEMPERATURE, LR, THRESHOLD = 8, 4, 64, 0.8, 2.0e-5, 0.1
@@ -90,7 +89,7 @@ def run_trl(seed: int, steps: int, root: Path) -> list[dict]:
         import trl
         from trl import GRPOConfig, GRPOTrainer
     except ImportError as exc:
-        raise SystemExit(f"TRL is not installed ({exc}): pip install '.[bench]' (a bench-only extra)")
+        raise SystemExit(f"TRL is not installed ({exc}): pip install '.[bench]' (a bench-only extra)") from exc
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback

@@ -16,9 +16,9 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from dashflow.core import store
 from dashflow.core.config import Params, ParamsError
 from dashflow.ops.console import eval_line
-from dashflow.core import store
 from dashflow.tasks.evaluate import evaluate_task
 from dashflow.tasks.prepare import prepare_task
 

@@ -25,15 +25,14 @@ import time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from dashflow.core import policy as policy_mod
+from dashflow.core import store
 from dashflow.core.config import Params, parse_stage_ref, stages_from
+from dashflow.core.optimizer_state import HeldState
+from dashflow.ops import metrics, retention, tracking
 from dashflow.ops.console import print_iteration, print_summary
-from dashflow.ops import retention, tracking
 from dashflow.ops.report import write_report
 from dashflow.ops.versioning import Recorder
-from dashflow.ops import metrics
-from dashflow.core import store
-from dashflow.core import policy as policy_mod
-from dashflow.core.optimizer_state import HeldState
 from dashflow.tasks.advantage import advantage_task
 from dashflow.tasks.evaluate import evaluate_task
 from dashflow.tasks.filter import filter_task
@@ -64,8 +63,8 @@ def prewarm(params_path: str = "params.yaml", overrides: dict | None = None) -> 
     transformers' model code in a thread (dashflow/core/policy.py `prewarm`) while Prefect starts its
     temporary server. Prefect's own start-up imports are done here first, so the two threads
     import disjoint sets of modules; the flow waits for the thread before its first stage."""
-    import prefect.flow_engine  # noqa: F401
-    import prefect.task_engine  # noqa: F401
+    import prefect.flow_engine
+    import prefect.task_engine
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dashflow.core.config import Params
 from dashflow.core import algorithms, schema, store
+from dashflow.core.config import Params
 from dashflow.core.stage import Stage
 
 STAGE = Stage("advantage", __name__, params=("advantage.estimator", "advantage.epsilon"), code=(algorithms, schema))
@@ -39,7 +39,7 @@ def add_advantages(table: pa.Table, estimator: str, epsilon: float, *, where: st
     g = sizes.pop()
     rewards = torch.tensor(table.column("reward").to_pylist(), dtype=torch.float64).view(-1, g)
     adv, mean, std = fn(rewards, epsilon=epsilon)
-    per_row = lambda t: pa.array(t.repeat_interleave(g).tolist(), pa.float32())  # noqa: E731
+    per_row = lambda t: pa.array(t.repeat_interleave(g).tolist(), pa.float32())
     return (table.append_column("advantage", pa.array(adv.flatten().tolist(), pa.float32()))
             .append_column("group_mean", per_row(mean)).append_column("group_std", per_row(std)))
 
@@ -52,7 +52,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows = groups = mixed = 0
-        transform = lambda table, path: add_advantages(table, cfg["estimator"], cfg["epsilon"], where=f"{label}: {path}")  # noqa: E731
+        transform = lambda table, path: add_advantages(table, cfg["estimator"], cfg["epsilon"], where=f"{label}: {path}")
         for _, out in store.map_shards(src, tmp, transform, reads=schema.REWARDED, writes=schema.ADVANTAGED, stage=label):
             rows += out.num_rows
             first = out.filter(pc.equal(out.column("sample_index"), 0))  # one row per group

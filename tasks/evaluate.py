@@ -54,7 +54,7 @@ def accuracy_stats(rows: list[dict], n: int) -> dict[str, float]:
                 per_prompt.setdefault(r["prompt_id"], []).append(r)
         groups = [sorted(g, key=lambda r: r["sample_index"]) for g in per_prompt.values()]
         correct = [[r[f"{ex}_correct"] for r in g] for g in groups]
-        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        mean = lambda xs: sum(xs) / max(len(xs), 1)
         stats[f"mean@{n}_{ex}"] = mean([mean(c) for c in correct])
         for k in answers.ks(n):
             stats[f"pass@{k}_{ex}"] = mean([answers.pass_at_k(len(c), sum(c), k) for c in correct])

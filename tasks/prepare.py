@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dashflow.core.config import Params
 from dashflow.core import policy as policy_mod
 from dashflow.core import problems, schema, store
 from dashflow.core import prompts as prompts_mod
+from dashflow.core.config import Params
 from dashflow.core.stage import Stage
 
 # prepare writes two outputs, each with its own key: the prompts and the base policy

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from dashflow.core.config import Params
 from dashflow.core import algorithms, batches, schema, store
 from dashflow.core import policy as policy_mod
+from dashflow.core.config import Params
 from dashflow.core.stage import Stage
 
 STAGE = Stage("reference", __name__, code=(algorithms, batches, policy_mod, schema),

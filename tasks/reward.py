@@ -50,7 +50,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             for c in columns:
                 sums[c] = sums.get(c, 0.0) + sum(float(v) for v in out.column(c).to_pylist() if v is not None)
             errors += out.num_rows - out.column("reward_error").null_count
-        mean = lambda c: sums.get(c, 0.0) / max(rows, 1)  # noqa: E731
+        mean = lambda c: sums.get(c, 0.0) / max(rows, 1)
         return {
             "stats": {"rows": rows, "reward_mean": mean("reward"), "accuracy": mean("correct"),
                       "strict_accuracy": mean("strict_correct"), "flexible_accuracy": mean("flexible_correct"),

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dashflow.core import policy as policy_mod
 from dashflow.core import algorithms, prompts, rewards, samplers, scaleout, schema, store
+from dashflow.core import policy as policy_mod
 from dashflow.core.config import Params
 from dashflow.core.stage import Stage
 

@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from dashflow.core import algorithms
-from dashflow.core.algorithms import (ADVANTAGE_ESTIMATORS, LossInputs, LossSettings, filter_mask, policy_gradient_loss,
-                                      token_logprobs)
+from dashflow.core.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    LossInputs,
+    LossSettings,
+    filter_mask,
+    policy_gradient_loss,
+    token_logprobs,
+)
 
 
 def approx(t, values, tol=1e-5):

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_params
-from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward
-from dashflow.core import sampled, store
 from dashflow.core import policy as policy_mod
+from dashflow.core import sampled, store
+from dashflow.tasks import advantage, learn, prepare, reward
+from dashflow.tasks import filter as filter_stage
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +74,7 @@ def test_bad_dataset_row_stops_prepare_with_file_row_field(tmp_path):
 
 def test_non_utf8_dataset_names_the_file_row_and_fix(tmp_path):
     data = tmp_path / "gsm.jsonl"
-    data.write_bytes('{"question": "1+1?", "answer": "#### 2"}\n'.encode()
+    data.write_bytes(b'{"question": "1+1?", "answer": "#### 2"}\n'
                      + '{"question": "caf\u00e9 costs 3+3?", "answer": "#### 6"}\n'.encode("latin-1"))
     params = tiny_params(tmp_path, **{"task.kind": "gsm8k", "task.path": str(data)})
     with pytest.raises(store.StageError, match=r"gsm.jsonl: row 2: not UTF-8 \(byte 0xe9 at column 18\).*iconv"):

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from dashflow.core.config import PRESETS, Params
 from dashflow.core import code, problems, sandbox
+from dashflow.core.config import PRESETS, Params
 
 WEIGHTS = [0.4, 0.25, 0.15, 0.2]
 
@@ -115,9 +115,9 @@ def test_sft_trains_on_the_reference_code_and_refuses_a_problem_without_one():
 
 @pytest.mark.slow
 def test_the_code_preset_runs_the_flow_rewarding_by_tests(prefect_server, tmp_path):
-    from dashflow.flows.dash_rl import dash_rl
-    from dashflow.core import schema, store
     from conftest import TINY
+    from dashflow.core import schema, store
+    from dashflow.flows.dash_rl import dash_rl
 
     overrides = dict(TINY, **{"run.root": str(tmp_path), "run.name": "code", "sample.max_new_tokens": 48,
                               "evaluate.max_new_tokens": 48, "task.num_train": 12})

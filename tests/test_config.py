@@ -1,10 +1,10 @@
 """params.yaml overrides and stage references."""
 
+import shutil
+
 import pytest
 
 from conftest import ROOT
-import shutil
-
 from dashflow.core.config import Params, ParamsError, make_schedule, parse_stage_ref, write_schedule
 
 

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY
-from dashflow.core.config import Params, make_schedule
 from dashflow.core import policy as policy_mod
 from dashflow.core import store
+from dashflow.core.config import Params, make_schedule
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ import pytest
 from conftest import ROOT, TINY, fork_run, tiny_params
 from dashflow.core import prompts as prompts_mod
 from dashflow.core import schema, store
-from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward, sample
+from dashflow.tasks import advantage, learn, prepare, reward, sample
+from dashflow.tasks import filter as filter_stage
 
 pytestmark = pytest.mark.slow
 

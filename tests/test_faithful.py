@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from conftest import ROOT, fork_run, tiny_params
-from dashflow.core.config import PRESETS, Params
-from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reward, sample
-from dashflow.core import algorithms, schema, store
-from dashflow.core import batches, update
-from dashflow.core.optimizer_state import OPTIMIZER_FILE
+from dashflow.core import algorithms, batches, samplers, schema, store, update
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
-from dashflow.core import samplers
+from dashflow.core.config import PRESETS, Params
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
+from dashflow.tasks import advantage, learn, prepare, reward, sample
+from dashflow.tasks import filter as filter_stage
 
 pytestmark = pytest.mark.slow
 

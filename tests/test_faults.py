@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, descendants, tiny_params
-from dashflow.tasks import prepare
 from dashflow.core import store
 from dashflow.core.optimizer_state import OPTIMIZER_FILE
+from dashflow.tasks import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,8 @@ def test_a_killed_dashflow_run_leaves_no_temporary_prefect_server(tmp_path, sig)
 
 
 def test_kill_9_of_a_torchrun_learn_leaves_no_rank_and_the_rerun_lands(tmp_path):
-    from dashflow.tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+    from dashflow.tasks import advantage, learn, reference, reward, sample
+    from dashflow.tasks import filter as filter_stage
 
     params = tiny_params(tmp_path / "runs", **{"filter.threshold": 0.0, "learn.launcher": "torchrun",
                                                "learn.nproc": 2})
@@ -260,7 +261,8 @@ FAULTS = [("mid-shard", "sample"), ("after-shards", "reward"), ("mid-swap", "adv
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A tiny run through learn@0, uninterrupted: the bytes every faulted stage must give."""
-    from dashflow.tasks import advantage, filter as filter_stage, learn, reference, reward, sample
+    from dashflow.tasks import advantage, learn, reference, reward, sample
+    from dashflow.tasks import filter as filter_stage
 
     params = tiny_params(tmp_path_factory.mktemp("finished") / "runs")
     prepare.run(params)
@@ -308,7 +310,6 @@ def test_sigkill_while_the_held_state_is_written_in_the_background_then_the_repl
     in the middle of it, nothing looks finished, and the next learn's replay lands the bytes
     of an uninterrupted learn@0."""
     from conftest import fork_run
-    from dashflow.tasks import learn
 
     extra = {"learn.state_every": 1}  # learn@0 of 2 iterations: its state is written in the thread
     params = tiny_params(tmp_path / "runs", **extra)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
-from dashflow.core.config import Params
 from dashflow.core import store
+from dashflow.core.config import Params
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from dashflow.app.cli import app
 from dashflow.app.inspecting import InspectError, diff, summarize
-from dashflow.ops.report import ReportError, collect, plot, write_report
 from dashflow.core import store
+from dashflow.ops.report import ReportError, collect, plot, write_report
 
 
 def _rollouts(rewards_by_prompt: dict[str, list[float]], lengths=None):
@@ -135,7 +135,7 @@ def test_cli_json_schema_and_errors(stage_dir, tmp_path):
 def test_inspect_an_older_revision_through_dvc(tmp_path, monkeypatch):
     env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1")
-    sh = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)  # noqa: E731
+    sh = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
     sh("git", "init", "-q")
     sh(sys.executable, "-m", "dvc", "init", "-q")
     out = tmp_path / "data" / "rewarded"

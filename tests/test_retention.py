@@ -13,12 +13,12 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, tiny_params
+from dashflow.core import policy as policy_mod
+from dashflow.core import store
 from dashflow.core.config import Params, ParamsError
+from dashflow.core.optimizer_state import OPTIMIZER_FILE
 from dashflow.ops.retention import Retention, to_prune
 from dashflow.tasks import learn
-from dashflow.core import store
-from dashflow.core.optimizer_state import OPTIMIZER_FILE
-from dashflow.core import policy as policy_mod
 
 
 def test_to_prune_keeps_the_last_n_and_every_evaluated_policy():

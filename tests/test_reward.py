@@ -11,8 +11,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from dashflow.core import rewards
-from dashflow.core import schema, store
+from dashflow.core import rewards, schema, store
 
 USER_MODULE = textwrap.dedent('''
     import time

@@ -6,9 +6,9 @@ the program under test never holds the expected values or the verdict."""
 from __future__ import annotations
 
 import pytest
+from test_sandbox import nothing_left_behind  # noqa: F401 -- no process, no directory left
 
 from dashflow.core import code, rewards, sandbox
-from test_sandbox import nothing_left_behind  # noqa: F401 -- no process, no directory left
 
 TESTS = {"format": "mbpp", "setup": "",
          "asserts": ["assert square_plus_3(2) == 7", "assert square_plus_3(0) == 3", "assert square_plus_3(5) == 28"]}

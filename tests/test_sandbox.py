@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dashflow.core import code, sandbox
-from dashflow.core import rewards
+from dashflow.core import code, rewards, sandbox
 
 LIMITS = sandbox.Limits(timeout_s=2, memory_mb=512, output_kb=1024, processes=16)
 ADD_TESTS = {"format": "mbpp", "asserts": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 5) == 5"],

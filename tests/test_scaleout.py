@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from dashflow.tasks import advantage, filter as filter_stage, learn, prepare, reference, reward, sample
+from dashflow.core import policy as policy_mod
 from dashflow.core import samplers, schema, store
 from dashflow.core.optimizer_state import OPTIMIZER_FILE
-from dashflow.core import policy as policy_mod
+from dashflow.tasks import advantage, learn, prepare, reference, reward, sample
+from dashflow.tasks import filter as filter_stage
 
 
 def test_seeded_sampling_draws_from_the_processed_distribution():
@@ -41,7 +42,7 @@ def _rows(params):
 
 def _assert_same_rows(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) > 0
-    key = lambda r: (r["prompt_id"], r["sample_index"])  # noqa: E731
+    key = lambda r: (r["prompt_id"], r["sample_index"])
     for x, y in zip(sorted(a, key=key), sorted(b, key=key)):
         for field in ("prompt_id", "sample_index", "prompt_token_ids", "completion_token_ids", "completion", "finish_reason"):
             assert x[field] == y[field], (field, x["prompt_id"], x["sample_index"])

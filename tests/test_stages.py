@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
-from dashflow.core import batches, optimizer_state
-from dashflow.core.optimizer_state import OPTIMIZER_FILE, HeldState
+from dashflow.core import answers, batches, optimizer_state, prompts, rewards, sampled, schema, store
 from dashflow.core import policy as policy_mod
-from dashflow.tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample
-from dashflow.core import answers, prompts, rewards, sampled, schema, store
+from dashflow.core.optimizer_state import OPTIMIZER_FILE, HeldState
+from dashflow.tasks import advantage, evaluate, learn, prepare, reference, reward, sample
+from dashflow.tasks import filter as filter_stage
 
 pytestmark = pytest.mark.slow
 

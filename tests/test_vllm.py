@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, descendants, tiny_params
-from dashflow.core import batches
+from dashflow.core import batches, samplers, store
 from dashflow.core import policy as policy_mod
-from dashflow.core import samplers, store
 from dashflow.tasks import prepare
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -173,7 +172,7 @@ def test_a_run_keeps_one_engine_and_resumes_to_the_same_rows(base, prefect_serve
     params, _, _ = base
     samplers.close_engine()
     whole, split = tmp_path / "whole", tmp_path / "split"
-    over = lambda root: dict(TINY, **VLLM, **{"run.root": str(root), "run.name": "tiny"})  # noqa: E731
+    over = lambda root: dict(TINY, **VLLM, **{"run.root": str(root), "run.name": "tiny"})
     assert dash_rl(params_path=str(ROOT / "params.yaml"), overrides=over(whole), return_state=True).is_completed()
     engine = samplers._ENGINE
     assert engine is not None and engine.loads and len(engine.loads) == 1   # policy 0 (iteration 1 samples it)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -17,7 +16,7 @@ PARAMS = typer.Option("params.yaml", "--params", "-p", help="parameter file")
 SET = typer.Option(None, "--set", "-s", help="override a parameter: key=value (repeatable); stage@i.key for one iteration")
 
 
-def _overrides(items: Optional[List[str]]) -> dict:
+def _overrides(items: list[str] | None) -> dict:
     from dashflow.core.config import _parse_override
 
     return dict(_parse_override(i) for i in items or [])
@@ -60,14 +59,14 @@ def _fail(exc: Exception) -> None:
 @app.command()
 def run(
     params: Path = PARAMS,
-    set_: Optional[List[str]] = SET,
-    rerun: Optional[List[str]] = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="a DASH paper arm (docs/presets.md): " + " | ".join(PRESETS)),
-    from_stage: Optional[str] = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
+    set_: list[str] | None = SET,
+    rerun: list[str] | None = typer.Option(None, "--rerun", help="force a stage to rerun: STAGE@ITERATION (repeatable)"),
+    iterations: int | None = typer.Option(None, "--iterations", "-n", help="number of RL iterations"),
+    preset: str | None = typer.Option(None, "--preset", help="a DASH paper arm (docs/presets.md): " + " | ".join(PRESETS)),
+    from_stage: str | None = typer.Option(None, "--from-stage", help="force STAGE@ITERATION and every stage after it"),
     verify: bool = typer.Option(False, "--verify", help="rehash every output file against its manifest (default: "
                                                           "only files whose size, mtime or inode changed)"),
-    until: Optional[int] = typer.Option(None, "--until", help="stop after iteration I of the schedule (a later run "
+    until: int | None = typer.Option(None, "--until", help="stop after iteration I of the schedule (a later run "
                                                                "resumes; what is evaluated stays the schedule's)"),
 ):
     """Run the DASH flow locally (resumes: finished stages are skipped)."""
@@ -77,9 +76,9 @@ def run(
         os.environ["DASHFLOW_VERIFY"] = "1"
     temporary_server_env(os.environ)
     from dashflow.core.config import ParamsError
-    from dashflow.ops.versioning import DvcError
-    from dashflow.flows.dash_rl import dash_rl, prewarm
     from dashflow.core.store import StageError, run_lock
+    from dashflow.flows.dash_rl import dash_rl, prewarm
+    from dashflow.ops.versioning import DvcError
 
     try:  # before Prefect starts: bad parameters, and a run root another run holds, in one line
         from dashflow.core.config import Params
@@ -114,7 +113,7 @@ def serve(
 
 @app.command()
 def deploy(
-    api_url: Optional[str] = typer.Option(None, "--api-url", help="Prefect API (default $PREFECT_API_URL or 127.0.0.1:4200)"),
+    api_url: str | None = typer.Option(None, "--api-url", help="Prefect API (default $PREFECT_API_URL or 127.0.0.1:4200)"),
 ):
     """Register the deployments in prefect.yaml (dash-rl/local, dash-eval/local) with the server."""
     from dashflow.app.serving import ServeError
@@ -132,7 +131,7 @@ def stage(
     iteration: int = typer.Option(0, "--iteration", "-i", help="iteration (-1 = the base policy, for evaluate)"),
     force: bool = typer.Option(False, "--force", "-f", help="rerun even if the stage's output is up to date"),
     params: Path = PARAMS,
-    set_: Optional[List[str]] = SET,
+    set_: list[str] | None = SET,
 ):
     """Run one stage of one iteration (no Prefect), from the outputs already on disk."""
     from dashflow.core.config import Params, ParamsError
@@ -162,14 +161,12 @@ def stage(
 def metrics(
     iteration: int = typer.Option(..., "--iteration", "-i", help="the iteration whose metrics.json to write"),
     params: Path = PARAMS,
-    set_: Optional[List[str]] = SET,
+    set_: list[str] | None = SET,
 ):
     """Write iter-i/metrics.json and the run's history.json from the stage outputs (DVC's metrics@i)."""
     from dashflow.core.config import Params, ParamsError
+    from dashflow.core.store import StageError, run_lock
     from dashflow.ops import metrics as metrics_mod
-    from dashflow.core.store import StageError
-
-    from dashflow.core.store import run_lock
 
     try:
         p = Params.load(params, _overrides(set_))
@@ -202,14 +199,14 @@ def schedule(
 @app.command()
 def prune(
     params: Path = PARAMS,
-    set_: Optional[List[str]] = SET,
+    set_: list[str] | None = SET,
 ):
     """Apply params.yaml's `retention:` to a run's finished iterations now (the flow does it
     after each iteration): remove old policies / optimizer states, keeping DVC consistent."""
-    from dashflow.ops import retention
-    from dashflow.core.config import Params, ParamsError
-    from dashflow.ops.versioning import DvcError, Recorder
     from dashflow.core import store
+    from dashflow.core.config import Params, ParamsError
+    from dashflow.ops import retention
+    from dashflow.ops.versioning import DvcError, Recorder
 
     try:
         overrides = _overrides(set_)
@@ -233,10 +230,10 @@ def prune(
 @app.command()
 def inspect(
     path: Path = typer.Argument(..., help="a stage output directory or a Parquet file"),
-    where: Optional[str] = typer.Option(None, "--where", "-w", help='row filter, e.g. "reward < 0.5 and finish_reason == \'stop\'"'),
-    prompt_id: Optional[str] = typer.Option(None, "--prompt-id", help="only this prompt's rows"),
+    where: str | None = typer.Option(None, "--where", "-w", help='row filter, e.g. "reward < 0.5 and finish_reason == \'stop\'"'),
+    prompt_id: str | None = typer.Option(None, "--prompt-id", help="only this prompt's rows"),
     limit: int = typer.Option(3, "--limit", "-l", help="example completions to show (best, worst, random)"),
-    rev: Optional[str] = typer.Option(None, "--rev", help="read the output as of this git revision, through DVC"),
+    rev: str | None = typer.Option(None, "--rev", help="read the output as of this git revision, through DVC"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     full_prompt: bool = typer.Option(False, "--full-prompt", help="show each example's whole rendered prompt "
                                      "(chat template, system message, demonstration turns)"),
@@ -273,7 +270,8 @@ def diff(
     as_json: bool = typer.Option(False, "--json", help="print as JSON"),
 ):
     """For the prompts two outputs share: how rewards, lengths and answers changed."""
-    from dashflow.app.inspecting import InspectError, diff as diff_outputs, render_diff
+    from dashflow.app.inspecting import InspectError, render_diff
+    from dashflow.app.inspecting import diff as diff_outputs
 
     try:
         result = diff_outputs(_stage_path(a, run_dir, stage), _stage_path(b, run_dir, stage), mode=mode, limit=limit)
@@ -285,7 +283,7 @@ def diff(
 @app.command()
 def report(
     run_dir: Path = typer.Option(Path("data/runs/default"), "--run-dir", help="the run directory"),
-    out: Optional[Path] = typer.Option(None, "--out", help="where to write (default: the run directory)"),
+    out: Path | None = typer.Option(None, "--out", help="where to write (default: the run directory)"),
 ):
     """Write report.png / report.html: reward, accuracy, length, kept fraction and time per iteration."""
     from dashflow.ops.report import ReportError, write_report
@@ -319,7 +317,7 @@ def dvc_yaml(
 @app.command("params")
 def params_cmd(
     write: bool = typer.Option(False, "--write", help="rewrite params.yaml's comments from the declarations (values kept)"),
-    docs: Optional[Path] = typer.Option(None, "--docs", help="write the parameter reference (docs/parameters.md) here"),
+    docs: Path | None = typer.Option(None, "--docs", help="write the parameter reference (docs/parameters.md) here"),
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="the parameter file"),
 ):
     """Check a parameter file against the declarations (dashflow/core/parameters.py): every key

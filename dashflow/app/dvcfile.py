@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dashflow.core.stage import Stage
-from dashflow.tasks import advantage, evaluate, filter as filter_stage, learn, prepare, reference, reward, sample
+from dashflow.tasks import advantage, evaluate, learn, prepare, reference, reward, sample
+from dashflow.tasks import filter as filter_stage
 
 HEADER = """\
 # DVC's view of a dashflow run: the same stages the Prefect flow runs, with the same

@@ -55,7 +55,7 @@ def _files(path: Path, rev: str | None) -> tuple[list[str], object | None]:
         files = [rel] if fs.isfile(rel) else sorted(f for f in fs.find(rel) if f.endswith(".parquet"))
     except InspectError:
         raise
-    except Exception as exc:  # noqa: BLE001 - DVC/git errors (not a repo, unknown rev) become one clear message
+    except Exception as exc:
         raise InspectError(f"{path}@{rev}: cannot read through DVC ({type(exc).__name__}: {exc})") from exc
     return files, PyFileSystem(FSSpecHandler(fs))
 
@@ -329,7 +329,7 @@ def diff(a: Path, b: Path, *, mode: str | None = "greedy", limit: int = 10) -> d
         x, y = pa_[pid], pb[pid]
         changes.append({"prompt_id": pid, "score_a": x["score"], "score_b": y["score"], "tokens_a": x["tokens"],
                         "tokens_b": y["tokens"], "answers_a": x["answers"], "answers_b": y["answers"]})
-    mean = lambda key: sum(c[key] for c in changes) / len(changes)  # noqa: E731
+    mean = lambda key: sum(c[key] for c in changes) / len(changes)
     moved = sorted((c for c in changes if c["score_a"] != c["score_b"]),
                    key=lambda c: (-abs(c["score_b"] - c["score_a"]), c["prompt_id"]))
     return {

@@ -265,7 +265,7 @@ class LossSettings:
     cispo_cap: float = 5.0          # CISPO's cap on the importance weight
 
     @classmethod
-    def from_config(cls, cfg) -> "LossSettings":
+    def from_config(cls, cfg) -> LossSettings:
         """From the learn stage's config (a mapping of `learn.*`)."""
         return cls(agg=cfg["loss_agg"], clip_eps=float(cfg["clip_eps"]), clip_eps_high=float(cfg["clip_eps_high"]),
                    kl_coef=float(cfg["kl_coef"]), kl_estimator=cfg["kl_estimator"], objective=cfg["objective"],

@@ -23,8 +23,17 @@ from dashflow.core import parameters, precision
 from dashflow.core.layout import RunLayout
 from dashflow.core.params_file import ParamsError, load_yaml, read_params_file
 from dashflow.core.presets import PRESETS
-from dashflow.core.schedule import (STAGES, check_schedule, iteration_dir, make_schedule, parse_stage_ref,
-                                    render_schedule, stage_sequence, stages_from, write_schedule)
+from dashflow.core.schedule import (
+    STAGES,
+    check_schedule,
+    iteration_dir,
+    make_schedule,
+    parse_stage_ref,
+    render_schedule,
+    stage_sequence,
+    stages_from,
+    write_schedule,
+)
 
 __all__ = [  # the names call sites import from dashflow.core.config
     "MAX_ROWS_PER_ITERATION", "PRESETS", "STAGES", "Params", "ParamsError", "RunLayout", "check_schedule",
@@ -179,7 +188,7 @@ class Params:
     scoped: dict  # {"filter@2": {"threshold": 0.2}}
 
     @classmethod
-    def load(cls, path: str | Path = "params.yaml", overrides: Iterable[str] | Mapping | None = None) -> "Params":
+    def load(cls, path: str | Path = "params.yaml", overrides: Iterable[str] | Mapping | None = None) -> Params:
         path = Path(path)
         if not path.exists():
             raise ParamsError(f"parameter file {path} not found (run from the project directory or pass --params)")
@@ -205,7 +214,7 @@ class Params:
         precision.resolve(params.tree, params.scoped)  # `auto` -> this machine's faster dtype
         return params
 
-    def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> "Params":
+    def with_overrides(self, overrides: Iterable[str] | Mapping | None) -> Params:
         tree, scoped = copy.deepcopy(self.tree), copy.deepcopy(self.scoped)
         if overrides is None:
             return Params(tree, scoped)
@@ -248,7 +257,7 @@ class Params:
         return out
 
     @property
-    def layout(self) -> "RunLayout":
+    def layout(self) -> RunLayout:
         return RunLayout(Path(self.tree["run"]["root"]) / self.tree["run"]["name"])
 
     def to_json(self) -> str:

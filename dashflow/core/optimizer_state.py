@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -179,9 +180,10 @@ class HeldState:
             if state_problem(directory) is None and store.read_manifest(directory).key == key:
                 continue
             dtype = policy_mod.stored_dtype(self.params["model"])
+            store.land_side(directory, main, partial(_write_held, model, optimizer, dtype, iteration))
 
-            def write(tmp: Path) -> None:
-                write_state(model, optimizer, tmp, dtype)
-                store.fault_point("mid-state", f"learn@{iteration}")
 
-            store.land_side(directory, main, write)
+def _write_held(model, optimizer, dtype: str, iteration: int, tmp: Path) -> None:
+    """A held optimizer state into the staging directory `tmp` (store.land_side lands it)."""
+    write_state(model, optimizer, tmp, dtype)
+    store.fault_point("mid-state", f"learn@{iteration}")

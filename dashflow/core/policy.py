@@ -174,15 +174,15 @@ def prewarm(model_name: str) -> None:
 
     def imports() -> None:
         try:
-            import transformers.core_model_loading  # noqa: F401
-            import transformers.masking_utils  # noqa: F401
+            import transformers.core_model_loading
+            import transformers.masking_utils
             import transformers.modeling_utils  # noqa: F401
             from transformers import AutoConfig, AutoTokenizer, GenerationConfig  # noqa: F401
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             if config.is_file():
                 MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(directory))]
-        except Exception:  # noqa: BLE001 -- see the docstring
+        except Exception:
             log.debug("prewarm imports failed", exc_info=True)
 
     _prewarm = threading.Thread(target=imports, name="dashflow-prewarm", daemon=True)

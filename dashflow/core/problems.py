@@ -231,7 +231,7 @@ def user_task(kind: str):
     module_name, _, attr = kind.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+    except Exception as exc:
         raise ProblemError(f"task.kind = {kind!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
                            f"is it on PYTHONPATH?") from exc
     fn = getattr(module, attr, None)

@@ -122,7 +122,7 @@ def load_function(path: str, name: str = "?") -> Callable:
     where = f"params.yaml reward.functions.{name}.function = {path!r}"
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to see
+    except Exception as exc:
         raise store.StageError(f"{where}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
                                f"is it on PYTHONPATH?") from exc
     fn = getattr(module, attr, None)

@@ -12,7 +12,6 @@ import pyarrow as pa
 
 from dashflow.core import store
 
-
 SAMPLED = "sampled.json"
 
 

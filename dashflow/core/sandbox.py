@@ -84,7 +84,7 @@ class Limits:
     work_mb: int = 16
 
     @classmethod
-    def from_params(cls, cfg: dict) -> "Limits":
+    def from_params(cls, cfg: dict) -> Limits:
         return cls(float(cfg["timeout_s"]), int(cfg["memory_mb"]), int(cfg["output_kb"]), int(cfg["processes"]),
                    int(cfg.get("work_mb", 16)))
 

@@ -38,7 +38,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(source, target, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    enc = lambda s: None if s is None else s.encode()
     if _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {source or ''} on {target}: {os.strerror(err)}")
@@ -119,8 +119,9 @@ def humaneval_tests(test_source):
             body = []
             for stmt in node.body:
                 if isinstance(stmt, ast.Assert):
-                    record = lambda err: ast.Expr(ast.Call(ast.Name("__record__", ast.Load()),  # noqa: E731
-                                                           [ast.Constant(count), err], []))
+                    def record(err, index=count):  # this assert's index
+                        return ast.Expr(ast.Call(ast.Name("__record__", ast.Load()), [ast.Constant(index), err], []))
+
                     body.append(ast.Try(
                         body=[stmt],
                         handlers=[ast.ExceptHandler(ast.Name("BaseException", ast.Load()), "__err__",

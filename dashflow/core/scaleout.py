@@ -52,7 +52,6 @@ def map_on_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], *, name: str, addr
         raise RuntimeError(f"{name}: more than one worker needs Ray and prefect-ray: pip install 'dashflow[ray]'") from exc
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
-
     from prefect.settings import PREFECT_API_URL
 
     if not address:

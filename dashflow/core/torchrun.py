@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dashflow.core import store, update
 from dashflow.core import policy as policy_mod
+from dashflow.core import store, update
 from dashflow.core.config import Params
 
 

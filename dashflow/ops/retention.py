@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dashflow.core.config import Params, ParamsError
 from dashflow.core import store
+from dashflow.core.config import Params, ParamsError
 
 SETTING = {"policy": "policies", "optimizer": "optimizers"}
 
@@ -41,7 +41,7 @@ class Retention:
     dvc: str                  # remote | drop
 
     @classmethod
-    def from_params(cls, params: Params) -> "Retention":
+    def from_params(cls, params: Params) -> Retention:
         section = params.tree.get("retention") or {}
         mode = str(section.get("dvc", "remote"))
         if mode not in ("remote", "drop"):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dashflow.core.config import Params
 from dashflow.core import answers, store
+from dashflow.core.config import Params
 
 RECORD = "tracking.json"
 SCALARS = ("reward_mean", "accuracy", "strict_accuracy", "flexible_accuracy", "kept_fraction",

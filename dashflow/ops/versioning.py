@@ -28,8 +28,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from dashflow.core.config import ParamsError
 from dashflow.core import store
+from dashflow.core.config import ParamsError
 
 # overrides that no DVC stage depends on: they change how a run executes, not what it computes
 NEUTRAL = ("run.iterations", "run.device", "prefect.", "dvc.", "retention.", "sample.workers", "sample.ray_address",

@@ -14,17 +14,44 @@ Manifest`); each concern lives in its own module:
     files     staging names, fsync, write_json, link_or_copy
 """
 
-from dashflow.core.store.digests import (DIGESTS, code_digest, content_problem, file_digest, file_sha256, hash_files,
-                                         json_digest, outputs_verify, recorded_digest, stage_key, stat_key,
-                                         trusted_digests)
+from dashflow.core.store.digests import (
+                                         DIGESTS,
+                                         code_digest,
+                                         content_problem,
+                                         file_digest,
+                                         file_sha256,
+                                         hash_files,
+                                         json_digest,
+                                         outputs_verify,
+                                         recorded_digest,
+                                         stage_key,
+                                         stat_key,
+                                         trusted_digests,
+)
 from dashflow.core.store.faults import FAULT_ENV, fault_point
 from dashflow.core.store.files import link_or_copy, write_json
 from dashflow.core.store.hashed import HashedFile, write_hashed
 from dashflow.core.store.landing import SIDE_DIGEST, directory_digest, land_side, run_lock, run_stage
-from dashflow.core.store.manifest import (MANIFEST, Manifest, StageError, pruned_record, read_manifest, remove_output,
-                                          require_output, write_pruned_record)
-from dashflow.core.store.shards import (check_shards, map_shards, read_shard, read_stage, shard_name, shard_paths,
-                                        vouched_bytes, write_shard)
+from dashflow.core.store.manifest import (
+                                         MANIFEST,
+                                         Manifest,
+                                         StageError,
+                                         pruned_record,
+                                         read_manifest,
+                                         remove_output,
+                                         require_output,
+                                         write_pruned_record,
+)
+from dashflow.core.store.shards import (
+                                         check_shards,
+                                         map_shards,
+                                         read_shard,
+                                         read_stage,
+                                         shard_name,
+                                         shard_paths,
+                                         vouched_bytes,
+                                         write_shard,
+)
 
 __all__ = [
     "DIGESTS", "FAULT_ENV", "MANIFEST", "SIDE_DIGEST", "HashedFile", "Manifest", "StageError",

@@ -106,7 +106,7 @@ class HashedFile:
             _written[_identity(st)] = (self.algo, self.digest)
         return self.digest
 
-    def __enter__(self) -> "HashedFile":
+    def __enter__(self) -> HashedFile:
         return self
 
     def __exit__(self, kind, *_) -> None:

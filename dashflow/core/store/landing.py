@@ -25,13 +25,27 @@ from typing import Callable
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
-from dashflow.core.store.digests import (content_problem, hash_files, json_digest, outputs_verify, stage_key,
-                                         stat_key, verified_record)
+from dashflow.core.store.digests import (
+    content_problem,
+    hash_files,
+    json_digest,
+    outputs_verify,
+    stage_key,
+    stat_key,
+    verified_record,
+)
 from dashflow.core.store.faults import fault_point
 from dashflow.core.store.files import fsync_dir, fsync_parent, staging, write_json
 from dashflow.core.store.hashed import digest_written
-from dashflow.core.store.manifest import (MANIFEST, Manifest, StageError, pruned_record, read_manifest, remove_output,
-                                          require_output)
+from dashflow.core.store.manifest import (
+    MANIFEST,
+    Manifest,
+    StageError,
+    pruned_record,
+    read_manifest,
+    remove_output,
+    require_output,
+)
 
 SIDE_DIGEST = "xxh128"  # side outputs (the optimizer state) are not versioned by DVC
 
