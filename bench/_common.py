@@ -48,7 +48,7 @@ def emit(title: str, headers: list[str], rows: list[list], out: Path, **extra) -
 
 
 def base_policy_path(model: str = "embedded:smollm2-135m-instruct") -> str:
-    from dashflow.core.policy import resolve_model
+    from dashflow.core.models import resolve_model
 
     return resolve_model(model)
 

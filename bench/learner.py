@@ -42,11 +42,11 @@ def kept_table(prompt: list[int], rows: int, completion_len: int, vocab: int, se
 
 
 def write_kept(params, table) -> None:
-    from dashflow.core import sampled, schema, store
+    from dashflow.core import sampled_batch, schema, store
 
     def build(tmp):
         store.write_shard(tmp, 0, table, schema.KEPT, stage="bench")
-        sampled.write_sampled(tmp, sampled.sampled_groups(table))
+        sampled_batch.write_sampled(tmp, sampled_batch.sampled_groups(table))
         return {"stats": {"rows_kept": table.num_rows}}
 
     store.run_stage("filter", 0, params.layout.stage_dir("filter", 0), inputs={}, params={"rows": table.num_rows},

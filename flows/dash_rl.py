@@ -25,8 +25,7 @@ import time
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from dashflow.core import policy as policy_mod
-from dashflow.core import store
+from dashflow.core import models, store
 from dashflow.core.config import Params, parse_stage_ref, stages_from
 from dashflow.core.optimizer_state import HeldState
 from dashflow.ops import metrics, retention, tracking
@@ -60,7 +59,7 @@ def report_task(run_dir) -> str:
 
 def prewarm(params_path: str = "params.yaml", overrides: dict | None = None) -> None:
     """Before calling the flow in this process (`dashflow run`, the benches): start importing
-    transformers' model code in a thread (dashflow/core/policy.py `prewarm`) while Prefect starts its
+    transformers' model code in a thread (dashflow/core/models.py `prewarm`) while Prefect starts its
     temporary server. Prefect's own start-up imports are done here first, so the two threads
     import disjoint sets of modules; the flow waits for the thread before its first stage."""
     import prefect.flow_engine
@@ -73,7 +72,7 @@ def prewarm(params_path: str = "params.yaml", overrides: dict | None = None) -> 
         name = Params.load(params_path, overrides or {}).stage("model")["name"]
     except Exception:  # noqa: BLE001 -- the flow loads them again and reports what is wrong
         return
-    policy_mod.prewarm(name)
+    models.prewarm(name)
 
 
 @flow(name="dash-rl", log_prints=True)
@@ -88,7 +87,7 @@ def dash_rl(
 ) -> dict:
     """`until`: run iterations 0..until of the schedule and stop (a later call resumes; the
     schedule, and so what is evaluated, stays that of the whole run)."""
-    policy_mod.prewarmed()  # no stage imports transformers while prewarm's thread does
+    models.prewarmed()  # no stage imports transformers while prewarm's thread does
     overrides = {**(overrides or {}), **({"run.preset": preset} if preset else {}),
                  **({"run.iterations": iterations} if iterations is not None else {})}
     params = Params.load(params_path, overrides)

@@ -52,7 +52,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
 
     def build(tmp: Path) -> dict:
         rows = groups = mixed = 0
-        transform = lambda table, path: add_advantages(table, cfg["estimator"], cfg["epsilon"], where=f"{label}: {path}")
+        transform = lambda table, path: add_advantages(table, cfg.estimator, cfg.epsilon, where=f"{label}: {path}")
         for _, out in store.map_shards(src, tmp, transform, reads=schema.REWARDED, writes=schema.ADVANTAGED, stage=label):
             rows += out.num_rows
             first = out.filter(pc.equal(out.column("sample_index"), 0))  # one row per group

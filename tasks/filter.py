@@ -23,14 +23,14 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from dashflow.core import algorithms, sampled, schema, store
+from dashflow.core import algorithms, sampled_batch, schema, store
 from dashflow.core.config import Params
 from dashflow.core.stage import Stage
 
 STAGE = Stage("filter", __name__, params=("filter.enabled", "filter.threshold", "filter.drop_truncated",
                                            "sample.dynamic_rounds", "sample.dynamic_groups",
                                            "sample.prompts_per_iteration"),
-              code=(algorithms, sampled, schema))
+              code=(algorithms, sampled_batch, schema))
 
 
 def keep_rows(table: pa.Table, threshold: float, enabled: bool = True, drop_truncated: bool = False,
@@ -87,7 +87,7 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
         batch = gated(src, target, label) if target is not None else None
 
         def transform(table: pa.Table, path: Path) -> pa.Table:
-            out, counts = keep_rows(table, cfg["threshold"], cfg["enabled"], cfg["drop_truncated"], batch)
+            out, counts = keep_rows(table, cfg.threshold, cfg.enabled, cfg.drop_truncated, batch)
             for reason, n in counts.items():
                 dropped[reason] = dropped.get(reason, 0) + n
             return out
@@ -96,8 +96,8 @@ def run(params: Params, iteration: int, force: bool = False) -> store.Manifest:
             rows_in += table.num_rows
             kept += out.num_rows
             # the batch as sampled (the learner's normaliser): every group, or dynamic sampling's
-            groups += [g for g in sampled.sampled_groups(table) if batch is None or g["prompt_id"] in batch]
-        sampled.write_sampled(tmp, groups)
+            groups += [g for g in sampled_batch.sampled_groups(table) if batch is None or g["prompt_id"] in batch]
+        sampled_batch.write_sampled(tmp, groups)
         return {"stats": {"rows_in": rows_in, "rows_kept": kept, "kept_fraction": kept / max(rows_in, 1),
                           "dropped": dropped or {"filter_disabled": 0},
                           **({"batch_groups": len(groups), "dynamic_target": target} if batch is not None else {})}}

@@ -26,7 +26,7 @@ from dashflow.core import algorithms, batches, problems, schema, store, torchrun
 from dashflow.core import optimizer_state as state_mod
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
-from dashflow.core import sampled as sampled_mod
+from dashflow.core import sampled_batch as sampled_mod
 from dashflow.core.config import Params
 from dashflow.core.optimizer_state import HeldState
 from dashflow.core.stage import Stage
@@ -47,8 +47,8 @@ def _update(params: Params, iteration: int, tmp, *, held: HeldState | None = Non
             write_state_now: bool = True) -> update.Trained:
     """learn@i's update into tmp, in this process or as torchrun's ranks (learn.launcher)."""
     cfg = params.stage("learn", iteration)
-    if cfg.get("launcher") == "torchrun":
-        return update.Trained(torchrun.launch(params, iteration, tmp, int(cfg.get("nproc") or 1)))
+    if cfg.launcher == "torchrun":
+        return update.Trained(torchrun.launch(params, iteration, tmp, cfg.nproc or 1))
     return update.train(params, iteration, tmp, write_state_now=write_state_now, held=held)
 
 
@@ -60,8 +60,8 @@ def run(params: Params, iteration: int, force: bool = False, held: HeldState | N
     layout, cfg = params.layout, inp.cfg
     # torchrun's rank 0 writes the optimizer state with the policy; in a flow it is held for
     # the next learn and written in a thread every `state_every` iterations and at the last
-    hold = held is not None and cfg.get("launcher") != "torchrun"
-    every = int(cfg.get("state_every") or 1)
+    hold = held is not None and cfg.launcher != "torchrun"
+    every = cfg.state_every or 1
     due = (iteration + 1) % every == 0 or iteration >= params.iterations - 1
     trained: list[update.Trained] = []
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dashflow.core import models, problems, schema, store
 from dashflow.core import policy as policy_mod
-from dashflow.core import problems, schema, store
 from dashflow.core import prompts as prompts_mod
 from dashflow.core.config import Params
 from dashflow.core.stage import Stage
@@ -25,7 +25,7 @@ PROMPTS = Stage("prepare", __name__, code=(problems, prompts_mod, schema), param
     "run.seed", "task.kind", "task.options", "task.path", "task.hub_name", "task.hub_config", "task.hub_split",
     "task.question_field", "task.answer_field", "task.hub_format", "task.num_train", "task.num_eval",
     "task.level_weights", "task.instruction", "task.system", "task.fewshot", "task.demonstrations"))
-POLICY = Stage("prepare_policy", __name__, code=(policy_mod,),
+POLICY = Stage("prepare_policy", __name__, code=(models, policy_mod),
                params=("model.name", "model.dtype", "model.checkpoint_dtype"))
 
 
@@ -90,7 +90,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
     model_cfg = params.stage("model")
 
     def build(tmp: Path) -> dict:
-        source = policy_mod.resolve_model(model_cfg["name"])
+        source = models.resolve_model(model_cfg["name"])
         src = Path(source)
         dtype = policy_mod.stored_dtype(model_cfg)
         if src.is_dir() and policy_mod.checkpoint_dtype(src) == dtype:
@@ -98,7 +98,7 @@ def prepare_policy(params: Params, force: bool = False) -> store.Manifest:
             # model's cache (never rewritten in place: a new conversion is a new directory) is
             # hard-linked; a model directory of yours is copied, so editing it later cannot
             # change this run's base
-            embedded = model_cfg["name"] in policy_mod.EMBEDDED
+            embedded = model_cfg["name"] in models.EMBEDDED
             for f in src.iterdir():
                 if f.is_file():
                     (store.link_or_copy if embedded else shutil.copy2)(f, tmp / f.name)

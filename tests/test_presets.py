@@ -66,7 +66,7 @@ def _steps_with_kept_rows(run, cfg) -> int:
     filter all dropped moves no weight, so the next step may still be on-policy)."""
     from dashflow.core import schema, store
     from dashflow.core.algorithms import plan_steps
-    from dashflow.core.sampled import read_sampled
+    from dashflow.core.sampled_batch import read_sampled
 
     it = run / "iter-0000"
     sampled = [g["prompt_id"] for g in read_sampled(it / "kept", needed_by="test")]

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_params
+from dashflow.core import models, problems, prompts, schema, store
 from dashflow.core import policy as policy_mod
-from dashflow.core import problems, prompts, schema, store
 from dashflow.tasks import evaluate, prepare, sample
 
 TRAIN = [{"prompt_id": f"p{k}", "prompt": f"What is {k} + 1? Box it.", "answer": str(k + 1), "solution": None,
@@ -55,7 +55,7 @@ def test_context_is_system_then_demonstration_turns():
 
 @pytest.mark.slow
 def test_chat_prompt_renders_the_turns_through_the_chat_template():
-    tok = policy_mod.load_tokenizer(policy_mod.resolve_model("embedded:smollm2-135m-instruct"))
+    tok = policy_mod.load_tokenizer(models.resolve_model("embedded:smollm2-135m-instruct"))
     ids = policy_mod.chat_prompt(tok, "What is 4 + 4?", [{"role": "system", "content": "Box it."},
                                                           {"role": "user", "content": "What is 1 + 1?"},
                                                           {"role": "assistant", "content": "\\boxed{2}"}])

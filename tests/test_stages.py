@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import fork_run, tiny_params
-from dashflow.core import answers, batches, optimizer_state, prompts, rewards, sampled, schema, store
+from dashflow.core import answers, batches, optimizer_state, prompts, rewards, sampled_batch, schema, store
 from dashflow.core import policy as policy_mod
 from dashflow.core.optimizer_state import OPTIMIZER_FILE, HeldState
 from dashflow.tasks import advantage, evaluate, learn, prepare, reference, reward, sample
@@ -222,7 +222,7 @@ def test_learn_moves_logprobs_in_the_direction_of_the_advantage(tmp_path, run0):
     def build(tmp):
         table = pa.Table.from_pylist(rows, schema=schema.KEPT)
         store.write_shard(tmp, 0, table, schema.KEPT, stage="test")
-        sampled.write_sampled(tmp, sampled.sampled_groups(table))
+        sampled_batch.write_sampled(tmp, sampled_batch.sampled_groups(table))
         return {}
 
     for f in src_params.layout.policy(-1).iterdir():  # reuse the prepared base policy

@@ -1,5 +1,9 @@
 """Algorithm math as small pure tensor functions, registered by name.
 
+(Over 500 lines on purpose: every estimator, objective, correction, KL estimator and
+aggregation sits beside its registry, each a few lines with its shapes; the registries are
+the one place a reader looks them up, as in verl's core_algos.py.)
+
 Stages pick these from params by name (`advantage.estimator: grpo`,
 `learn.loss_agg: token_mean`, `learn.kl_estimator: k3`); nothing here knows about files,
 Prefect or models. Shapes are in the docstrings: G = group size (samples per prompt),
@@ -266,10 +270,9 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, cfg) -> LossSettings:
-        """From the learn stage's config (a mapping of `learn.*`)."""
-        return cls(agg=cfg["loss_agg"], clip_eps=float(cfg["clip_eps"]), clip_eps_high=float(cfg["clip_eps_high"]),
-                   kl_coef=float(cfg["kl_coef"]), kl_estimator=cfg["kl_estimator"], objective=cfg["objective"],
-                   cispo_cap=float(cfg["cispo_cap"]))
+        """From the learn stage's config (a LearnConfig, dashflow/core/stage_configs.py)."""
+        return cls(agg=cfg.loss_agg, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, kl_coef=cfg.kl_coef,
+                   kl_estimator=cfg.kl_estimator, objective=cfg.objective, cispo_cap=cfg.cispo_cap)
 
 
 @dataclass(frozen=True)

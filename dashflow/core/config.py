@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dashflow.core import parameters, precision
+from dashflow.core import parameters, precision, stage_configs
 from dashflow.core.layout import RunLayout
 from dashflow.core.params_file import ParamsError, load_yaml, read_params_file
 from dashflow.core.presets import PRESETS
@@ -248,13 +248,14 @@ class Params:
         cfg = self.stage("learn", iteration)
         return cfg["mode"] == "rl" and float(cfg["kl_coef"]) > 0
 
-    def stage(self, name: str, iteration: int | None = None) -> dict:
-        """The stage's parameter slice, with `name@iteration` overrides applied."""
+    def stage(self, name: str, iteration: int | None = None) -> stage_configs.StageConfig | dict:
+        """The section's parameters with `name@iteration` overrides applied, as its typed config
+        (`params.stage("learn", i)` is a LearnConfig: dashflow/core/stage_configs.py)."""
         out = copy.deepcopy(self.tree.get(name, {}))
         if iteration is not None:
             for key, value in self.scoped.get(f"{name}@{iteration}", {}).items():
                 out[key] = value
-        return out
+        return stage_configs.make(name, out)
 
     @property
     def layout(self) -> RunLayout:

@@ -23,6 +23,7 @@ import torch
 from dashflow.core import policy as policy_mod
 from dashflow.core import store
 from dashflow.core.config import Params
+from dashflow.core.stage_configs import LearnConfig
 
 OPTIMIZER_FILE = "optimizer.pt"
 
@@ -64,17 +65,16 @@ def previous_state(prev_opt: Path | None, iteration: int, label: str) -> Path | 
     return prev_opt
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg) -> None:
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: LearnConfig) -> None:
     """This iteration's lr, betas and weight decay (a loaded or held state carries its own)."""
     for group in optimizer.param_groups:
-        group.update(lr=float(cfg["lr"]), betas=tuple(cfg["betas"]), weight_decay=float(cfg["weight_decay"]))
+        group.update(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def make_optimizer(model, cfg, prev_opt: Path | None, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model, cfg: LearnConfig, prev_opt: Path | None, device: torch.device) -> torch.optim.AdamW:
     """AdamW over the float32 master weights, continuing the previous iteration's moments
     (read from `prev_opt`), with this iteration's hyper-parameters."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), betas=tuple(cfg["betas"]),
-                                  weight_decay=float(cfg["weight_decay"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if prev_opt is not None:
         optimizer.load_state_dict(torch.load(prev_opt / OPTIMIZER_FILE, map_location=device, weights_only=True))
         apply_hyperparameters(optimizer, cfg)

@@ -1,5 +1,8 @@
 """Every parameter of a run, declared once: its key, default, what is allowed and its help.
 
+(Over 500 lines on purpose: one declaration per parameter, ~100 of them, in one list that
+reads like params.yaml; splitting it by section would scatter what a reviewer checks at once.)
+
 Validation (dashflow/core/config.py), params.yaml's comments (`dashflow params --write`
 renders the file from these declarations with the file's own values; a test checks that it
 is up to date and that its values are these defaults) and docs/parameters.md (`dashflow

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from dashflow.core import parameters, store
 from dashflow.core.config import Params, ParamsError
-from dashflow.core.prefecting import stage_task
+from dashflow.core.prefect_task import stage_task
 
 
 @dataclass(frozen=True)

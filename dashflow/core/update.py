@@ -53,9 +53,10 @@ from dashflow.core import algorithms, batches, problems, schema, store
 from dashflow.core import optimizer_state as state_mod
 from dashflow.core import policy as policy_mod
 from dashflow.core import prompts as prompts_mod
-from dashflow.core import sampled as sampled_mod
+from dashflow.core import sampled_batch as sampled_mod
 from dashflow.core.config import Params
 from dashflow.core.optimizer_state import HeldState
+from dashflow.core.stage_configs import LearnConfig, SampleConfig
 
 # the learner's metrics, as the stage's stats report them (means over tokens or steps)
 METRICS = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_sampling",
@@ -66,8 +67,8 @@ METRICS = ("loss", "grad_norm", "lr", "entropy", "clip_fraction", "approx_kl_to_
 class LearnInputs:
     """What one learn@i reads and how, derived from the parameters."""
 
-    cfg: dict                  # learn@i's parameters
-    sample_cfg: dict           # sample@i's parameters (temperature, top-k/p, the batch as sampled)
+    cfg: LearnConfig           # learn@i's parameters
+    sample_cfg: SampleConfig   # sample@i's parameters (temperature, top-k/p, the batch as sampled)
     sft: bool
     temperature: float         # of the sampler (1 in SFT mode)
     with_kl: bool              # the KL penalty is on: the rows come from iter-i/reference
@@ -81,9 +82,9 @@ class LearnInputs:
     def of(cls, params: Params, iteration: int) -> LearnInputs:
         layout = params.layout
         cfg, sample_cfg = params.stage("learn", iteration), params.stage("sample", iteration)
-        sft, with_kl = cfg["mode"] == "sft", params.needs_reference(iteration)
+        sft, with_kl = cfg.mode == "sft", params.needs_reference(iteration)
         kept = layout.stage_dir("filter", iteration)
-        return cls(cfg, sample_cfg, sft, 1.0 if sft else sample_cfg["temperature"], with_kl, kept,
+        return cls(cfg, sample_cfg, sft, 1.0 if sft else sample_cfg.temperature, with_kl, kept,
                    layout.stage_dir("reference", iteration) if with_kl else kept,
                    layout.policy(iteration - 1), layout.optimizer(iteration - 1), f"learn@{iteration}")
 
@@ -118,7 +119,7 @@ def sft_batch(params: Params, iteration: int, tokenizer) -> Batch:
     """The iteration's prompts (the same ones `sample` drew) with reference solutions as completions."""
     cfg = params.stage("sample", iteration)
     rows = prompts_mod.iteration_prompts(prompts_mod.read_prompts(params, "train"), iteration,
-                                         cfg["prompts_per_iteration"], params["run"]["seed"])
+                                         cfg.prompts_per_iteration, params["run"]["seed"])
     prompts, completions = [], []
     for row in rows:
         target = problems.sft_target(row["solution"], row["answer"])
@@ -159,14 +160,14 @@ def schedule_position(params: Params, iteration: int) -> tuple[int, int] | None:
     place). Derived from the plan of every iteration (the steps one sampled batch gives do
     not depend on what the filter kept), so it needs no state."""
     cfg = params.stage("learn", iteration)
-    if cfg["lr_schedule"] == "constant" and not cfg["warmup_steps"]:
+    if cfg.lr_schedule == "constant" and not cfg.warmup_steps:
         return None
     groups_available = prompts_mod.read_prompts(params, "train").num_rows
     counts = []
     for i in range(params.iterations):
         learn_cfg, sample_cfg = params.stage("learn", i), params.stage("sample", i)
-        groups = min(int(sample_cfg["prompts_per_iteration"]), groups_available)
-        counts.append(algorithms.planned_steps(learn_cfg["update"], int(learn_cfg["steps"]), groups))
+        groups = min(sample_cfg.prompts_per_iteration, groups_available)
+        counts.append(algorithms.planned_steps(learn_cfg.update, learn_cfg.steps, groups))
     return sum(counts[:iteration]), sum(counts)
 
 
@@ -201,7 +202,7 @@ def acquire(inp: LearnInputs, iteration: int, device: torch.device, held: HeldSt
             policy_mod.release_inference_model()
             model = policy_mod.load_master(inp.prev, low_bits, device)
         optimizer = None
-    if inp.cfg.get("gradient_checkpointing"):
+    if inp.cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     if optimizer is None:
@@ -216,13 +217,13 @@ def micro_batch_loss(inp: LearnInputs, batch: Batch, idx: list[int], logp: torch
     their own, else None), its metrics added to `tally`."""
     cfg, ps = inp.cfg, [batch.prompts[i] for i in idx]
     if inp.sft:  # cross-entropy on the reference solution's tokens
-        return algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")(-logp, mask, **consts)
+        return algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg.loss_agg, "loss aggregation")(-logp, mask, **consts)
     device, width = logp.device, mask.shape[1]
 
     def values(lists: list[list[float]]) -> torch.Tensor:
         return batches.place([lists[i] for i in idx], ps, width).to(device)
 
-    top_k, top_p = int(inp.sample_cfg.get("top_k") or 0), float(inp.sample_cfg.get("top_p", 1.0))
+    top_k, top_p = inp.sample_cfg.top_k or 0, inp.sample_cfg.top_p
     old_lp = logp.detach() if old is None else values(old[0])
     # the sampler's distribution (temperature, top-k, top-p) under the learner's weights before
     # the step: what the recorded sampler log-probs are to be compared with
@@ -234,9 +235,8 @@ def micro_batch_loss(inp: LearnInputs, batch: Batch, idx: list[int], logp: torch
         sampling_lp = old_lp
     if old is None:
         tally_mismatch(tally, batches.take(sampling_lp.cpu(), mask.cpu(), ps), [batch.sampler_logprobs[i] for i in idx])
-    correct = algorithms.get(algorithms.MISMATCH_CORRECTIONS, cfg["tis_mode"], "learn.tis_mode")
-    tis = (correct(sampling_lp, values(batch.sampler_logprobs), mask, lo=float(cfg["tis_min"]),
-                   hi=float(cfg["tis_cap"])) if cfg["tis_cap"] else None)
+    correct = algorithms.get(algorithms.MISMATCH_CORRECTIONS, cfg.tis_mode, "learn.tis_mode")
+    tis = correct(sampling_lp, values(batch.sampler_logprobs), mask, lo=cfg.tis_min, hi=cfg.tis_cap) if cfg.tis_cap else None
     loss, metrics = algorithms.policy_loss(
         algorithms.LossInputs(logp, old_lp, batch.advantages[idx].to(device), mask, tis_weights=tis,
                               ref_logprobs=values(batch.ref_logprobs) if inp.with_kl else None),
@@ -255,10 +255,10 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     k % world), DDP sums them across ranks at each optimizer step, and rank 0 writes."""
     inp = LearnInputs.of(params, iteration)
     cfg, sample_cfg, label = inp.cfg, inp.sample_cfg, inp.label
-    algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg["loss_agg"], "loss aggregation")  # an unknown name fails here
-    algorithms.get(algorithms.MISMATCH_CORRECTIONS, cfg["tis_mode"], "learn.tis_mode")
-    algorithms.get(algorithms.KL_ESTIMATORS, cfg["kl_estimator"], "KL estimator")
-    top_k, top_p = (0, 1.0) if inp.sft else (int(sample_cfg.get("top_k") or 0), float(sample_cfg.get("top_p", 1.0)))
+    algorithms.get(algorithms.LOSS_AGGREGATIONS, cfg.loss_agg, "loss aggregation")  # an unknown name fails here
+    algorithms.get(algorithms.MISMATCH_CORRECTIONS, cfg.tis_mode, "learn.tis_mode")
+    algorithms.get(algorithms.KL_ESTIMATORS, cfg.kl_estimator, "KL estimator")
+    top_k, top_p = (0, 1.0) if inp.sft else (sample_cfg.top_k or 0, sample_cfg.top_p)
     t0 = time.perf_counter()
     tokenizer = policy_mod.load_tokenizer(inp.prev)
     if inp.sft:
@@ -269,7 +269,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
 
     device = policy_mod.pick_device(params["run"]["device"])
     model, optimizer = acquire(inp, iteration, device, held if world == 1 else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16-mixed")
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -277,7 +277,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     owner = row_owners(batch, inp.src, world, inp.sft)
     offset, total_steps = schedule_position(params, iteration) or (0, 0)
-    plan = algorithms.plan_steps([g["prompt_id"] for g in batch.sampled], cfg["update"], int(cfg["steps"]))
+    plan = algorithms.plan_steps([g["prompt_id"] for g in batch.sampled], cfg.update, cfg.steps)
     sampled = {g["prompt_id"]: g for g in batch.sampled}
     rows_of: dict[str, list[int]] = {}
     for i, g in enumerate(batch.groups):
@@ -292,7 +292,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         with autocast:
             old = batches.completion_logprobs(
                 model, batch.prompts, batch.completions, pad_id=tokenizer.pad_token_id, temperature=inp.temperature,
-                token_budget=cfg["micro_batch_tokens"], desc=f"{label} old log-probs", top_k=top_k, top_p=top_p)
+                token_budget=cfg.micro_batch_tokens, desc=f"{label} old log-probs", top_k=top_k, top_p=top_p)
         model.train()
         tally_mismatch(tally, old[1], batch.sampler_logprobs)
     seen: set[int] = set()
@@ -305,12 +305,12 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
         # included), on every rank: filtering changes the update by the dropped rows' own terms only.
         consts = {"num_sequences": sum(sampled[g]["rows"] for g in step_groups),
                   "num_tokens": sum(sampled[g]["completion_tokens"] for g in step_groups),
-                  "max_new_tokens": sample_cfg["max_new_tokens"]}
+                  "max_new_tokens": sample_cfg.max_new_tokens}
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         mine = [i for i in rows if owner[i] == rank]
         lengths = [len(batch.prompts[i]) + len(batch.completions[i]) for i in mine]
-        micros = algorithms.pack_by_tokens(lengths, cfg["micro_batch_tokens"])
+        micros = algorithms.pack_by_tokens(lengths, cfg.micro_batch_tokens)
         if world > 1 and not micros:  # no rows here this step: join the gradient sum with zeros
             _zero_backward(net, device)
         for k, micro in enumerate(micros):
@@ -337,9 +337,8 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
             bar.update(len(idx))
         if world > 1:
             step_loss = _all_sum(step_loss)
-        lr = float(cfg["lr"]) * algorithms.lr_factor(cfg["lr_schedule"], offset + step_index,
-                                                     int(cfg["warmup_steps"]), total_steps)
-        grad_norm = optimizer_step(model, optimizer, lr, cfg["max_grad_norm"], step_loss, label, inp.prev)
+        lr = cfg.lr * algorithms.lr_factor(cfg.lr_schedule, offset + step_index, cfg.warmup_steps, total_steps)
+        grad_norm = optimizer_step(model, optimizer, lr, cfg.max_grad_norm, step_loss, label, inp.prev)
         tally.add("loss", step_loss, 1)
         tally.add("grad_norm", grad_norm, 1)
         tally.add("lr", lr, 1)
@@ -356,7 +355,7 @@ def train(params: Params, iteration: int, tmp: Path, rank: int = 0, world: int =
     if write_state_now:
         state_mod.write_state(model, optimizer, tmp / "optimizer", dtype, low)
     result = {
-        "stats": {"updated": bool(len(batch)), "mode": cfg["mode"], "precision": cfg["precision"], "rows": len(batch),
+        "stats": {"updated": bool(len(batch)), "mode": cfg.mode, "precision": cfg.precision, "rows": len(batch),
                   "sampled_rows": sum(g["rows"] for g in batch.sampled), "optimizer_steps": len(plan),
                   "completion_tokens": sum(len(c) for c in batch.completions),
                   **{n: tally.mean(n) for n in METRICS},
