@@ -1,13 +1,16 @@
 """The import rule of dashflow's layers, checked from the source (`dashflow layers`).
 
-    app    dashflow/app/    CLI, serving, reaper, inspect           may import everything below
+    app    dashflow/app/    CLI, serving, reaper, inspect,          may import everything below
+                            dvc.yaml, layers
     flows  flows/           Prefect flows composing the stages      may import ops, tasks, core
-    ops    dashflow/ops/    DVC commits, retention, tracking,       may import core
-                            report, console lines
+    ops    dashflow/ops/    DVC commits, retention, metrics,        may import core
+                            tracking, report, console lines
     tasks  tasks/           one module per stage                    may import core, never a stage
-    core   dashflow/core/   the library: config, data contract,     may import core
-                            store, algorithms, models, samplers,
-                            answers, sandbox, task loaders
+    core   dashflow/core/   the library: parameters and config,     may import core
+                            stage, schema, store, algorithms,
+                            update, optimizer state, models,
+                            samplers, answers, rewards, sandbox,
+                            task loaders
 
 tasks/ and flows/ install as `dashflow.tasks` and `dashflow.flows` (pyproject.toml), so no
 module of the project is importable under the bare names `tasks` or `flows`. Every import

@@ -1,4 +1,6 @@
-"""The library under every stage: parameters and run layout (config), the rollout table
-(schema), manifests and atomic writes (store), algorithm math (algorithms), models
-(policy), samplers, prompts, answer checking (answers), rewards, the code sandbox and the
-task loaders (problems, code). It imports nothing above it (`dashflow layers`)."""
+"""The library under every stage, one module per concern (README.md's code map has a line for each):
+parameters (parameters, presets, config, params_file, schedule, layout), a stage and its data (stage,
+prefecting, schema, sampled, store/), the learner (algorithms: the loss; update; optimizer_state;
+batches, torchrun, precision), models and samplers (policy, samplers, vllm_engine, scaleout), tasks and
+rewards (problems, prompts, answers, rewards, code, sandbox, sandbox_runner). It imports nothing above
+it (`dashflow layers`)."""
