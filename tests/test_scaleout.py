@@ -163,6 +163,27 @@ def test_vllm_engine_replies_convert_to_rollout_completions():
         [dict(outs[0], logprobs=None)], True, [7])] == [[]]                      # greedy: none recorded
     with pytest.raises(ValueError, match="vLLM request 8: expected one log-prob per token \\(2\\), got 1"):
         samplers.completions_from_engine([outs[0], dict(outs[1], logprobs=[-0.5])], False, [7, 8])
+    # a sampled token has a probability > 0: NaN or inf from the engine stops the batch (NaN weights, overflow)
+    for bad in (float("nan"), float("-inf"), float("inf")):
+        with pytest.raises(samplers.SamplerSyncError, match=f"vLLM request 8: a sampled token's log-prob is not "
+                                                            f"finite \\({bad!r}\\)"):
+            samplers.completions_from_engine([outs[0], dict(outs[1], logprobs=[-0.5, bad])], False, [7, 8])
+
+
+def test_the_sync_check_fails_closed_on_probe_values_that_are_not_finite():
+    """NaN compares false with everything: `gap > tolerance` let a NaN gap through. The probe's
+    values are checked first, the engine's and the learner's, and the gap must be <= the tolerance."""
+    learner = [-0.5, -1.0, -2.0]
+    assert samplers.probe_problem([-0.51, -1.0, -2.02], learner) is None
+    nan, inf = float("nan"), float("inf")
+    assert samplers.probe_problem([-0.5, nan, nan], learner) == (
+        "the engine's log-probs on the probe are not finite at 2 of 3 tokens (first: token 1 = nan)")
+    assert samplers.probe_problem([-0.5, -1.0, -inf], learner) == (
+        "the engine's log-probs on the probe are not finite at 1 of 3 tokens (first: token 2 = -inf)")
+    assert samplers.probe_problem(learner, [nan, -1.0, -2.0]).startswith(
+        "the learner's (the checkpoint's own) log-probs on the probe are not finite at 1 of 3 tokens")
+    assert samplers.probe_problem([-0.5], learner) == "the probe gave 1 log-probs from the engine and 3 from the learner"
+    assert samplers.probe_problem([], []) == "the probe gave 0 log-probs from the engine and 0 from the learner"
 
 
 def test_without_a_vllm_environment_the_run_says_how_to_make_one(tmp_path, monkeypatch):

@@ -150,6 +150,42 @@ def test_new_weights_go_into_the_running_engine_and_are_verified(base, tmp_path)
     print(err.value)
 
 
+def _with_norm(src: str, dst: Path, value: float) -> str:
+    """A copy of the checkpoint whose final norm weight is `value` everywhere (NaN, inf)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        if f.is_file() and not f.name.startswith("_") and not f.name.endswith(".safetensors"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    for f in Path(src).glob("*.safetensors"):
+        tensors = load_file(f)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], value)
+        save_file(tensors, dst / f.name, metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_nan_or_inf_weights_stop_the_engine_before_it_samples_and_the_next_policy_is_reloaded(base, tmp_path):
+    """Issue 40: with NaN weights the probe gap was NaN, `gap > tolerance` was false, and the
+    engine sampled token 0 with NaN log-probs. The check now fails closed; the engine holds no
+    proven policy after it, so the next policy it is given is loaded and checked again, even the
+    one it ran before."""
+    params, policy_dir, _ = base
+    sampler, _ = _sampler(params, policy_dir)
+    engine = sampler.engine
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        broken = _with_norm(policy_dir, tmp_path / name, value)
+        loads = len(engine.loads)
+        with pytest.raises(samplers.SamplerSyncError, match=r"cannot be shown to run the policy it was given .*"
+                                                            r"log-probs on the probe are not finite"):
+            _sampler(params, broken)
+        assert len(engine.loads) == loads + 1 and engine.holding is None   # loaded, not held
+        again, _ = _sampler(params, policy_dir)
+        assert len(engine.loads) == loads + 2 and again.sync["probe_mismatch"] < 1e-3   # reloaded, verified
+        assert engine.holding == samplers.policy_identity(policy_dir)
+
+
 def _cli(root: Path, *extra: str, env=None, log=None) -> subprocess.Popen:
     sets = dict(TINY, **VLLM, **{"run.root": str(root), "run.name": "tiny"})
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

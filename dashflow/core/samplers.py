@@ -26,6 +26,7 @@ log-prob under the same processing (TIS, sampler_mismatch).
 from __future__ import annotations
 
 import atexit
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -291,9 +292,13 @@ class VLLMEngine:
         policy moved by more than ~3x the engine's numerical noise on the probe)."""
         prompt, completion, learner = self._learner_probe(policy_dir)
         got = self.call("score", prompt=prompt + completion)["logprobs"][-len(completion):]
+        problem = probe_problem(got, learner)
+        if problem:
+            raise SamplerSyncError(f"the vLLM sampler cannot be shown to run the policy it was given ({policy_dir}): "
+                                   f"{problem}. Nothing is sampled from it.")
         gap = _mean_abs(got, learner)
         check = {"probe_mismatch": gap}
-        if gap > tolerance:
+        if not gap <= tolerance:  # fails closed: a NaN gap is not within any tolerance
             raise SamplerSyncError(
                 f"the vLLM sampler is not running the policy it was given ({policy_dir}): its log-probs on the "
                 f"probe differ from the learner's by {gap:.4f} per token on average (sample.sync_tolerance: "
@@ -325,6 +330,19 @@ class VLLMEngine:
                                                       temperature=1.0, token_budget=4096, desc="probe")
             self.probes[ident] = lp
         return prompt, completion, self.probes[ident]
+
+
+def probe_problem(engine: Sequence[float], learner: Sequence[float]) -> str | None:
+    """Why the probe's log-probs cannot vouch for the engine (None: they can): a value that is
+    not a finite number (NaN, inf: weights that overflowed or hold NaN), or a count that differs."""
+    if len(engine) != len(learner) or not learner:
+        return f"the probe gave {len(engine)} log-probs from the engine and {len(learner)} from the learner"
+    for who, values in (("engine's", engine), ("learner's (the checkpoint's own)", learner)):
+        bad = [i for i, v in enumerate(values) if not (isinstance(v, (int, float)) and math.isfinite(v))]
+        if bad:
+            return (f"the {who} log-probs on the probe are not finite at {len(bad)} of {len(values)} tokens "
+                    f"(first: token {bad[0]} = {values[bad[0]]!r})")
+    return None
 
 
 def _mean_abs(a: Sequence[float], b: Sequence[float]) -> float:
@@ -409,6 +427,11 @@ def completions_from_engine(outputs: list[dict], greedy: bool, request_ids: Sequ
         elif lps is None or len(lps) != len(tokens):
             raise ValueError(f"vLLM request {rid}: expected one log-prob per token ({len(tokens)}), "
                              f"got {None if lps is None else len(lps)}")
+        elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lps):
+            # a sampled token has a probability > 0 under the distribution it was drawn from
+            raise SamplerSyncError(f"vLLM request {rid}: a sampled token's log-prob is not finite "
+                                   f"({next(v for v in lps if not (isinstance(v, (int, float)) and math.isfinite(v)))!r}):"
+                                   " the engine's weights or arithmetic overflowed; nothing is kept from this batch")
         results.append(Completion(tokens, lps, "stop" if out["finish_reason"] == "stop" else "length"))
     return results
 
