@@ -121,6 +121,13 @@ def run_stage(
                 f"with `dvc pull {inputs[name]}` (or `dvc checkout` while the DVC cache holds it), "
                 "or keep more checkpoints (params.yaml `retention:`)")
 
+    with disk_errors(out_dir, label):
+        return _build_and_land(stage, iteration, out_dir, label, key, params, input_digests, build, side)
+
+
+def _build_and_land(stage: str, iteration: int | None, out_dir: Path, label: str, key: str, params: dict,
+                    input_digests: dict, build: Callable[[Path], dict], side: dict[str, Path]) -> Manifest:
+    """run_stage's second half: build into a staging directory, seal, swap into place."""
     tmp = staging(out_dir)
     for path in (tmp, *map(staging, side.values())):
         _remove(path)
@@ -163,6 +170,31 @@ def run_stage(
     _swap(tmp, out_dir, label)
     _remember(out_dir, manifest)
     return manifest
+
+
+@contextmanager
+def disk_errors(where: Path, label: str):
+    """Operating-system errors a user fixes on the machine, not in the code -- no space, a
+    read-only file system, no permission -- as one StageError naming the path and what to do.
+    Whatever the stage had staged is removed by then: nothing half-written looks finished."""
+    try:
+        yield
+    except OSError as exc:
+        # the file the call names, where it lies under the output (a copy names its source)
+        named = Path(exc.filename) if exc.filename else None
+        path = named if named is not None and named.is_relative_to(Path(where).parent) else where
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = (f"no space left on the device holding {where} (`df -h {where}`): free space -- older checkpoints "
+                   "(params.yaml `retention:`, `dashflow prune`), scratch runs -- and run the same command again; "
+                   "finished stages are kept")
+        elif exc.errno == errno.EROFS:
+            why = f"{path} is on a read-only file system: point run.root at a writable directory (--set run.root=DIR)"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            why = (f"no permission to write {path}: run as the directory's owner, or point run.root at a directory "
+                   "you can write (--set run.root=DIR)")
+        else:
+            raise
+        raise StageError(f"{label}: {why}") from exc
 
 
 def land_side(path: Path, main: Manifest, write: Callable[[Path], None]) -> Manifest:
@@ -281,10 +313,11 @@ def run_lock(root: Path):
     A run's outputs are written under it (so an output's staging directory can have one
     fixed name: files.staging)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(root / ".lock")
     try:
-        lock.acquire(timeout=0)
+        with disk_errors(root, "dashflow"):
+            root.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=0)
     except Timeout as exc:
         raise StageError(f"another dashflow run is using {root}; wait for it to finish or stop it") from exc
     try:
