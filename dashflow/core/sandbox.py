@@ -337,7 +337,7 @@ def _collect(proc: subprocess.Popen, fd: int, job: bytes, timeout_s: float) -> t
     for raw in bytes(data).decode("utf-8", "replace").splitlines():
         try:
             record = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: garbage
             continue
         if isinstance(record, dict):
             lines.append(record)
@@ -355,7 +355,8 @@ def _outcome(returncode: int, lines: list[dict], timed_out: bool, limits: Limits
     if not ready and not timed_out:
         tail = _tail(output).decode("utf-8", "replace").strip()
         raise SandboxError(f"the code sandbox did not start (exit status {returncode}): {tail or 'no output'}")
-    total = next((int(r["tests"]) for r in lines if "tests" in r), 0)
+    # a count that is not an integer (a string, null, a float) is garbage the program wrote
+    total = next((r["tests"] for r in lines if type(r.get("tests")) is int), 0)
     results: dict[int, dict] = {}
     for r in lines:  # the first report of each test counts (a forged second one does not)
         if "test" in r and isinstance(r["test"], int):
