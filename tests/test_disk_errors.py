@@ -50,7 +50,8 @@ echo $? > $OUT/rc
 
 
 def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_the_rerun_lands_the_same_bytes(tmp_path):
-    """prepare copies the 0.54 GB base checkpoint into a 20 MB tmpfs: ENOSPC. One line, no staging
+    """prepare copies the 0.54 GB base checkpoint into a 20 MB tmpfs: ENOSPC. One line naming the
+    output (not the copy's source) and a `df` of a directory that is there; no staging
     directory and no manifest left; with the tmpfs grown, the same command lands the bytes a
     prepare on an ordinary disk lands."""
     args = "stage prepare --params params/tiny.yaml --set run.name=tiny --set run.root"
@@ -67,7 +68,7 @@ cp $MNT/tiny/base/prompts/_manifest.json $OUT/prompts.json
     assert got["rc1"].strip() == "1" and "Traceback" not in got["stderr1"] + got["stdout1"]
     line = got["stderr1"].strip().splitlines()[-1]
     assert line == (f"error: prepare_policy: no space left on the device holding {mnt}/tiny/base/policy (`df -h "
-                    f"{mnt}/tiny/base/policy`): free space -- older checkpoints (params.yaml `retention:`, `dashflow "
+                    f"{mnt}/tiny/base`): free space -- older checkpoints (params.yaml `retention:`, `dashflow "
                     "prune`), scratch runs -- and run the same command again; finished stages are kept")
     assert not [p for p in got["left"].split() if "policy" in p or "_manifest" in p]   # nothing that looks done
     assert got["rc2"].strip() == "0", got["stderr2"]

@@ -1,6 +1,7 @@
 """Typed stage configs (dashflow/core/stage_configs.py): what `Params.stage` returns."""
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,9 @@ def test_a_config_has_one_typed_field_per_declared_parameter():
     assert fields["tis_cap"] is float                      # declared default 0, but 1.5 is allowed
     sample = {f.name: f.type for f in dataclasses.fields(SampleConfig)}
     assert sample["top_k"] is int and sample["dynamic_groups"] == int | None and sample["vllm_compile"] == str | bool
+    # checked where it is read (retention.optimizers: `all` or N): no type guessed, no coercion
+    assert {f.name: f.type for f in dataclasses.fields(stage_configs.CONFIGS["retention"])}["optimizers"] is Any
+    assert stage_configs.make("retention", {"optimizers": 3}).optimizers == 3
 
 
 def test_params_stage_returns_the_typed_config_with_the_iteration_override_and_floats_as_floats():
@@ -32,8 +36,9 @@ def test_params_stage_returns_the_typed_config_with_the_iteration_override_and_f
     assert base.replace(steps=2).steps == 2 and base.steps == 1
 
 
-def test_a_missing_key_takes_its_declared_default_and_an_undeclared_one_keeps_a_dict():
+def test_a_missing_key_is_none_as_before_and_an_undeclared_one_keeps_a_dict():
     cfg = stage_configs.make("filter", {"threshold": 0})
-    assert (cfg.threshold, type(cfg.threshold), cfg.enabled, cfg.drop_truncated) == (0.0, float, True, False)
+    assert (cfg.threshold, type(cfg.threshold), cfg.enabled, cfg.drop_truncated) == (0.0, float, None, None)
+    assert stage_configs.make("evaluate", {}).sets is None           # null: the task's own sets, not the default's
     assert stage_configs.make("filter", {"threshold": 0.2, "extra": 1}) == {"threshold": 0.2, "extra": 1}
     assert stage_configs.make("schedule", {"iterations": []}) == {"iterations": []}

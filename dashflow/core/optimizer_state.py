@@ -165,8 +165,8 @@ class HeldState:
         blocked = time.perf_counter() - started
         if self._failed:
             exc = self._failed.pop()
-            raise store.StageError(f"writing the optimizer state in the background failed ({type(exc).__name__}: "
-                                   f"{exc})") from exc
+            why = str(exc) if isinstance(exc, store.StageError) else f"({type(exc).__name__}: {exc})"
+            raise store.StageError(f"writing the optimizer state in the background failed: {why}") from exc
         return blocked
 
     def flush(self) -> None:
@@ -180,7 +180,8 @@ class HeldState:
             if state_problem(directory) is None and store.read_manifest(directory).key == key:
                 continue
             dtype = policy_mod.stored_dtype(self.params["model"])
-            store.land_side(directory, main, partial(_write_held, model, optimizer, dtype, iteration))
+            with store.disk_errors(directory, f"learn@{iteration}"):
+                store.land_side(directory, main, partial(_write_held, model, optimizer, dtype, iteration))
 
 
 def _write_held(model, optimizer, dtype: str, iteration: int, tmp: Path) -> None:

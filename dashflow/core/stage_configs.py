@@ -14,7 +14,6 @@ A config is also a read-only Mapping of the same names (`cfg["lr"]`, `cfg.get(..
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -53,6 +52,8 @@ def _accepts(param: parameters.Param, value: Any) -> bool:
 def field_type(param: parameters.Param) -> Any:
     """The Python type of the parameter's values, from its default and its check."""
     default = param.default
+    if _accepts(param, object()):  # checked where it is read (a mapping of its own, `all` or N): untyped here
+        return Any
     if isinstance(default, bool):
         kind: Any = bool
     elif isinstance(default, (int, float)):
@@ -108,14 +109,14 @@ EvaluateConfig = CONFIGS["evaluate"]
 
 def make(section: str, values: Mapping[str, Any]) -> StageConfig | dict:
     """`values` (one section of a params tree, overrides applied) as its typed config; a key
-    the section does not declare is filled from its declaration's default. A section with no
-    declarations, or values holding a key none declares, stay a plain dict."""
+    missing from the tree is None, as `.get` gave before (not its declared default, which can
+    differ from what null means: `evaluate.sets: null` is the task's own sets). A section with
+    no declarations, or values holding a key none declares, stay a plain dict."""
     cls = CONFIGS.get(section)
     if cls is None or any(f"{section}.{name}" not in parameters.BY_KEY for name in values):
         return dict(values)
     kinds = {f.name: f.type for f in dataclasses.fields(cls)}
-    return cls(**{name: _coerce(kinds[name], values[name] if name in values
-                                else copy.deepcopy(parameters.BY_KEY[f"{section}.{name}"].default)) for name in kinds})
+    return cls(**{name: _coerce(kinds[name], values.get(name)) for name in kinds})
 
 
 def fields_table(section: str) -> str:

@@ -31,7 +31,7 @@ from dashflow.core.store.digests import (
 from dashflow.core.store.faults import FAULT_ENV, fault_point
 from dashflow.core.store.files import link_or_copy, write_json
 from dashflow.core.store.hashed import HashedFile, write_hashed
-from dashflow.core.store.landing import SIDE_DIGEST, directory_digest, land_side, run_lock, run_stage
+from dashflow.core.store.landing import SIDE_DIGEST, directory_digest, disk_errors, land_side, run_lock, run_stage
 from dashflow.core.store.manifest import (
                                          MANIFEST,
                                          Manifest,
@@ -55,7 +55,7 @@ from dashflow.core.store.shards import (
 
 __all__ = [
     "DIGESTS", "FAULT_ENV", "MANIFEST", "SIDE_DIGEST", "HashedFile", "Manifest", "StageError",
-    "check_shards", "code_digest", "content_problem", "directory_digest", "fault_point",
+    "check_shards", "code_digest", "content_problem", "directory_digest", "disk_errors", "fault_point",
     "file_digest", "file_sha256", "hash_files", "json_digest", "land_side", "link_or_copy", "map_shards",
     "outputs_verify", "pruned_record", "read_manifest", "read_shard", "read_stage", "recorded_digest",
     "remove_output", "require_output", "run_lock", "run_stage", "shard_name", "shard_paths", "stage_key",

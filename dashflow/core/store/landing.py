@@ -180,18 +180,25 @@ def disk_errors(where: Path, label: str):
     try:
         yield
     except OSError as exc:
-        # the file the call names, where it lies under the output (a copy names its source)
-        named = Path(exc.filename) if exc.filename else None
-        path = named if named is not None and named.is_relative_to(Path(where).parent) else where
+        where = Path(where)
+        # the path the failing call wrote: a copy names its source first and its target second
+        named = Path(exc.filename2 or exc.filename) if exc.filename2 or exc.filename else None
+        # a path of the run's (the output or beside it), or one the stage uses elsewhere (a cache, /tmp)
+        in_run = named is None or named.is_relative_to(where.parent)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = (f"no space left on the device holding {where} (`df -h {where}`): free space -- older checkpoints "
-                   "(params.yaml `retention:`, `dashflow prune`), scratch runs -- and run the same command again; "
-                   "finished stages are kept")
+            existing = next(p for p in (where, *where.parents) if p.exists())  # `df` needs a path that is there
+            also = "" if in_run else f" (or on the one holding {named}, which the failing call named)"
+            why = (f"no space left on the device holding {where}{also} (`df -h {existing}`): free space -- older "
+                   "checkpoints (params.yaml `retention:`, `dashflow prune`), scratch runs -- and run the same "
+                   "command again; finished stages are kept")
         elif exc.errno == errno.EROFS:
-            why = f"{path} is on a read-only file system: point run.root at a writable directory (--set run.root=DIR)"
-        elif exc.errno in (errno.EACCES, errno.EPERM):
-            why = (f"no permission to write {path}: run as the directory's owner, or point run.root at a directory "
-                   "you can write (--set run.root=DIR)")
+            why = (f"{named or where} is on a read-only file system: point run.root at a writable directory "
+                   "(--set run.root=DIR)" if in_run else
+                   f"{named} is on a read-only file system (outside the run directory: the stage needs to write it)")
+        elif exc.errno in (errno.EACCES, errno.EPERM) and named is not None:  # a file's, not a process's
+            why = (f"no permission to write {named}: run as the directory's owner, or point run.root at a directory "
+                   "you can write (--set run.root=DIR)" if in_run else
+                   f"no permission to write {named} (outside the run directory: the stage needs to write it)")
         else:
             raise
         raise StageError(f"{label}: {why}") from exc
