@@ -338,11 +338,16 @@ def probe_problem(engine: Sequence[float], learner: Sequence[float]) -> str | No
     if len(engine) != len(learner) or not learner:
         return f"the probe gave {len(engine)} log-probs from the engine and {len(learner)} from the learner"
     for who, values in (("engine's", engine), ("learner's (the checkpoint's own)", learner)):
-        bad = [i for i, v in enumerate(values) if not (isinstance(v, (int, float)) and math.isfinite(v))]
+        bad = _not_finite(values)
         if bad:
             return (f"the {who} log-probs on the probe are not finite at {len(bad)} of {len(values)} tokens "
                     f"(first: token {bad[0]} = {values[bad[0]]!r})")
     return None
+
+
+def _not_finite(values: Sequence) -> list[int]:
+    """The positions of the values that are not finite numbers (NaN, inf, or not a number at all)."""
+    return [i for i, v in enumerate(values) if not (isinstance(v, (int, float)) and math.isfinite(v))]
 
 
 def _mean_abs(a: Sequence[float], b: Sequence[float]) -> float:
@@ -427,11 +432,11 @@ def completions_from_engine(outputs: list[dict], greedy: bool, request_ids: Sequ
         elif lps is None or len(lps) != len(tokens):
             raise ValueError(f"vLLM request {rid}: expected one log-prob per token ({len(tokens)}), "
                              f"got {None if lps is None else len(lps)}")
-        elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lps):
+        elif (bad := _not_finite(lps)):
             # a sampled token has a probability > 0 under the distribution it was drawn from
             raise SamplerSyncError(f"vLLM request {rid}: a sampled token's log-prob is not finite "
-                                   f"({next(v for v in lps if not (isinstance(v, (int, float)) and math.isfinite(v)))!r}):"
-                                   " the engine's weights or arithmetic overflowed; nothing is kept from this batch")
+                                   f"({lps[bad[0]]!r}): the engine's weights or arithmetic overflowed; nothing is "
+                                   "kept from this batch")
         results.append(Completion(tokens, lps, "stop" if out["finish_reason"] == "stop" else "length"))
     return results
 

@@ -6,7 +6,7 @@ allows), with `learn@i` overrides applied, so a stage reads `cfg.lr` -- a float 
 the YAML wrote `1` -- instead of `float(cfg["lr"])`. A field's type follows from its
 declaration: the default's type, widened to `float` where the check allows 1.5, and
 `| None` where it allows null. The classes are made from the declarations when this module
-is imported, so they cannot drift from them; `fields_table()` prints them.
+is imported, so they cannot drift from them.
 
 A config is also a read-only Mapping of the same names (`cfg["lr"]`, `cfg.get(...)`,
 `dict(cfg)`), which the modules not yet moved to attributes still use.
@@ -117,10 +117,3 @@ def make(section: str, values: Mapping[str, Any]) -> StageConfig | dict:
         return dict(values)
     kinds = {f.name: f.type for f in dataclasses.fields(cls)}
     return cls(**{name: _coerce(kinds[name], values.get(name)) for name in kinds})
-
-
-def fields_table(section: str) -> str:
-    """`name: type = default` of each field of a section's config, one per line."""
-    cls = CONFIGS[section]
-    return "\n".join(f"{f.name}: {getattr(f.type, '__name__', None) or f.type} = "
-                     f"{parameters.BY_KEY[f'{section}.{f.name}'].default!r}" for f in dataclasses.fields(cls))
